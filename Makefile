@@ -1,0 +1,40 @@
+# Quick start: `make run` (the default local experiment) and `make test` (the whole suite).
+# Both create .venv with the pinned dependencies first if it is missing or stale.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast proto benchmark clean
+
+$(STAMP): requirements.txt requirements-test.txt constraints.txt setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -c constraints.txt setuptools
+	$(VENV)/bin/pip install --quiet -c constraints.txt -r requirements.txt -r requirements-test.txt
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/chorus run --config text_vtrace $(ARGS)
+
+# The whole suite, slow end-to-end tests included (what .ci/run runs).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# Regenerates the committed gRPC stubs after editing inference_server/inference.proto.
+# The stubs import `chorus.inference_server`, so protoc sees the root through a `chorus` link.
+proto: $(STAMP)
+	rm -rf build/proto && mkdir -p build/proto && ln -s $(CURDIR) build/proto/chorus
+	$(VENV)/bin/python -m grpc_tools.protoc -Ibuild/proto --python_out=build/proto \
+	  --grpc_python_out=build/proto chorus/inference_server/inference.proto
+
+benchmark: $(STAMP)
+	$(VENV)/bin/python benchmarks/inference_batching.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

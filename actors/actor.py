@@ -1,0 +1,99 @@
+"""The actor loop: prompts -> inference server -> rewards -> replay and RLDS."""
+from collections.abc import Callable
+import dataclasses
+import time
+
+import numpy as np
+
+from chorus import core
+from chorus.metrics import MetricsWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorConfig:
+  """How actors act.
+
+  Attributes:
+    prompts_per_request: prompts sent in one Generate call (amortises the round trip).
+    temperature: sampling temperature of the behaviour policy.
+    max_new_tokens: completion cap per request; 0 uses the inference server's limit.
+    model: served model name to sample from.
+    log_every_s: seconds between an actor's metrics lines.
+  """
+  prompts_per_request: int = 4
+  temperature: float = 1.0
+  max_new_tokens: int = 0
+  model: str = 'policy'
+  log_every_s: float = 5.0
+
+
+class Actor:
+  """Generates episodes of one task and hands each to replay and the episode log.
+
+  Collaborators are passed in (Acme style), so the loop knows no addresses:
+    generate: InferenceClient.generate.
+    write_replay: TrajectoryWriter.write(trajectory, should_stop) -> stored or not.
+    log_episode: EpisodeLogger.write(trajectory).
+  """
+
+  def __init__(self, actor_id: int, config: ActorConfig, task, *, generate: Callable,
+               write_replay: Callable, log_episode: Callable, metrics: MetricsWriter | None,
+               seed: int):
+    self.actor_id = actor_id
+    self.config = config
+    self.task = task
+    self._generate = generate
+    self._write_replay = write_replay
+    self._log_episode = log_episode
+    self._metrics = metrics
+    self._rng = np.random.default_rng([seed, actor_id])
+    self.episodes = 0
+    self.generated_tokens = 0
+    self.digest = core.TrajectoryDigest()
+
+  def run_once(self, should_stop: Callable[[], bool] = lambda: False) -> list[core.Trajectory]:
+    """One request's worth of episodes; each is logged, then offered to replay."""
+    prompts = [self.task.train_prompt(self._rng) for _ in range(self.config.prompts_per_request)]
+    result = self._generate([self.task.encode_prompt(p) for p in prompts],
+                            model=self.config.model, max_new_tokens=self.config.max_new_tokens,
+                            temperature=self.config.temperature)
+    trajectories = []
+    for prompt, completion in zip(prompts, result.completions):
+      trajectory = core.Trajectory(
+          prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
+          completion_tokens=completion.tokens, behaviour_logprobs=completion.logprobs,
+          reward=self.task.reward(prompt, completion.tokens), terminated=completion.terminated,
+          param_version=result.param_version, temperature=self.config.temperature,
+          model_name=self.config.model, prompt_id=prompt.prompt_id, actor_id=self.actor_id,
+          episode_id=self.episodes)
+      # The episode log comes first: an episode generated is an episode recorded, even
+      # when the actor is stopped while replay makes it wait.
+      self._log_episode(trajectory)
+      self.digest.update(trajectory)
+      self.episodes += 1
+      self.generated_tokens += len(completion.tokens)
+      trajectories.append(trajectory)
+      if not self._write_replay(trajectory, should_stop):
+        break
+    return trajectories
+
+  def run(self, should_stop: Callable[[], bool], max_episodes: int | None = None):
+    """Acts until `should_stop()` (or `max_episodes`), writing metrics every few seconds."""
+    last_log, rewards = time.monotonic(), []
+    episodes_at_log, tokens_at_log = 0, 0
+    while not should_stop() and (max_episodes is None or self.episodes < max_episodes):
+      rewards.extend(t.reward for t in self.run_once(should_stop))
+      now = time.monotonic()
+      if self._metrics and now - last_log >= self.config.log_every_s:
+        elapsed = now - last_log
+        self._metrics.write(
+            kind='actor', episodes=self.episodes, generated_tokens=self.generated_tokens,
+            episodes_per_second=(self.episodes - episodes_at_log) / elapsed,
+            tokens_per_second=(self.generated_tokens - tokens_at_log) / elapsed,
+            mean_reward=float(np.mean(rewards)) if rewards else None)
+        last_log, rewards = now, []
+        episodes_at_log, tokens_at_log = self.episodes, self.generated_tokens
+    if self._metrics:
+      self._metrics.write(kind='actor_final', episodes=self.episodes,
+                          generated_tokens=self.generated_tokens,
+                          episode_digest=self.digest.hexdigest())

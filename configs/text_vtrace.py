@@ -1,0 +1,16 @@
+"""V-trace RL on digit reversal, after a warm start on a sloppy annotator's demonstrations.
+
+The default `make run` experiment: a tiny Gemma-style decoder, 4 actors, one inference
+server, a Reverb queue and one learner, sized to finish in minutes on 2 CPU cores.
+"""
+from chorus.inference_server.server import InferenceServerConfig
+from chorus.launch.experiment import ExperimentConfig
+from chorus.learners.loop import LearnerConfig
+
+
+def get_config() -> ExperimentConfig:
+  return ExperimentConfig(
+      name='text_vtrace',
+      inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0, max_prompt_len=16,
+                                      max_new_tokens=12),
+      learner=LearnerConfig(batch_size=32, learning_rate=5e-4, max_steps=600))

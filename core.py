@@ -1,0 +1,139 @@
+"""Small types shared by every role: what an actor sends to replay and RLDS.
+
+Roles import this module and `models/`, never each other's internals.
+"""
+import dataclasses
+import functools
+import hashlib
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+  """One episode: a prompt, one sampled completion and what learners need about it.
+
+  Tokens are actions: `completion_tokens[t]` was sampled from the behaviour policy mu
+  given the prompt and `completion_tokens[:t]`; `behaviour_logprobs[t]` is
+  log mu(completion_tokens[t] | prefix) of the distribution really sampled from
+  (temperature included).
+
+  Attributes:
+    prompt_tokens: [P] int32, the prompt as fed to the model (BOS first).
+    completion_tokens: [T] int32, T >= 1; ends with EOS when `terminated`.
+    behaviour_logprobs: [T] float32.
+    reward: task reward R(x, y) of the whole completion, credited on its last token.
+    terminated: True if EOS was sampled, False if the length cap truncated it.
+    param_version: version of the policy parameters that sampled it.
+    temperature: sampling temperature used.
+    model_name: name of the served model that sampled it.
+    prompt_id: the task's id of the prompt (stable across runs).
+    actor_id: which actor produced it.
+    episode_id: per-actor episode counter.
+  """
+  prompt_tokens: np.ndarray
+  completion_tokens: np.ndarray
+  behaviour_logprobs: np.ndarray
+  reward: float
+  terminated: bool
+  param_version: int
+  temperature: float = 1.0
+  model_name: str = 'policy'
+  prompt_id: str = ''
+  actor_id: int = 0
+  episode_id: int = 0
+
+  def __post_init__(self):
+    num_tokens = len(self.completion_tokens)
+    if num_tokens < 1:
+      raise ValueError('A trajectory needs at least one completion token; got 0.')
+    if len(self.behaviour_logprobs) != num_tokens:
+      raise ValueError(
+          f'behaviour_logprobs has {len(self.behaviour_logprobs)} entries but there are '
+          f'{num_tokens} completion tokens; give one log-prob per sampled token.')
+
+
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=[],
+                   data_fields=['prompt_tokens', 'prompt_mask', 'completion_tokens',
+                                'completion_mask', 'behaviour_logprobs', 'rewards',
+                                'terminated', 'param_version'])
+@dataclasses.dataclass(frozen=True)
+class TrajectoryBatch:
+  """A fixed-shape batch of trajectories for learners (one XLA shape per (B, P, T)).
+
+  Prompts are left-padded to P (so every prompt ends at the same position and
+  completions start together), completions right-padded to T.
+
+  Attributes:
+    prompt_tokens: [B, P] int32.
+    prompt_mask: [B, P] bool, True on real prompt tokens.
+    completion_tokens: [B, T] int32.
+    completion_mask: [B, T] bool, True on real completion tokens (a prefix).
+    behaviour_logprobs: [B, T] float32, 0 on padding.
+    rewards: [B] float32 sequence rewards.
+    terminated: [B] bool.
+    param_version: [B] int64.
+  """
+  prompt_tokens: np.ndarray
+  prompt_mask: np.ndarray
+  completion_tokens: np.ndarray
+  completion_mask: np.ndarray
+  behaviour_logprobs: np.ndarray
+  rewards: np.ndarray
+  terminated: np.ndarray
+  param_version: np.ndarray
+
+
+def padded_row(trajectory: Trajectory, prompt_len: int, completion_len: int) -> dict[str, np.ndarray]:
+  """One trajectory as the fixed-shape fields of a TrajectoryBatch row (no batch axis)."""
+  prompt, completion = trajectory.prompt_tokens, trajectory.completion_tokens
+  if len(prompt) > prompt_len:
+    raise ValueError(f'Prompt of {len(prompt)} tokens exceeds prompt_len={prompt_len}; raise '
+                     'the limit in the config or shorten the task prompts.')
+  if len(completion) > completion_len:
+    raise ValueError(f'Completion of {len(completion)} tokens exceeds completion_len='
+                     f'{completion_len}; raise the limit in the config.')
+  row = dict(
+      prompt_tokens=np.zeros(prompt_len, np.int32),
+      prompt_mask=np.zeros(prompt_len, bool),
+      completion_tokens=np.zeros(completion_len, np.int32),
+      completion_mask=np.zeros(completion_len, bool),
+      behaviour_logprobs=np.zeros(completion_len, np.float32),
+      rewards=np.float32(trajectory.reward),
+      terminated=np.bool_(trajectory.terminated),
+      param_version=np.int64(trajectory.param_version),
+  )
+  row['prompt_tokens'][prompt_len - len(prompt):] = prompt
+  row['prompt_mask'][prompt_len - len(prompt):] = True
+  row['completion_tokens'][:len(completion)] = completion
+  row['completion_mask'][:len(completion)] = True
+  row['behaviour_logprobs'][:len(completion)] = trajectory.behaviour_logprobs
+  return row
+
+
+def batch_trajectories(trajectories: list[Trajectory], prompt_len: int,
+                       completion_len: int) -> TrajectoryBatch:
+  rows = [padded_row(t, prompt_len, completion_len) for t in trajectories]
+  return TrajectoryBatch(**{name: np.stack([row[name] for row in rows]) for name in rows[0]})
+
+
+class TrajectoryDigest:
+  """A running hash of what matters in a sequence of trajectories, to check that logs are exact."""
+
+  def __init__(self):
+    self._hash = hashlib.sha256()
+    self.count = 0
+
+  def update(self, t: Trajectory):
+    for array, dtype in ((t.prompt_tokens, np.int32), (t.completion_tokens, np.int32),
+                         (t.behaviour_logprobs, np.float32)):
+      self._hash.update(np.asarray(array, dtype).tobytes())
+      self._hash.update(b'|')
+    self._hash.update(np.float32(t.reward).tobytes())
+    self._hash.update(f'|{bool(t.terminated)}|{int(t.param_version)}|'
+                      f'{t.actor_id}|{t.episode_id}|{t.prompt_id}\n'.encode())
+    self.count += 1
+
+  def hexdigest(self) -> str:
+    return self._hash.hexdigest()

@@ -1,0 +1,71 @@
+"""The `chorus` command."""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+from chorus import configs
+from chorus.launch import experiment
+
+
+def _run(args) -> int:
+  config = configs.get_config(args.config)
+  overrides = list(args.set)
+  for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
+                      ('seed', 'seed')):
+    value = getattr(args, flag)
+    if value is not None:
+      overrides.append(f'{field}={value}')
+  try:
+    config = experiment.apply_overrides(config, overrides)
+  except ValueError as error:
+    print(f'chorus run: {error}', file=sys.stderr)
+    return 2
+  run_dir = args.run_dir or os.path.join(
+      'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
+  from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
+    summary = run.run_experiment(config, run_dir)
+  except KeyboardInterrupt:
+    print('Stopped; every node was shut down.', file=sys.stderr)
+    return 130
+  keys = ('learner_steps', 'episodes', 'initial_eval_reward', 'final_eval_reward',
+          'tokens_per_second', 'mean_policy_lag', 'wall_seconds')
+  print(json.dumps({key: summary[key] for key in keys}, indent=2))
+  print(f'Summary, curves, RLDS and checkpoints in {os.path.abspath(run_dir)}')
+  return 0
+
+
+def _configs(args) -> int:
+  if args.name is None:
+    print('\n'.join(configs.CONFIG_NAMES))
+  else:
+    print(json.dumps(experiment.to_dict(configs.get_config(args.name)), indent=2))
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='chorus', description='Chorus: RL for token models.')
+  commands = parser.add_subparsers(dest='command', required=True)
+  run_parser = commands.add_parser('run', help='run an experiment locally, one process per node')
+  run_parser.add_argument('--config', default='text_vtrace',
+                          help=f'experiment name, one of {configs.CONFIG_NAMES} '
+                          '(default: text_vtrace)')
+  run_parser.add_argument('--run-dir', help='output directory (default: runs/NAME-TIMESTAMP)')
+  run_parser.add_argument('--num-actors', type=int, help='actor processes (default: config)')
+  run_parser.add_argument('--max-learner-steps', type=int, help='learner updates (default: config)')
+  run_parser.add_argument('--seed', type=int, help='random seed (default: config)')
+  run_parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                          help='override any config field, e.g. --set learner.batch_size=64; '
+                          'see `chorus configs NAME` for fields and defaults')
+  run_parser.set_defaults(handler=_run)
+  configs_parser = commands.add_parser('configs', help='list experiments or show one with defaults')
+  configs_parser.add_argument('name', nargs='?')
+  configs_parser.set_defaults(handler=_configs)
+  args = parser.parse_args(argv)
+  return args.handler(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,136 @@
+"""An experiment config: what to train (Acme's split: launch/ decides where it runs)."""
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from chorus import models
+from chorus.actors.actor import ActorConfig
+from chorus.actors import tasks
+from chorus.inference_server.server import InferenceServerConfig
+from chorus.learners.loop import LearnerConfig
+from chorus.learners.supervised import WarmStartConfig
+from chorus.learners.vtrace_learner import VTraceConfig
+from chorus.replay.tables import ReplayConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation on the task's held-out prompts, before and after RL.
+
+  Attributes:
+    temperature: sampling temperature (1.0 evaluates the policy as it acts).
+    greedy_temperature: a second evaluation near argmax decoding.
+  """
+  temperature: float = 1.0
+  greedy_temperature: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one experiment trains with; every field can be set with `--set a.b=value`.
+
+  Attributes:
+    name: the config's name.
+    seed: seeds parameters, warm start, actors and sampling.
+    num_actors: actor processes.
+    task: built-in task name (actors/tasks.py).
+    task_config: that task's options.
+    model: the policy network.
+    warm_start: supervised warm start on the task's demonstrations (becomes the reference).
+    inference: the inference server.
+    replay: Reverb tables.
+    actor: actor behaviour.
+    learner: the learner loop.
+    vtrace: the V-trace loss.
+    evaluation: held-out evaluation.
+    rlds_episodes_per_file: RLDS shard size per actor (smaller loses less on a crash).
+  """
+  name: str = 'text_vtrace'
+  seed: int = 0
+  num_actors: int = 4
+  task: str = 'reverse_digits'
+  task_config: tasks.ReverseDigitsConfig = tasks.ReverseDigitsConfig()
+  model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
+  warm_start: WarmStartConfig = WarmStartConfig()
+  inference: InferenceServerConfig = InferenceServerConfig()
+  replay: ReplayConfig = ReplayConfig()
+  actor: ActorConfig = ActorConfig()
+  learner: LearnerConfig = LearnerConfig()
+  vtrace: VTraceConfig = VTraceConfig()
+  evaluation: EvalConfig = EvalConfig()
+  rlds_episodes_per_file: int = 100
+
+  def make_task(self):
+    return tasks.make_task(self.task, self.task_config)
+
+
+def to_dict(config) -> dict:
+  return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict):
+  """Rebuilds a (nested) config dataclass from `to_dict` output; unknown keys are errors."""
+  hints = typing.get_type_hints(cls)
+  fields = {field.name for field in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - fields)
+  if unknown:
+    raise ValueError(f'Unknown fields {unknown} for {cls.__name__}; known: {sorted(fields)}.')
+  values = {}
+  for name, value in data.items():
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      values[name] = from_dict(hint, value)
+    elif isinstance(value, list):
+      values[name] = tuple(value)
+    else:
+      values[name] = value
+  return cls(**values)
+
+
+def _parse_value(text: str, hint, path: str) -> Any:
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if text.lower() in ('none', 'null'):
+      return None
+    hint = options[0]
+  try:
+    if hint is bool:
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+      return text.lower() in ('true', '1')
+    if hint in (int, float, str):
+      return hint(text)
+    return json.loads(text)
+  except ValueError:
+    raise ValueError(f'--set {path}={text}: expected a value of type '
+                     f'{getattr(hint, "__name__", hint)}.') from None
+
+
+def apply_overrides(config, overrides: list[str]):
+  """Applies `a.b=value` overrides to a frozen config dataclass; returns the new config."""
+  for override in overrides:
+    if '=' not in override:
+      raise ValueError(f'--set {override!r}: write it as field.subfield=value.')
+    path, text = override.split('=', 1)
+    config = _replace_path(config, path.strip().split('.'), text.strip(), path)
+  return config
+
+
+def _replace_path(config, names: list[str], text: str, path: str):
+  fields = {field.name for field in dataclasses.fields(config)}
+  if names[0] not in fields:
+    raise ValueError(f'--set {path}: {type(config).__name__} has no field {names[0]!r}; '
+                     f'fields: {sorted(fields)}.')
+  current = getattr(config, names[0])
+  if len(names) > 1:
+    if not dataclasses.is_dataclass(current):
+      raise ValueError(f'--set {path}: {names[0]!r} has no sub-fields.')
+    new_value = _replace_path(current, names[1:], text, path)
+  else:
+    if dataclasses.is_dataclass(current):
+      raise ValueError(f'--set {path}: {names[0]!r} is a group; set one of its fields.')
+    new_value = _parse_value(text, typing.get_type_hints(type(config))[names[0]], path)
+  return dataclasses.replace(config, **{names[0]: new_value})

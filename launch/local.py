@@ -1,0 +1,170 @@
+"""Local launcher: one OS process per node on this machine, supervised.
+
+Nodes run `python -m chorus.launch.worker RUN_DIR NODE` in their own session (so a
+terminal Ctrl-C reaches only the launcher, which then stops the tree in order), with
+stdout and stderr in RUN_DIR/logs/NODE.log and PR_SET_PDEATHSIG set, so children die
+with the launcher even if it is SIGKILLed.
+"""
+from collections.abc import Callable
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from chorus.launch import program as program_lib
+from chorus.launch import worker
+
+_PR_SET_PDEATHSIG = 1
+
+
+class NodeFailed(RuntimeError):
+  """A node that must not fail (setup, service, main) exited with an error."""
+
+
+def _die_with_parent():
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+  """A port free on loopback now (the OS picks it; a tiny race remains until the node binds)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+def _tail(path: str, lines: int = 15) -> str:
+  try:
+    with open(path, errors='replace') as file:
+      return ''.join(file.readlines()[-lines:])
+  except OSError:
+    return ''
+
+
+@dataclasses.dataclass
+class _Running:
+  node: program_lib.Node
+  process: subprocess.Popen
+  restarts: int = 0
+  restart_at: float | None = None
+
+
+class LocalLauncher:
+  """Starts, watches and stops the nodes of one program.
+
+  Args:
+    run_dir: the run directory (holds config.json; logs/ and nodes/ are made here).
+    max_restarts: restarts allowed per worker node before the run fails.
+    restart_backoff_s: first restart delay; doubles with each restart of that node.
+    stop_timeout_s: grace period after SIGTERM before SIGKILL.
+  """
+
+  def __init__(self, run_dir: str, *, max_restarts: int = 3, restart_backoff_s: float = 1.0,
+               stop_timeout_s: float = 30.0, host: str = '127.0.0.1'):
+    self.run_dir = run_dir
+    self.max_restarts = max_restarts
+    self.restart_backoff_s = restart_backoff_s
+    self.stop_timeout_s = stop_timeout_s
+    self.host = host
+    self.addresses: dict[str, str] = {}
+    self.restarts: dict[str, int] = {}
+    self._running: dict[str, _Running] = {}
+    os.makedirs(os.path.join(run_dir, 'logs'), exist_ok=True)
+    os.makedirs(os.path.join(run_dir, 'nodes'), exist_ok=True)
+
+  def log_path(self, name: str) -> str:
+    return os.path.join(self.run_dir, 'logs', f'{name}.log')
+
+  @property
+  def pids(self) -> dict[str, int]:
+    return {name: running.process.pid for name, running in self._running.items()}
+
+  def _spawn(self, node: program_lib.Node) -> subprocess.Popen:
+    kwargs = program_lib.resolve(dict(node.kwargs), self.addresses)
+    if node.serves:
+      kwargs['port'] = int(self.addresses[node.name].rsplit(':', 1)[1])
+    with open(worker.node_spec_path(self.run_dir, node.name), 'w') as file:
+      json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+    log = open(self.log_path(node.name), 'ab')  # pylint: disable=consider-using-with
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'chorus.launch.worker', self.run_dir, node.name],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=True, preexec_fn=_die_with_parent)
+    log.close()
+    return process
+
+  def start(self, nodes: list[program_lib.Node]):
+    for node in nodes:
+      if node.serves and node.name not in self.addresses:
+        self.addresses[node.name] = f'{self.host}:{free_port()}'
+    for node in nodes:
+      self._running[node.name] = _Running(node, self._spawn(node))
+
+  def run_to_completion(self, node: program_lib.Node, should_stop: Callable[[], bool]):
+    """Runs a setup node and waits for it; raises NodeFailed if it fails."""
+    self.start([node])
+    while self._running[node.name].process.poll() is None:
+      if should_stop():
+        return
+      time.sleep(0.2)
+    self._check_exit(node.name)
+    del self._running[node.name]
+
+  def _check_exit(self, name: str):
+    code = self._running[name].process.returncode
+    if code != 0:
+      raise NodeFailed(f'Node {name} exited with code {code}; its log '
+                       f'{self.log_path(name)} ends with:\n{_tail(self.log_path(name))}')
+
+  def poll(self) -> bool:
+    """Supervises once: restarts crashed workers, fails on crashed services.
+
+    Returns True while the main node runs (or there is none) and False once it exits 0.
+    """
+    now = time.monotonic()
+    main_running = True
+    for name, running in list(self._running.items()):
+      code = running.process.poll()
+      if code is None:
+        continue
+      kind = running.node.kind
+      if kind == program_lib.MAIN and code == 0:
+        main_running = False
+        continue
+      if kind != program_lib.WORKER:
+        self._check_exit(name)
+        continue
+      if running.restart_at is None:
+        if running.restarts >= self.max_restarts:
+          raise NodeFailed(f'Worker {name} crashed {running.restarts + 1} times (last exit code '
+                           f'{code}); see {self.log_path(name)}:\n{_tail(self.log_path(name))}')
+        running.restart_at = now + self.restart_backoff_s * 2**running.restarts
+      elif now >= running.restart_at:
+        with open(self.log_path(name), 'a') as file:
+          file.write(f'--- launcher: restarting {name} after exit code {code}\n')
+        running.process = self._spawn(running.node)
+        running.restarts += 1
+        running.restart_at = None
+        self.restarts[name] = running.restarts
+    return main_running
+
+  def stop(self, kinds: tuple[str, ...] = program_lib.KINDS):
+    """SIGTERM to the nodes of `kinds`, SIGKILL to those still alive after the grace period."""
+    targets = [r for r in self._running.values() if r.node.kind in kinds]
+    for running in targets:
+      if running.process.poll() is None:
+        running.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + self.stop_timeout_s
+    for running in targets:
+      try:
+        running.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        os.killpg(running.process.pid, signal.SIGKILL)
+        running.process.wait()
+    for running in targets:
+      del self._running[running.node.name]

@@ -1,0 +1,111 @@
+"""Progress lines on the terminal, summary.json and curves.png from a run's metrics.jsonl."""
+import json
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+from chorus.metrics import read_metrics
+
+
+def _latest_per_node(records: list[dict], kind: str) -> dict[str, dict]:
+  latest = {}
+  for record in records:
+    if record.get('kind') == kind:
+      latest[record['node']] = record
+  return latest
+
+
+class Progress:
+  """Turns the growing metrics.jsonl into one terminal line per call."""
+
+  def __init__(self, metrics_path: str, max_steps: int):
+    self._path = metrics_path
+    self._max_steps = max_steps
+    self._last = None  # (time, episodes, tokens)
+
+  def line(self, now: float) -> str:
+    records = read_metrics(self._path)
+    actors = _latest_per_node(records, 'actor')
+    actors.update(_latest_per_node(records, 'actor_final'))
+    episodes = sum(r['episodes'] for r in actors.values())
+    tokens = sum(r['generated_tokens'] for r in actors.values())
+    learner = [r for r in records if r.get('kind') == 'learner']
+    rates = ''
+    if self._last:
+      elapsed = max(now - self._last[0], 1e-6)
+      rates = (f' ({(episodes - self._last[1]) / elapsed:.1f}/s) | tokens/s '
+               f'{(tokens - self._last[2]) / elapsed:.0f}')
+    self._last = (now, episodes, tokens)
+    text = f'episodes {episodes}{rates}'
+    if learner:
+      last = learner[-1]
+      text = (f'step {last["step"]}/{self._max_steps} | {text} | reward '
+              f'{last["task_reward"]:.3f} | lag {last["policy_lag"]:.1f} | loss {last["loss"]:.3f}'
+              f' | kl {last["kl_to_reference"]:.3f}')
+    else:
+      text = f'step 0/{self._max_steps} | {text}'
+    return text
+
+
+def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: dict,
+              final_eval: dict, rl_seconds: float, wall_seconds: float,
+              restarts: dict[str, int]) -> dict:
+  """Writes run_dir/summary.json and returns it."""
+  records = read_metrics(metrics_path)
+  learner = [r for r in records if r.get('kind') == 'learner']
+  actor_final = _latest_per_node(records, 'actor_final')
+  actor_latest = _latest_per_node(records, 'actor')
+  actor_latest.update(actor_final)
+  episodes = sum(r['episodes'] for r in actor_latest.values())
+  tokens = sum(r['generated_tokens'] for r in actor_latest.values())
+  summary = dict(
+      config=config,
+      learner_steps=learner[-1]['step'] if learner else 0,
+      episodes=episodes,
+      generated_tokens=tokens,
+      initial_eval_reward=initial_eval['reward'],
+      final_eval_reward=final_eval['reward'],
+      initial_eval=initial_eval,
+      final_eval=final_eval,
+      tokens_per_second=tokens / rl_seconds if rl_seconds > 0 else 0.0,
+      episodes_per_second=episodes / rl_seconds if rl_seconds > 0 else 0.0,
+      mean_policy_lag=float(np.mean([r['policy_lag'] for r in learner])) if learner else None,
+      max_policy_lag=float(np.max([r['max_policy_lag'] for r in learner])) if learner else None,
+      rl_seconds=rl_seconds,
+      wall_seconds=wall_seconds,
+      actor_restarts=restarts,
+      actor_episode_digests={node: r.get('episode_digest') for node, r in actor_final.items()},
+  )
+  with open(os.path.join(run_dir, 'summary.json'), 'w') as file:
+    json.dump(summary, file, indent=2)
+  return summary
+
+
+def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_eval: dict) -> str:
+  """Reward and loss against learner step, with the held-out evaluations; returns the path."""
+  records = read_metrics(metrics_path)
+  learner = [r for r in records if r.get('kind') == 'learner']
+  steps = [r['step'] for r in learner]
+  fig, (ax_reward, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+  ax_reward.plot(steps, [r['task_reward'] for r in learner], label='training batch reward')
+  if learner:
+    ax_reward.plot([0, steps[-1]], [initial_eval['reward'], final_eval['reward']], 'o',
+                   markersize=8, label='held-out eval reward (before / after RL)')
+  ax_reward.set_xlabel('learner step')
+  ax_reward.set_ylabel('reward')
+  ax_reward.legend()
+  ax_reward.grid(alpha=0.3)
+  ax_loss.plot(steps, [r['loss'] for r in learner], label='total loss')
+  ax_loss.plot(steps, [r['value_loss'] for r in learner], label='value loss')
+  ax_loss.set_xlabel('learner step')
+  ax_loss.set_ylabel('loss')
+  ax_loss.legend()
+  ax_loss.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(run_dir, 'curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,107 @@
+"""Runs one experiment end to end on the local launcher.
+
+Phases: warm start -> replay and inference server up -> held-out evaluation of the
+warm-started policy -> actors and learner (V-trace RL) until the learner's last step ->
+held-out evaluation of the final policy -> stop everything -> summary.json, curves.png.
+"""
+import json
+import logging
+import os
+import signal
+import time
+
+from chorus.actors.evaluation import evaluate
+from chorus.inference_server.client import InferenceClient
+from chorus.launch import experiment
+from chorus.launch import nodes as nodes_lib
+from chorus.launch import program as program_lib
+from chorus.launch import report
+from chorus.launch.local import LocalLauncher
+
+
+class _StopRequested:
+  """SIGINT/SIGTERM to the launcher: stop the run cleanly at the next check."""
+
+  def __init__(self):
+    self.requested = False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(signum, self._handle)
+
+  def _handle(self, signum, unused_frame):
+    if self.requested:  # A second Ctrl-C: stop waiting politely.
+      raise KeyboardInterrupt
+    self.requested = True
+    print(f'\n{signal.Signals(signum).name}: stopping all nodes...', flush=True)
+
+  def __call__(self) -> bool:
+    return self.requested
+
+
+def _evaluate(config: experiment.ExperimentConfig, address: str, min_version: int) -> dict:
+  """Held-out evaluation on the served policy once it serves `min_version` or newer."""
+  with InferenceClient(address) as client:
+    deadline = time.monotonic() + 120
+    while client.status()['policy']['param_version'] < min_version:
+      if time.monotonic() > deadline:
+        raise TimeoutError(f'Inference server never reached version {min_version}.')
+      time.sleep(0.2)
+    task = config.make_task()
+    result = evaluate(client.generate, task, temperature=config.evaluation.temperature,
+                      batch_size=config.inference.max_batch_size)
+    greedy = evaluate(client.generate, task, temperature=config.evaluation.greedy_temperature,
+                      batch_size=config.inference.max_batch_size)
+  result['greedy_reward'] = greedy['reward']
+  result['greedy_exact_match'] = greedy['exact_match']
+  return result
+
+
+def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *,
+                   progress_every_s: float = 5.0, print_fn=print) -> dict:
+  """Runs `config` with one process per node; returns the summary (also in summary.json)."""
+  start = time.monotonic()
+  run_dir = os.path.abspath(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  config_dict = experiment.to_dict(config)
+  with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+    json.dump(config_dict, file, indent=2)
+  metrics_path = nodes_lib.metrics_path(run_dir)
+  stop = _StopRequested()
+  program = program_lib.make_program(config)
+  by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}
+  launcher = LocalLauncher(run_dir)
+  print_fn(f'Run directory: {run_dir} (logs in {run_dir}/logs)')
+  try:
+    for node in by_kind[program_lib.SETUP]:
+      print_fn(f'[{time.monotonic() - start:6.0f}s] {node.name}...')
+      launcher.run_to_completion(node, stop)
+    launcher.start(by_kind[program_lib.SERVICE])
+    inference_address = launcher.addresses['inference_server']
+    with InferenceClient(inference_address) as client:
+      client.wait_until_ready(timeout_s=300)
+    initial_eval = _evaluate(config, inference_address, min_version=0)
+    print_fn(f'[{time.monotonic() - start:6.0f}s] initial eval: reward '
+             f'{initial_eval["reward"]:.3f}, exact match {initial_eval["exact_match"]:.3f}')
+    rl_start = time.monotonic()
+    launcher.start(by_kind[program_lib.WORKER] + by_kind[program_lib.MAIN])
+    progress = report.Progress(metrics_path, config.learner.max_steps)
+    next_print = time.monotonic() + progress_every_s
+    while launcher.poll() and not stop():
+      time.sleep(0.2)
+      if time.monotonic() >= next_print:
+        print_fn(f'[{time.monotonic() - start:6.0f}s] {progress.line(time.monotonic())}')
+        next_print += progress_every_s
+    rl_seconds = time.monotonic() - rl_start
+    launcher.stop((program_lib.WORKER,))
+    if stop():
+      raise KeyboardInterrupt
+    final_eval = _evaluate(config, inference_address, min_version=config.learner.max_steps)
+    print_fn(f'[{time.monotonic() - start:6.0f}s] final eval: reward {final_eval["reward"]:.3f}, '
+             f'exact match {final_eval["exact_match"]:.3f}')
+  finally:
+    launcher.stop()
+  summary = report.summarize(run_dir, metrics_path, config_dict, initial_eval=initial_eval,
+                             final_eval=final_eval, rl_seconds=rl_seconds,
+                             wall_seconds=time.monotonic() - start, restarts=launcher.restarts)
+  report.plot_curves(run_dir, metrics_path, initial_eval=initial_eval, final_eval=final_eval)
+  logging.info('summary: %s', summary)
+  return summary

@@ -1,0 +1,42 @@
+"""Runs one node of a program in this process: `python -m chorus.launch.worker RUN_DIR NODE`.
+
+The launcher writes RUN_DIR/config.json and RUN_DIR/nodes/NODE.json (role and resolved
+kwargs). SIGTERM or SIGINT asks the node to stop; it finishes its current step, closes
+its files and exits 0.
+"""
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from chorus.launch import experiment
+
+
+def node_spec_path(run_dir: str, node: str) -> str:
+  return os.path.join(run_dir, 'nodes', f'{node}.json')
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 3:
+    print('usage: python -m chorus.launch.worker RUN_DIR NODE', file=sys.stderr)
+    return 2
+  run_dir, node = argv[1], argv[2]
+  logging.basicConfig(level=logging.INFO, format=f'%(asctime)s {node} %(levelname)s %(message)s')
+  stop = threading.Event()
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda *unused: stop.set())
+  with open(os.path.join(run_dir, 'config.json')) as file:
+    config = experiment.from_dict(experiment.ExperimentConfig, json.load(file))
+  with open(node_spec_path(run_dir, node)) as file:
+    spec = json.load(file)
+  from chorus.launch import nodes  # pylint: disable=g-import-not-at-top  (slow: TF and JAX)
+  logging.info('starting role %s with %s', spec['role'], spec['kwargs'])
+  nodes.ENTRY_POINTS[spec['role']](config, run_dir, stop.is_set, **spec['kwargs'])
+  logging.info('done')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

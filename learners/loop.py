@@ -1,0 +1,79 @@
+"""The learner loop shared by every algorithm: sample, update, publish, log, checkpoint."""
+from collections.abc import Callable, Iterator
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from chorus import core
+from chorus.metrics import MetricsWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  """The learner loop.
+
+  Attributes:
+    batch_size: trajectories per update.
+    learning_rate: Adam learning rate.
+    max_grad_norm: global gradient-norm clip.
+    max_steps: updates before the learner stops (and with it the run).
+    publish_every: updates between parameter pushes to the inference servers.
+    log_every: updates between metrics lines.
+    checkpoint_every: updates between checkpoints (one is also written at the end).
+  """
+  batch_size: int = 32
+  learning_rate: float = 1e-4
+  max_grad_norm: float = 1.0
+  max_steps: int = 400
+  publish_every: int = 1
+  log_every: int = 10
+  checkpoint_every: int = 100
+
+
+def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
+                publish: Callable[[object, int], float], checkpoint: Callable[[int, object], None],
+                metrics: MetricsWriter, tensorboard_dir: str | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> int:
+  """Runs `learner.update` on `batches` until `config.max_steps`; returns the last step.
+
+  Parameter version = learner step: the version pushed after k updates is k, so the policy
+  lag of a batch is exactly (updates done so far) - (version that sampled it).
+  """
+  summary_writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir else None
+  window: dict[str, list[float]] = {}
+  window_start, trajectories_seen = time.monotonic(), 0
+  step = learner.step
+  while step < config.max_steps and not should_stop():
+    wait_start = time.monotonic()
+    batch = next(batches)
+    wait_seconds = time.monotonic() - wait_start
+    lag = step - np.asarray(batch.param_version)
+    update_metrics = learner.update(batch)
+    step = learner.step
+    trajectories_seen += len(batch.rewards)
+    update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
+                          batch_wait_seconds=wait_seconds)
+    if step % config.publish_every == 0 or step == config.max_steps:
+      update_metrics['publish_seconds'] = publish(learner.params, step)
+    for name, value in update_metrics.items():
+      window.setdefault(name, []).append(value)
+    if step % config.log_every == 0 or step == config.max_steps:
+      elapsed = time.monotonic() - window_start
+      means = {name: float(np.mean(values)) for name, values in window.items()}
+      means['max_policy_lag'] = float(np.max(window['max_policy_lag']))
+      means['trajectories_per_second'] = trajectories_seen / elapsed
+      metrics.write(kind='learner', step=step, **means)
+      if summary_writer:
+        with summary_writer.as_default(step=step):
+          for name, value in means.items():
+            tf.summary.scalar(name, value)
+      logging.info('learner step %d: %s', step, means)
+      window, window_start, trajectories_seen = {}, time.monotonic(), 0
+    if step % config.checkpoint_every == 0 or step == config.max_steps:
+      checkpoint(step, learner.state)
+  if summary_writer:
+    summary_writer.flush()
+  return step

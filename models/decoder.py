@@ -1,0 +1,357 @@
+"""A Gemma-style decoder with a KV cache and a value head.
+
+One module serves both roles: the inference server calls it with a cache (prefill, then
+one token at a time) and the learner calls `forward_completions` without one. Both must
+give the same numbers, so every positional convention lives here:
+
+* Prompts are left padded with PAD (0) and `token_mask` False on the padding.
+* RoPE positions count real tokens only: `positions_from_mask(mask)`.
+* Padding keys are never attended to; a padding query's output is finite garbage.
+"""
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Finite, so that a row with no valid key (a padding query) softmaxes to a uniform
+# distribution instead of NaN.
+_MASKED_LOGIT = -1e30
+_SUPPORTED_DTYPES = ('float32', 'bfloat16')
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Sizes of a decoder.
+
+  Attributes:
+    vocab_size: number of token ids.
+    num_layers: number of transformer blocks.
+    embed_dim: width of the residual stream.
+    num_heads: query heads per block.
+    num_kv_heads: key/value heads per block (grouped-query attention; 1 is multi-query).
+      Must divide `num_heads`.
+    head_dim: width of one head; even, for RoPE.
+    mlp_dim: hidden width of the GeGLU MLP.
+    max_seq_len: longest prompt + completion the model is meant to see.
+    rope_base: RoPE wavelength base.
+    logit_softcap: if set, logits are `cap * tanh(logits / cap)`.
+    dtype: compute and KV-cache dtype ('float32' or 'bfloat16'); parameters, logits
+      and values stay float32.
+  """
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  rope_base: float = 10_000.0
+  logit_softcap: float | None = None
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
+                 'head_dim', 'mlp_dim', 'max_seq_len'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'DecoderConfig.{name} must be a positive int; got {value!r}.')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f'num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} '
+          '(each key/value head serves a whole group of query heads).')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim must be even for RoPE; got {self.head_dim}.')
+    if self.logit_softcap is not None and self.logit_softcap <= 0:
+      raise ValueError(f'logit_softcap must be positive or None; got {self.logit_softcap}.')
+    if self.dtype not in _SUPPORTED_DTYPES:
+      raise ValueError(f'dtype must be one of {_SUPPORTED_DTYPES}; got {self.dtype!r}.')
+
+  @classmethod
+  def tiny(cls, vocab_size: int) -> 'DecoderConfig':
+    """About 0.1M parameters: trains in seconds on a CPU; for tests and demos."""
+    return cls(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
+               num_kv_heads=2, head_dim=16, mlp_dim=256, max_seq_len=64)
+
+  @classmethod
+  def small(cls, vocab_size: int) -> 'DecoderConfig':
+    """About 13M parameters: big enough that batching matters when serving."""
+    return cls(vocab_size=vocab_size, num_layers=6, embed_dim=384, num_heads=6,
+               num_kv_heads=2, head_dim=64, mlp_dim=1536, max_seq_len=256)
+
+
+class KVCache(NamedTuple):
+  """Keys and values of the tokens seen so far, one slot per token.
+
+  Attributes:
+    keys: per layer, [B, S, num_kv_heads, head_dim].
+    values: per layer, [B, S, num_kv_heads, head_dim].
+    key_mask: [B, S] bool, True where a slot holds a real (non-padding) token.
+  """
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  key_mask: jax.Array
+
+
+class DecoderOutput(NamedTuple):
+  """What one decoder call returns.
+
+  Attributes:
+    logits: [B, L, V] float32, next-token logits at each input position.
+    values: [B, L] float32, value estimate of the prefix ending at each position.
+    cache: the updated KVCache, or None when called without one.
+  """
+  logits: jax.Array
+  values: jax.Array
+  cache: KVCache | None
+
+
+def positions_from_mask(token_mask: jax.Array) -> jax.Array:
+  """RoPE positions [B, L] int32 of left-padded rows: real tokens count from 0."""
+  return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotates x [B, L, H, D] by positions [B, L] (rotate-half form, as in Gemma)."""
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [B, L, 1, D/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Gemma's RMSNorm: the scale starts at zero and multiplies by (1 + scale)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    return (normed * (1.0 + scale)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE, optionally reading and writing a cache."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, positions, attend_mask, layer_cache, cache_index):
+    """Attends x [B, L, E] to itself or to the cache.
+
+    Args:
+      x: [B, L, E] normed inputs.
+      positions: [B, L] RoPE positions.
+      attend_mask: [B, L, S] bool, which keys each query may see (S = L without cache).
+      layer_cache: None or (keys, values), each [B, S, K, H].
+      cache_index: slot of the first of the L new tokens.
+
+    Returns:
+      ([B, L, E] output, updated (keys, values) or None).
+    """
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    dense = lambda features, name: nn.DenseGeneral(
+        features, use_bias=False, dtype=dtype, name=name)
+    q = dense((config.num_heads, config.head_dim), 'query')(x)
+    k = dense((config.num_kv_heads, config.head_dim), 'key')(x)
+    v = dense((config.num_kv_heads, config.head_dim), 'value')(x)
+    q = _apply_rope(q, positions, config.rope_base)
+    k = _apply_rope(k, positions, config.rope_base)
+
+    if layer_cache is not None:
+      cached_k, cached_v = layer_cache
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
+      layer_cache = (k, v)
+
+    batch, length = q.shape[:2]
+    groups = config.num_heads // config.num_kv_heads
+    q = q.reshape(batch, length, config.num_kv_heads, groups, config.head_dim)
+    scores = jnp.einsum('blkgh,bskh->bkgls', q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(config.head_dim)
+    scores = jnp.where(attend_mask[:, None, None], scores, _MASKED_LOGIT)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    attended = jnp.einsum('bkgls,bskh->blkgh', probs, v)
+    attended = attended.reshape(batch, length, config.num_heads, config.head_dim)
+    out = nn.DenseGeneral(config.embed_dim, axis=(-2, -1), use_bias=False, dtype=dtype,
+                          name='out')(attended)
+    return out, layer_cache
+
+
+class GeGLU(nn.Module):
+  """Gated MLP: down(gelu(gate(x)) * up(x))."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    gate = nn.Dense(config.mlp_dim, use_bias=False, dtype=dtype, name='gate')(x)
+    up = nn.Dense(config.mlp_dim, use_bias=False, dtype=dtype, name='up')(x)
+    return nn.Dense(config.embed_dim, use_bias=False, dtype=dtype,
+                    name='down')(nn.gelu(gate) * up)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, positions, attend_mask, layer_cache, cache_index):
+    attended, layer_cache = Attention(self.config, name='attention')(
+        RMSNorm(name='attention_norm')(x), positions, attend_mask, layer_cache, cache_index)
+    x = x + attended
+    x = x + GeGLU(self.config, name='mlp')(RMSNorm(name='mlp_norm')(x))
+    return x, layer_cache
+
+
+class Decoder(nn.Module):
+  """Decoder-only transformer with tied embeddings and a scalar value head."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
+               cache: KVCache | None = None, cache_index: int | jax.Array = 0
+               ) -> DecoderOutput:
+    """Runs L new tokens, attending causally to themselves and to the cache.
+
+    Args:
+      tokens: [B, L] int32.
+      positions: [B, L] int32 RoPE positions (see `positions_from_mask`).
+      token_mask: [B, L] bool, False on padding.
+      cache: None for a cache-free causal pass over the L tokens; otherwise the
+        new tokens are written at slots cache_index .. cache_index + L - 1 (the
+        caller keeps cache_index + L <= S: dynamic_update_slice would clamp it).
+      cache_index: scalar int, may be traced.
+
+    Returns:
+      DecoderOutput with logits [B, L, V], values [B, L] and the updated cache.
+    """
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    token_mask = token_mask.astype(bool)
+    length = tokens.shape[1]
+    embedder = nn.Embed(
+        config.vocab_size, config.embed_dim,
+        embedding_init=nn.initializers.normal(stddev=config.embed_dim ** -0.5),
+        name='embedder')
+    x = embedder(tokens).astype(dtype) * jnp.asarray(math.sqrt(config.embed_dim), dtype)
+
+    query_slots = jnp.arange(length)
+    if cache is None:
+      key_mask = token_mask
+      key_slots = query_slots
+    else:
+      key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, cache_index))
+      key_slots = jnp.arange(key_mask.shape[1])
+      query_slots = query_slots + cache_index
+    causal = key_slots[None, :] <= query_slots[:, None]  # [L, S]
+    attend_mask = causal[None] & key_mask[:, None, :]  # [B, L, S]
+
+    new_keys, new_values = [], []
+    for layer in range(config.num_layers):
+      layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
+      x, layer_cache = Block(config, name=f'layer_{layer}')(
+          x, positions, attend_mask, layer_cache, cache_index)
+      if layer_cache is not None:
+        new_keys.append(layer_cache[0])
+        new_values.append(layer_cache[1])
+
+    hidden = RMSNorm(name='final_norm')(x).astype(jnp.float32)
+    logits = hidden @ embedder.embedding.T
+    if config.logit_softcap is not None:
+      logits = config.logit_softcap * jnp.tanh(logits / config.logit_softcap)
+    values = nn.Dense(1, name='value_head')(hidden)[..., 0]
+    new_cache = None if cache is None else KVCache(
+        tuple(new_keys), tuple(new_values), key_mask)
+    return DecoderOutput(logits, values, new_cache)
+
+
+def init_params(config: DecoderConfig, rng: jax.Array) -> Params:
+  """Fresh parameters of `Decoder(config)`."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Decoder(config).init(rng, tokens, tokens, tokens > 0)['params']
+
+
+def init_cache(config: DecoderConfig, batch_size: int, cache_len: int) -> KVCache:
+  """An empty cache with `cache_len` slots per row."""
+  shape = (batch_size, cache_len, config.num_kv_heads, config.head_dim)
+  zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+  return KVCache(zeros, zeros, jnp.zeros((batch_size, cache_len), bool))
+
+
+def left_pad_prompts(prompts: Sequence[Sequence[int]],
+                     prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left pads token-id prompts to `prompt_len`.
+
+  Returns:
+    tokens [B, prompt_len] int32 (PAD = 0 on the left) and mask [B, prompt_len] bool.
+  """
+  tokens = np.zeros((len(prompts), prompt_len), np.int32)
+  mask = np.zeros((len(prompts), prompt_len), bool)
+  for index, prompt in enumerate(prompts):
+    if not 1 <= len(prompt) <= prompt_len:
+      raise ValueError(
+          f'Prompt {index} has {len(prompt)} tokens; prompts need 1 to '
+          f'prompt_len={prompt_len} tokens. Shorten it or raise prompt_len.')
+    tokens[index, prompt_len - len(prompt):] = prompt
+    mask[index, prompt_len - len(prompt):] = True
+  return tokens, mask
+
+
+def forward_completions(config: DecoderConfig, params: Params,
+                        prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                        completion_tokens: jax.Array, completion_mask: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Scores completions with one cache-free pass, as the learner needs.
+
+  Args:
+    config: the model's config.
+    params: its parameters.
+    prompt_tokens: [B, P] int32, left padded.
+    prompt_mask: [B, P] bool.
+    completion_tokens: [B, T] int32, right padded.
+    completion_mask: [B, T] bool.
+
+  Returns:
+    logits [B, T, V] float32, where logits[:, t] is the distribution completion token t
+    was drawn from; and values [B, T + 1] float32, where values[:, t] is the value of
+    the prefix ending just before completion token t (values[:, T], or values[:, n] for
+    a completion of n tokens, is the value after the whole completion).
+  """
+  prompt_len, completion_len = prompt_tokens.shape[1], completion_tokens.shape[1]
+  if prompt_len + completion_len > config.max_seq_len:
+    raise ValueError(
+        f'prompt_len={prompt_len} + completion_len={completion_len} exceeds '
+        f'max_seq_len={config.max_seq_len} of the model.')
+  tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
+  mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+  output = Decoder(config).apply({'params': params}, tokens, positions_from_mask(mask), mask)
+  logits = output.logits[:, prompt_len - 1:prompt_len - 1 + completion_len]
+  values = output.values[:, prompt_len - 1:]
+  return logits, values
+
+
+def params_to_bytes(params: Params) -> bytes:
+  """Serializes parameters with msgpack, to ship them between processes."""
+  return flax.serialization.msgpack_serialize(jax.device_get(params))
+
+
+def params_from_bytes(data: bytes, template: Params | None = None) -> Params:
+  """Inverse of `params_to_bytes`; with a template, restores its tree structure."""
+  state = flax.serialization.msgpack_restore(data)
+  if template is None:
+    return state
+  return flax.serialization.from_state_dict(template, state)

@@ -1,0 +1,80 @@
+"""Reverb tables for trajectories and the replay server node."""
+from collections.abc import Callable
+import dataclasses
+import logging
+import time
+
+import reverb
+import tensorflow as tf
+
+TABLE_KINDS = ('queue', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+  """Replay tables of one experiment.
+
+  Attributes:
+    table: name of the trajectory table.
+    kind: 'queue' for on-policy learners (V-trace: FIFO, each trajectory sampled once,
+      writers block when full, which bounds policy lag) or 'uniform' for off-policy ones.
+    max_size: capacity in trajectories. For 'queue' this bounds the policy lag to about
+      max_size / batch_size learner steps.
+    min_size_to_sample: 'uniform' only; sampling waits until this many are stored.
+    samples_per_insert: 'uniform' only; learner samples per inserted trajectory.
+  """
+  table: str = 'trajectories'
+  kind: str = 'queue'
+  max_size: int = 256
+  min_size_to_sample: int = 64
+  samples_per_insert: float = 4.0
+
+  def __post_init__(self):
+    if self.kind not in TABLE_KINDS:
+      raise ValueError(f'Unknown replay kind {self.kind!r}; use one of {TABLE_KINDS}.')
+
+
+def trajectory_signature(prompt_len: int, completion_len: int) -> dict[str, tf.TensorSpec]:
+  """The stored row of one trajectory: the fields of core.TrajectoryBatch without batch axis."""
+  return dict(
+      prompt_tokens=tf.TensorSpec([prompt_len], tf.int32),
+      prompt_mask=tf.TensorSpec([prompt_len], tf.bool),
+      completion_tokens=tf.TensorSpec([completion_len], tf.int32),
+      completion_mask=tf.TensorSpec([completion_len], tf.bool),
+      behaviour_logprobs=tf.TensorSpec([completion_len], tf.float32),
+      rewards=tf.TensorSpec([], tf.float32),
+      terminated=tf.TensorSpec([], tf.bool),
+      param_version=tf.TensorSpec([], tf.int64),
+  )
+
+
+def make_tables(config: ReplayConfig, prompt_len: int, completion_len: int) -> list[reverb.Table]:
+  signature = trajectory_signature(prompt_len, completion_len)
+  if config.kind == 'queue':
+    return [reverb.Table.queue(config.table, config.max_size, signature=signature)]
+  # Uniform replay: a sample-to-insert ratio keeps the learner from overfitting a few items.
+  error_buffer = max(config.min_size_to_sample, 1) * max(config.samples_per_insert, 1.0)
+  return [reverb.Table(
+      name=config.table,
+      sampler=reverb.selectors.Uniform(),
+      remover=reverb.selectors.Fifo(),
+      max_size=config.max_size,
+      rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
+          config.samples_per_insert, config.min_size_to_sample, error_buffer),
+      signature=signature)]
+
+
+def serve(config: ReplayConfig, prompt_len: int, completion_len: int, port: int,
+          should_stop: Callable[[], bool]):
+  """Runs a Reverb server until `should_stop()`.
+
+  Reverb 0.14 listens on every interface ("[::]:port" is fixed inside its C++ server);
+  it offers no bind address, so this node cannot be restricted to loopback.
+  """
+  server = reverb.Server(make_tables(config, prompt_len, completion_len), port=port)
+  logging.info('Reverb serving table %r (%s, max_size %d) on port %d', config.table, config.kind,
+               config.max_size, port)
+  while not should_stop():
+    time.sleep(0.2)
+  server.stop()
+

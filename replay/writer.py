@@ -1,0 +1,46 @@
+"""Actor side of replay: writes whole trajectories into a Reverb table."""
+import time
+
+import reverb
+
+from chorus import core
+
+
+class TrajectoryWriter:
+  """Writes each trajectory as one Reverb item of fixed-shape padded fields.
+
+  `write` returns once the item is stored. On a full queue table that is when the learner
+  has made room: the back-pressure that bounds policy lag. `should_stop` is polled while
+  waiting so a stopping actor is never stuck inside Reverb.
+  """
+
+  def __init__(self, address: str, table: str, prompt_len: int, completion_len: int, *,
+               poll_ms: int = 200):
+    self._client = reverb.Client(address)
+    self._writer = self._client.trajectory_writer(num_keep_alive_refs=1)
+    self._table = table
+    self._prompt_len = prompt_len
+    self._completion_len = completion_len
+    self._poll_ms = poll_ms
+    self.blocked_seconds = 0.0
+
+  def write(self, trajectory: core.Trajectory, should_stop=lambda: False) -> bool:
+    """Stores `trajectory`; returns False if `should_stop()` turned true while waiting."""
+    row = core.padded_row(trajectory, self._prompt_len, self._completion_len)
+    self._writer.append(row)
+    self._writer.create_item(self._table, priority=1.0,
+                             trajectory={name: self._writer.history[name][-1] for name in row})
+    start = time.monotonic()
+    try:
+      while True:
+        try:
+          self._writer.end_episode(timeout_ms=self._poll_ms)
+          return True
+        except reverb.errors.DeadlineExceededError:
+          if should_stop():
+            return False
+    finally:
+      self.blocked_seconds += time.monotonic() - start
+
+  def close(self):
+    self._writer.close(block=False)

@@ -1,0 +1,60 @@
+"""Real Reverb server on loopback: trajectories in, fixed-shape batches out."""
+import threading
+
+import numpy as np
+import pytest
+import reverb
+
+from chorus import core
+from chorus.replay import dataset, tables, writer
+
+
+def _trajectory(rng, index):
+  prompt_len = int(rng.integers(1, 6))
+  completion_len = int(rng.integers(1, 5))
+  return core.Trajectory(
+      prompt_tokens=rng.integers(3, 20, prompt_len).astype(np.int32),
+      completion_tokens=rng.integers(3, 20, completion_len).astype(np.int32),
+      behaviour_logprobs=-rng.random(completion_len).astype(np.float32),
+      reward=float(rng.random()), terminated=bool(index % 2), param_version=index,
+      episode_id=index)
+
+
+@pytest.fixture(name='server')
+def fixture_server():
+  config = tables.ReplayConfig(max_size=8)
+  server = reverb.Server(tables.make_tables(config, 6, 5))
+  yield server, config
+  server.stop()
+
+
+def test_queue_table_returns_each_trajectory_once_in_order_with_fixed_shapes(server):
+  server, config = server
+  address = f'127.0.0.1:{server.port}'
+  rng = np.random.default_rng(0)
+  sent = [_trajectory(rng, i) for i in range(8)]
+  trajectory_writer = writer.TrajectoryWriter(address, config.table, 6, 5)
+  for trajectory in sent:
+    assert trajectory_writer.write(trajectory)
+  batches = dataset.batch_iterator(address, config.table, 4, 6, 5)
+  received = [next(batches), next(batches)]
+  expected = core.batch_trajectories(sent, 6, 5)
+  for name in ('prompt_tokens', 'prompt_mask', 'completion_tokens', 'completion_mask',
+               'behaviour_logprobs', 'rewards', 'terminated', 'param_version'):
+    got = np.concatenate([getattr(batch, name) for batch in received])
+    np.testing.assert_array_equal(got, getattr(expected, name), err_msg=name)
+  assert received[0].prompt_tokens.shape == (4, 6)
+  assert received[0].completion_tokens.shape == (4, 5)
+
+
+def test_writer_blocks_on_full_queue_and_gives_up_when_asked_to_stop(server):
+  server, config = server
+  address = f'127.0.0.1:{server.port}'
+  rng = np.random.default_rng(1)
+  trajectory_writer = writer.TrajectoryWriter(address, config.table, 6, 5, poll_ms=50)
+  for i in range(config.max_size):
+    assert trajectory_writer.write(_trajectory(rng, i))
+  stop = threading.Event()
+  threading.Timer(0.5, stop.set).start()
+  assert not trajectory_writer.write(_trajectory(rng, 99), should_stop=stop.is_set)
+  assert trajectory_writer.blocked_seconds >= 0.4
