@@ -288,7 +288,7 @@ def _unbatched_actor(name, events, start_event, start_time, settings: Settings, 
 
 
 class _Children:
-  """Every process this benchmark starts; `close()` leaves none behind."""
+  """Every process this benchmark starts; `terminate()` leaves none behind."""
 
   def __init__(self):
     self._context = multiprocessing.get_context('spawn')
@@ -331,27 +331,26 @@ class _Children:
         found[name] = payload
     return found
 
-  def stop(self, names, timeout_s: float = 10.0):
+  def stop(self, names, timeout_s: float = 30.0):
+    """Lets `names` exit on their own for up to `timeout_s` in all, then terminates them."""
+    deadline = time.monotonic() + timeout_s
     for name in names:
-      process = self.processes.pop(name)
-      process.join(timeout_s)
-      if process.is_alive():
-        process.terminate()
-        process.join(5.0)
-      if process.is_alive():
-        process.kill()
-        process.join()
+      self.processes[name].join(max(0.0, deadline - time.monotonic()))
+    self.terminate(names)
 
-  def close(self):
-    for process in self.processes.values():
+  def terminate(self, names=None):
+    """SIGTERM, then SIGKILL after 5 s, to `names` (default: every child)."""
+    names = list(self.processes) if names is None else list(names)
+    processes = [self.processes.pop(name) for name in names if name in self.processes]
+    for process in processes:
       if process.is_alive():
         process.terminate()
-    for process in self.processes.values():
-      process.join(5.0)
+    deadline = time.monotonic() + 5.0
+    for process in processes:
+      process.join(max(0.0, deadline - time.monotonic()))
       if process.is_alive():
         process.kill()
         process.join()
-    self.processes.clear()
 
 
 @dataclasses.dataclass
@@ -370,8 +369,7 @@ class Measurement:
   server_sequences: int = 0
 
 
-def _open_window(children: _Children, start_event, start_time, pids, settings,
-                 status=None):
+def _open_window(start_event, start_time, pids, settings, status=None):
   """Starts the common window; returns (start, rss mid-window, cpu before, status before)."""
   cpu_before = sum(_cpu_seconds(pid) for pid in pids)
   status_before = status() if status else None
@@ -399,14 +397,16 @@ def _measure(children: _Children, settings: Settings, num_actors: int, setup: st
     if server_pid is not None:
       pids.append(server_pid)
     start, rss, cpu_before, status_before = _open_window(
-        children, start_event, start_time, pids, settings, status if setup == 'seed' else None)
+        start_event, start_time, pids, settings, status if setup == 'seed' else None)
     time.sleep(max(0.0, start + settings.seconds - time.monotonic()))
     cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
     status_after = status() if setup == 'seed' else None
     load_average = os.getloadavg()[0]
     results = children.wait_for('result', names, settings.seconds + 600)
-  finally:
-    children.stop(names)
+  except BaseException:
+    children.terminate(names)  # No grace on failure or Ctrl-C.
+    raise
+  children.stop(names)
   latencies = [latency for result in results.values() for latency in result['latencies']]
   measurement = Measurement(
       num_actors=num_actors,
@@ -475,7 +475,8 @@ def _format_section(command: str, info: dict[str, Any], settings: Settings,
       + '; processes started with multiprocessing "spawn"',
       f'- Window: {settings.seconds:g} s per measurement, opened once every process had '
       'loaded the model, compiled and made one warm-up call (start-up excluded); the request '
-      'running when the window closes is credited pro rata',
+      'running when the window closes is credited pro rata; the two set-ups alternate at each N '
+      '(the server stays up, idle, during the unbatched runs)',
       '',
       '| Actors | SEED tokens/s | Unbatched tokens/s | SEED / unbatched | SEED mean latency (ms) '
       '| SEED p95 latency (ms) | Unbatched mean call (ms) | Server requests | Server batches '
@@ -586,6 +587,7 @@ def main(argv=None):
     info['jax_version'] = metadata.version('jax')
     print(f'{settings.model}: {info["num_params"]:,} parameters; {info["machine"]}', flush=True)
 
+    address, server_pid, status = None, None, None
     if 'seed' in args.setups:
       # Imported only now: it loads JAX, which the parent never initialises.
       from chorus.inference_server import client as client_lib  # pylint: disable=g-import-not-at-top
@@ -593,25 +595,23 @@ def main(argv=None):
       children.start('server', _serve, not settings.server_multi_thread, settings, stop_server)
       port = children.wait_for('ready', ['server'], args.ready_timeout_s)['server']['port']
       address = f'127.0.0.1:{port}'
-      with client_lib.InferenceClient(address) as status_client:
-        status = lambda: status_client.status()[MODEL_NAME]
-        server_pid = children.processes['server'].pid
-        for num_actors in args.num_actors:
-          results['seed'][num_actors] = _measure(children, settings, num_actors, 'seed',
-                                                 address, server_pid, status,
-                                                 args.ready_timeout_s)
-          _print_row('seed', results['seed'][num_actors])
+      server_pid = children.processes['server'].pid
+      status_client = client_lib.InferenceClient(address)
+      status = lambda: status_client.status()[MODEL_NAME]
+    # The set-ups alternate at each N, so that a change in the load other programs put
+    # on the machine hits both alike. The server idles (no CPU) during unbatched runs.
+    for num_actors in args.num_actors:
+      for setup in args.setups:
+        results[setup][num_actors] = _measure(
+            children, settings, num_actors, setup, address,
+            server_pid if setup == 'seed' else None, status, args.ready_timeout_s)
+        _print_row(setup, results[setup][num_actors])
+    if 'seed' in args.setups:
+      status_client.close()
       stop_server.set()
       children.stop(['server'])
-
-    if 'unbatched' in args.setups:
-      for num_actors in args.num_actors:
-        results['unbatched'][num_actors] = _measure(children, settings, num_actors,
-                                                    'unbatched', None, None, None,
-                                                    args.ready_timeout_s)
-        _print_row('unbatched', results['unbatched'][num_actors])
   finally:
-    children.close()
+    children.terminate()
     shutil.rmtree(workdir, ignore_errors=True)
 
   section = _format_section(command, info, settings, results['seed'], results['unbatched'])

@@ -71,6 +71,10 @@ class _RowResult:
   param_version: int
 
 
+def _shape_and_dtype(array) -> tuple:
+  return np.shape(array), np.asarray(array).dtype.name
+
+
 class ServedModel:
   """One named model: its parameters and version, a jit-compiled sampler and a batcher."""
 
@@ -80,7 +84,7 @@ class ServedModel:
     self.decoder_config = decoder_config
     self.config = config
     self._params_and_version = (params, version)
-    self._template = jax.tree_util.tree_map(np.shape, params)
+    self._template = jax.tree_util.tree_map(_shape_and_dtype, params)
     self._lock = threading.Lock()
     self._sample = sampler_lib.make_sampler(decoder_config, config.max_prompt_len,
                                             config.max_new_tokens)
@@ -108,10 +112,10 @@ class ServedModel:
 
   def update_params(self, params: Any, version: int):
     """Swaps in newer parameters; the batch running now finishes on the old ones."""
-    shapes = jax.tree_util.tree_map(np.shape, params)
-    if shapes != self._template:
-      raise ValueError(f'Parameters for model {self.name!r} do not match its architecture; '
-                       'send the full parameter tree of the same DecoderConfig.')
+    if jax.tree_util.tree_map(_shape_and_dtype, params) != self._template:
+      raise ValueError(f'Parameters for model {self.name!r} do not match its architecture '
+                       '(tree, shapes or dtypes); send the full float32 parameter tree of the '
+                       'same DecoderConfig.')
     with self._lock:
       current = self.param_version
       if version <= current:

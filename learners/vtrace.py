@@ -78,8 +78,9 @@ def vtrace_targets(
   agree at lambda_ = 1.
 
   On padding (mask False) delta = 0 and c = 0, so v_s = V(s_s) there and nothing
-  after a row's last real token reaches its real steps. Padding entries of every
-  input are ignored, even if non-finite.
+  after a row's last real token reaches its real steps. Padding entries of the
+  rewards, discounts and log_rhos are ignored even if non-finite; `values` beyond a
+  row's bootstrap V(s_L) only pass through to its padding `vs`.
 
   Args:
     values: [B, T + 1] V(s_0) .. V(s_T).
@@ -107,8 +108,8 @@ def vtrace_targets(
   v_t, v_tp1 = values[:, :-1], values[:, 1:]
   rewards = jnp.asarray(rewards, dtype)
   log_rhos = jnp.asarray(log_rhos, dtype)
-  # Every per-step quantity is masked with `where`, not a product, so that padding
-  # entries cannot leak in even when non-finite.
+  # What feeds the recursion or an output is masked with `where`, not a product, so
+  # that padding entries cannot leak in even when non-finite.
   discounts = jnp.where(mask, jnp.asarray(discounts, dtype), 0.0)
   rhos = jnp.where(mask, _clipped_ratio(log_rhos, rho_clip), 0.0)
   cs = jnp.where(mask, lambda_ * _clipped_ratio(log_rhos, c_clip), 0.0)

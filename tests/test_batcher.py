@@ -247,7 +247,8 @@ def test_close_fails_queued_requests_even_after_a_cancelled_one():
   closer.start()
   # Lets the running batch finish only once close() has begun, so nothing queued runs.
   deadline = time.monotonic() + _RESULT_TIMEOUT_S
-  while not batcher._closed.is_set() and time.monotonic() < deadline:  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  while not batcher._closed.is_set() and time.monotonic() < deadline:
     time.sleep(0.01)
   recorder.release.set()
   closer.join(_RESULT_TIMEOUT_S)

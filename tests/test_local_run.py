@@ -60,7 +60,7 @@ def test_run_directory_has_summary_curves_checkpoints_tensorboard_and_rlds(run_d
   assert summary['initial_eval']['param_versions'] == [0]
   assert summary['config']['learner']['batch_size'] == 8
   assert os.path.getsize(os.path.join(run_dir, 'curves.png')) > 1000
-  assert sorted(os.listdir(os.path.join(run_dir, 'checkpoints', 'learner')))[-1] == '12'
+  assert max(map(int, os.listdir(os.path.join(run_dir, 'checkpoints', 'learner')))) == 12
   assert os.listdir(os.path.join(run_dir, 'checkpoints', 'warm_start')) == ['0']
   assert any(name.startswith('events') for name in os.listdir(os.path.join(run_dir, 'tensorboard')))
   learner_records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')

@@ -247,7 +247,7 @@ def test_loss_metrics_are_finite_scalars_with_expected_values():
       target_logprobs=behaviour + log_rhos, behaviour_logprobs=behaviour,
       values=np.zeros((2, 4), np.float32), entropy=np.ones((2, 3), np.float32),
       rewards=np.ones((2, 3), np.float32), discounts=np.zeros((2, 3), np.float32),
-      mask=mask)
+      mask=mask, rho_clip=2.0)
   assert set(metrics) == {
       'loss', 'pg_loss', 'value_loss', 'entropy', 'mean_rho', 'clipped_rho_fraction',
       'mean_advantage', 'mean_vs', 'mean_abs_log_rho', 'num_real_tokens'}
@@ -256,9 +256,10 @@ def test_loss_metrics_are_finite_scalars_with_expected_values():
     assert np.isfinite(value), name
   assert metrics['loss'] == loss
   assert metrics['num_real_tokens'] == 3
-  np.testing.assert_allclose(metrics['clipped_rho_fraction'], 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(metrics['clipped_rho_fraction'], 1 / 3, rtol=1e-6)
   np.testing.assert_allclose(metrics['mean_abs_log_rho'], 1.0, rtol=1e-6)
-  np.testing.assert_allclose(metrics['mean_rho'], (1 + np.exp(-0.5) + 1) / 3, rtol=1e-6)
+  np.testing.assert_allclose(metrics['mean_rho'], (np.exp(0.5) + np.exp(-0.5) + 2) / 3,
+                             rtol=1e-6)
   np.testing.assert_allclose(metrics['entropy'], 1.0, rtol=1e-6)
 
 
