@@ -1,0 +1,1 @@
+"""Chorus: SEED RL-style actor-learner RL for token models."""

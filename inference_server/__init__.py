@@ -1,0 +1,7 @@
+"""The batched gRPC inference server and its clients."""
+from chorus.inference_server.client import InferenceClient
+from chorus.inference_server.client import InferenceError
+from chorus.inference_server.client import ParameterPublisher
+from chorus.inference_server.server import InferenceServerConfig
+from chorus.inference_server.server import ServedModel
+from chorus.inference_server.server import start_server

@@ -26,7 +26,8 @@ def _run(args) -> int:
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
   try:
-    summary = run.run_experiment(config, run_dir)
+    summary = run.run_experiment(config, run_dir, launcher=args.launcher,
+                                 ray_address=args.ray_address)
   except KeyboardInterrupt:
     print('Stopped; every node was shut down.', file=sys.stderr)
     return 130
@@ -56,6 +57,12 @@ def main(argv=None) -> int:
   run_parser.add_argument('--num-actors', type=int, help='actor processes (default: config)')
   run_parser.add_argument('--max-learner-steps', type=int, help='learner updates (default: config)')
   run_parser.add_argument('--seed', type=int, help='random seed (default: config)')
+  run_parser.add_argument('--launcher', choices=('local', 'ray'), default='local',
+                          help='where nodes run: processes on this machine (default) or a Ray '
+                          'cluster')
+  run_parser.add_argument('--ray-address',
+                          help='Ray cluster to join, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS or '
+                          'a new local Ray instance)')
   run_parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                           help='override any config field, e.g. --set learner.batch_size=64; '
                           'see `chorus configs NAME` for fields and defaults')

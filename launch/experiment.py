@@ -34,7 +34,9 @@ class ExperimentConfig:
   Attributes:
     name: the config's name.
     seed: seeds parameters, warm start, actors and sampling.
-    num_actors: actor processes.
+    num_actors: actor loops in all.
+    actors_per_process: actor loops sharing one process (threads; they mostly wait on I/O).
+    num_inference_servers: inference servers; actor processes are spread over them.
     task: built-in task name (actors/tasks.py).
     task_config: that task's options.
     model: the policy network.
@@ -50,6 +52,8 @@ class ExperimentConfig:
   name: str = 'text_vtrace'
   seed: int = 0
   num_actors: int = 4
+  actors_per_process: int = 1
+  num_inference_servers: int = 1
   task: str = 'reverse_digits'
   task_config: tasks.ReverseDigitsConfig = tasks.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
@@ -61,6 +65,11 @@ class ExperimentConfig:
   vtrace: VTraceConfig = VTraceConfig()
   evaluation: EvalConfig = EvalConfig()
   rlds_episodes_per_file: int = 100
+
+  def __post_init__(self):
+    for name in ('num_actors', 'actors_per_process', 'num_inference_servers'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
 
   def make_task(self):
     return tasks.make_task(self.task, self.task_config)

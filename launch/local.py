@@ -58,7 +58,7 @@ class LocalLauncher:
 
   Args:
     run_dir: the run directory (holds config.json; logs/ and nodes/ are made here).
-    max_restarts: restarts allowed per worker node before the run fails.
+    max_restarts: restarts allowed per restartable node before the run fails.
     restart_backoff_s: first restart delay; doubles with each restart of that node.
     stop_timeout_s: grace period after SIGTERM before SIGKILL.
   """
@@ -86,7 +86,8 @@ class LocalLauncher:
   def _spawn(self, node: program_lib.Node) -> subprocess.Popen:
     kwargs = program_lib.resolve(dict(node.kwargs), self.addresses)
     if node.serves:
-      kwargs['port'] = int(self.addresses[node.name].rsplit(':', 1)[1])
+      host, port = self.addresses[node.name].rsplit(':', 1)
+      kwargs.update(host=host, port=int(port))
     with open(worker.node_spec_path(self.run_dir, node.name), 'w') as file:
       json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
@@ -122,7 +123,7 @@ class LocalLauncher:
                        f'{self.log_path(name)} ends with:\n{_tail(self.log_path(name))}')
 
   def poll(self) -> bool:
-    """Supervises once: restarts crashed workers, fails on crashed services.
+    """Supervises once: restarts crashed restartable nodes, fails on the others.
 
     Returns True while the main node runs (or there is none) and False once it exits 0.
     """
@@ -132,16 +133,15 @@ class LocalLauncher:
       code = running.process.poll()
       if code is None:
         continue
-      kind = running.node.kind
-      if kind == program_lib.MAIN and code == 0:
+      if running.node.kind == program_lib.MAIN and code == 0:
         main_running = False
         continue
-      if kind != program_lib.WORKER:
-        self._check_exit(name)
-        continue
+      if not running.node.restart:
+        raise NodeFailed(f'Node {name} exited with code {code}; its log {self.log_path(name)} '
+                         f'ends with:\n{_tail(self.log_path(name))}')
       if running.restart_at is None:
         if running.restarts >= self.max_restarts:
-          raise NodeFailed(f'Worker {name} crashed {running.restarts + 1} times (last exit code '
+          raise NodeFailed(f'Node {name} crashed {running.restarts + 1} times (last exit code '
                            f'{code}); see {self.log_path(name)}:\n{_tail(self.log_path(name))}')
         running.restart_at = now + self.restart_backoff_s * 2**running.restarts
       elif now >= running.restart_at:

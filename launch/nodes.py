@@ -7,6 +7,7 @@ This is Acme's builder: roles know only their own configs and clients; the wirin
 from collections.abc import Callable
 import logging
 import os
+import threading
 import time
 
 import jax
@@ -95,21 +96,23 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
                time.monotonic() - start, history[-1]['nll'] if history else float('nan'))
 
 
-def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port: int):
-  del run_dir
+def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port: int,
+           host: str = '127.0.0.1'):
+  del run_dir, host  # Reverb 0.14 cannot bind to one address (see replay/tables.py).
   tables.serve(config.replay, config.inference.max_prompt_len, config.inference.max_new_tokens,
                port, should_stop)
 
 
 def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
-                     port: int, host: str = '127.0.0.1', status_every_s: float = 5.0):
+                     server_index: int, port: int, host: str = '127.0.0.1',
+                     status_every_s: float = 5.0):
   served = server_lib.ServedModel('policy', config.model, _warm_start_params(config, run_dir),
                                   version=0, config=config.inference)
   served.warm_up()
   grpc_server, _ = server_lib.start_server({'policy': served}, f'{host}:{port}',
                                            config.inference.num_threads)
   logging.info('Inference server on %s:%d', host, port)
-  metrics = MetricsWriter(metrics_path(run_dir), f'inference_server_{port}')
+  metrics = MetricsWriter(metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():
     time.sleep(status_every_s)
     metrics.write(kind='inference', model='policy', param_version=served.param_version,
@@ -118,21 +121,36 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   served.close()
 
 
-def actor(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, actor_id: int,
+def actor(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, actor_ids: list[int],
           inference_address: str, replay_address: str):
+  """Runs one actor loop per id, each in its own thread with its own clients and RLDS shard."""
   client = InferenceClient(inference_address)
   client.wait_until_ready()
-  writer = TrajectoryWriter(replay_address, config.replay.table, config.inference.max_prompt_len,
-                            config.inference.max_new_tokens)
-  with EpisodeLogger(rlds_dir(run_dir, actor_id),
-                     max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
-    actor_loop = Actor(actor_id, config.actor, config.make_task(), generate=client.generate,
-                       write_replay=writer.write, log_episode=episode_logger.write,
-                       metrics=MetricsWriter(metrics_path(run_dir), f'actor_{actor_id}'),
-                       seed=config.seed)
-    actor_loop.run(should_stop)
-  writer.close()
+  errors = []
+
+  def run_one(actor_id: int):
+    try:
+      writer = TrajectoryWriter(replay_address, config.replay.table,
+                                config.inference.max_prompt_len, config.inference.max_new_tokens)
+      with EpisodeLogger(rlds_dir(run_dir, actor_id),
+                         max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
+        Actor(actor_id, config.actor, config.make_task(), generate=client.generate,
+              write_replay=writer.write, log_episode=episode_logger.write,
+              metrics=MetricsWriter(metrics_path(run_dir), f'actor_{actor_id}'),
+              seed=config.seed).run(lambda: should_stop() or bool(errors))
+      writer.close()
+    except BaseException as error:  # pylint: disable=broad-except
+      errors.append(error)  # Stops the sibling loops; the process then fails and restarts.
+      raise
+
+  threads = [threading.Thread(target=run_one, args=(i,), name=f'actor_{i}') for i in actor_ids]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
   client.close()
+  if errors:
+    raise RuntimeError(f'{len(errors)} actor loop(s) failed; first: {errors[0]!r}')
 
 
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,

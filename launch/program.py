@@ -9,11 +9,11 @@ from typing import Any
 
 from chorus.launch.experiment import ExperimentConfig
 
-# What a launcher does with a node:
-SETUP = 'setup'      # runs to completion before anything else starts
+# When a launcher starts and stops a node:
+SETUP = 'setup'      # runs to completion before anything else starts (warm start)
 SERVICE = 'service'  # started first, stopped last (replay, inference servers)
-WORKER = 'worker'    # restarted if it crashes, stopped when the main node ends (actors)
-MAIN = 'main'        # the run ends when it exits (the learner)
+WORKER = 'worker'    # stopped when the main node ends (actors, evaluator)
+MAIN = 'main'        # the run ends when it exits 0 (the learner)
 KINDS = (SETUP, SERVICE, WORKER, MAIN)
 
 
@@ -32,15 +32,18 @@ class Node:
     role: entry point name.
     kind: one of KINDS.
     kwargs: plain data and Address handles passed to the entry point.
-    serves: the node listens on a port, passed to it as `port`.
-    resources: what the node needs (e.g. {'CPU': 1, 'GPU': 1}); used by cluster launchers.
+    serves: the node listens on a port, passed to it as `port` (and `host` to bind).
+    restart: a crashed node is restarted (with backoff); otherwise its crash ends the run.
+    accelerator: the node wants an accelerator (inference servers, learner); cluster
+      launchers place it on accelerator machines, actors on CPU machines.
   """
   name: str
   role: str
   kind: str
   kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   serves: bool = False
-  resources: dict[str, float] = dataclasses.field(default_factory=lambda: {'CPU': 1})
+  restart: bool = False
+  accelerator: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -60,19 +63,32 @@ def resolve(value, addresses: dict[str, str]):
   return value
 
 
+def inference_server_name(index: int) -> str:
+  return f'inference_server_{index}'
+
+
 def make_program(config: ExperimentConfig) -> list[Node]:
-  """The SEED topology: warm start, replay, one inference server, actors, one learner."""
+  """The SEED topology: warm start, replay, inference servers, actors, one learner.
+
+  Actor processes each run `config.actors_per_process` actor loops and are spread
+  round-robin over the inference servers; the learner publishes to every server.
+  The learner restarts from its latest checkpoint; a restarted inference server
+  serves the warm-start parameters until the learner's next push.
+  """
+  servers = [inference_server_name(i) for i in range(config.num_inference_servers)]
   nodes = [
       Node('warm_start', 'warm_start', SETUP),
       Node('replay', 'replay', SERVICE, serves=True),
-      Node('inference_server', 'inference_server', SERVICE, serves=True),
-  ]
-  for actor_id in range(config.num_actors):
-    nodes.append(Node(f'actor_{actor_id}', 'actor', WORKER,
-                      kwargs=dict(actor_id=actor_id,
-                                  inference_address=Address('inference_server'),
+  ] + [Node(name, 'inference_server', SERVICE, kwargs=dict(server_index=index), serves=True,
+            restart=True, accelerator=True) for index, name in enumerate(servers)]
+  per_process = config.actors_per_process
+  for process_index, first in enumerate(range(0, config.num_actors, per_process)):
+    actor_ids = list(range(first, min(first + per_process, config.num_actors)))
+    nodes.append(Node(f'actors_{process_index}', 'actor', WORKER, restart=True,
+                      kwargs=dict(actor_ids=actor_ids,
+                                  inference_address=Address(servers[process_index % len(servers)]),
                                   replay_address=Address('replay'))))
-  nodes.append(Node('learner', 'learner', MAIN,
-                    kwargs=dict(inference_addresses=[Address('inference_server')],
+  nodes.append(Node('learner', 'learner', MAIN, restart=True, accelerator=True,
+                    kwargs=dict(inference_addresses=[Address(name) for name in servers],
                                 replay_address=Address('replay'))))
   return nodes

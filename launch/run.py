@@ -55,9 +55,23 @@ def _evaluate(config: experiment.ExperimentConfig, address: str, min_version: in
   return result
 
 
-def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *,
-                   progress_every_s: float = 5.0, print_fn=print) -> dict:
-  """Runs `config` with one process per node; returns the summary (also in summary.json)."""
+LAUNCHERS = ('local', 'ray')
+
+
+def make_launcher(name: str, run_dir: str, *, ray_address: str | None = None):
+  """The launcher that decides where nodes run: this machine's processes, or a Ray cluster."""
+  if name == 'local':
+    return LocalLauncher(run_dir)
+  if name == 'ray':
+    from chorus.launch.ray_launcher import RayLauncher  # pylint: disable=g-import-not-at-top
+    return RayLauncher(run_dir, address=ray_address)
+  raise ValueError(f'Unknown launcher {name!r}; use one of {LAUNCHERS}.')
+
+
+def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launcher: str = 'local',
+                   ray_address: str | None = None, progress_every_s: float = 5.0,
+                   print_fn=print) -> dict:
+  """Runs `config`, one process per node; returns the summary (also in summary.json)."""
   start = time.monotonic()
   run_dir = os.path.abspath(run_dir)
   os.makedirs(run_dir, exist_ok=True)
@@ -68,14 +82,14 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *,
   stop = _StopRequested()
   program = program_lib.make_program(config)
   by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}
-  launcher = LocalLauncher(run_dir)
+  launcher = make_launcher(launcher, run_dir, ray_address=ray_address)
   print_fn(f'Run directory: {run_dir} (logs in {run_dir}/logs)')
   try:
     for node in by_kind[program_lib.SETUP]:
       print_fn(f'[{time.monotonic() - start:6.0f}s] {node.name}...')
       launcher.run_to_completion(node, stop)
     launcher.start(by_kind[program_lib.SERVICE])
-    inference_address = launcher.addresses['inference_server']
+    inference_address = launcher.addresses[program_lib.inference_server_name(0)]
     with InferenceClient(inference_address) as client:
       client.wait_until_ready(timeout_s=300)
     initial_eval = _evaluate(config, inference_address, min_version=0)
