@@ -76,12 +76,13 @@ class LocalLauncher:
     os.makedirs(os.path.join(run_dir, 'logs'), exist_ok=True)
     os.makedirs(os.path.join(run_dir, 'nodes'), exist_ok=True)
 
+  @property
+  def processes_path(self) -> str:
+    """JSON lines {node, pid, time}, one per process started, restarts included."""
+    return os.path.join(self.run_dir, 'nodes', 'processes.jsonl')
+
   def log_path(self, name: str) -> str:
     return os.path.join(self.run_dir, 'logs', f'{name}.log')
-
-  @property
-  def pids(self) -> dict[str, int]:
-    return {name: running.process.pid for name, running in self._running.items()}
 
   def _spawn(self, node: program_lib.Node) -> subprocess.Popen:
     kwargs = program_lib.resolve(dict(node.kwargs), self.addresses)
@@ -97,6 +98,8 @@ class LocalLauncher:
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         start_new_session=True, preexec_fn=_die_with_parent)
     log.close()
+    with open(self.processes_path, 'a') as file:  # Lets users and tests account for every pid.
+      file.write(json.dumps({'node': node.name, 'pid': process.pid, 'time': time.time()}) + '\n')
     return process
 
   def start(self, nodes: list[program_lib.Node]):

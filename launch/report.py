@@ -76,7 +76,7 @@ def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: di
       max_policy_lag=float(np.max([r['max_policy_lag'] for r in learner])) if learner else None,
       rl_seconds=rl_seconds,
       wall_seconds=wall_seconds,
-      actor_restarts=restarts,
+      restarts=restarts,
       actor_episode_digests={node: r.get('episode_digest') for node, r in actor_final.items()},
   )
   with open(os.path.join(run_dir, 'summary.json'), 'w') as file:

@@ -88,6 +88,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     for node in by_kind[program_lib.SETUP]:
       print_fn(f'[{time.monotonic() - start:6.0f}s] {node.name}...')
       launcher.run_to_completion(node, stop)
+      if stop():
+        raise KeyboardInterrupt
     launcher.start(by_kind[program_lib.SERVICE])
     inference_address = launcher.addresses[program_lib.inference_server_name(0)]
     with InferenceClient(inference_address) as client:
@@ -95,6 +97,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     initial_eval = _evaluate(config, inference_address, min_version=0)
     print_fn(f'[{time.monotonic() - start:6.0f}s] initial eval: reward '
              f'{initial_eval["reward"]:.3f}, exact match {initial_eval["exact_match"]:.3f}')
+    if stop():
+      raise KeyboardInterrupt
     rl_start = time.monotonic()
     launcher.start(by_kind[program_lib.WORKER] + by_kind[program_lib.MAIN])
     progress = report.Progress(metrics_path, config.learner.max_steps)

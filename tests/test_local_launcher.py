@@ -1,0 +1,96 @@
+"""The local launcher under faults: a SIGKILLed actor is restarted, Ctrl-C leaves nothing behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chorus.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+_SHORT_RUN = [
+    '--seed', '5', '--set', 'warm_start.steps=20', '--set', 'learner.batch_size=8',
+    '--set', 'learner.log_every=5', '--set', 'replay.max_size=32',
+    '--set', 'inference.max_batch_size=8', '--set', 'task_config.num_eval_prompts=16',
+]
+
+
+def _start(run_dir, *args):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir] + _SHORT_RUN +
+      list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _processes(run_dir) -> list[dict]:
+  path = os.path.join(run_dir, 'nodes', 'processes.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as file:
+    return [json.loads(line) for line in file if line.strip()]
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as file:
+      return file.read().split(')')[-1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def _wait_for(condition, timeout_s: float, what: str):
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    if time.monotonic() > deadline:
+      raise AssertionError(f'Timed out after {timeout_s} s waiting for {what}.')
+    time.sleep(0.5)
+
+
+def test_sigkilled_actor_is_restarted_and_two_servers_share_eight_actors(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '60',
+                    '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2')
+  try:
+    def actor_has_episodes():
+      return any(r.get('kind') == 'actor' and r['node'] == 'actor_0'
+                 for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl')))
+    _wait_for(actor_has_episodes, 300, 'actor_0 to report episodes')
+    victim = [p['pid'] for p in _processes(run_dir) if p['node'] == 'actors_0'][0]
+    os.kill(victim, signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=600)
+  finally:
+    launcher.kill()
+  assert launcher.returncode == 0, output[-3000:]
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    summary = json.load(file)
+  assert summary['learner_steps'] == 60
+  assert summary['restarts'] == {'actors_0': 1}
+  started = _processes(run_dir)
+  assert [p['node'] for p in started].count('actors_0') == 2
+  assert not [p for p in started if _alive(p['pid'])]
+  requests = {}
+  for record in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
+    if record.get('kind') == 'inference':
+      requests[record['node']] = record['requests']
+  assert sorted(requests) == ['inference_server_0', 'inference_server_1']
+  assert all(count > 0 for count in requests.values()), requests
+
+
+def test_sigint_to_the_launcher_stops_every_node(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  launcher = _start(run_dir, '--num-actors', '2', '--max-learner-steps', '100000')
+  try:
+    _wait_for(lambda: any(p['node'] == 'learner' for p in _processes(run_dir)), 300,
+              'the learner to start')
+    time.sleep(3)
+    launcher.send_signal(signal.SIGINT)
+    output, _ = launcher.communicate(timeout=120)
+  finally:
+    launcher.kill()
+  assert launcher.returncode == 130, output[-3000:]
+  started = _processes(run_dir)
+  assert {p['node'] for p in started} >= {'replay', 'inference_server_0', 'actors_0', 'learner'}
+  assert not [p for p in started if _alive(p['pid'])]
