@@ -4,6 +4,7 @@ The default `make run` experiment: a tiny Gemma-style decoder, 4 actors, one inf
 server, a Reverb queue and one learner, sized to finish in minutes on 2 CPU cores.
 """
 from chorus.inference_server.server import InferenceServerConfig
+from chorus.launch.experiment import EvalConfig
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.loop import LearnerConfig
 
@@ -13,4 +14,5 @@ def get_config() -> ExperimentConfig:
       name='text_vtrace',
       inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0, max_prompt_len=16,
                                       max_new_tokens=12),
-      learner=LearnerConfig(batch_size=32, learning_rate=5e-4, max_steps=600))
+      learner=LearnerConfig(batch_size=32, learning_rate=5e-4, max_steps=600),
+      evaluation=EvalConfig(every_s=10.0))

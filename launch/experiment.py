@@ -22,9 +22,12 @@ class EvalConfig:
   Attributes:
     temperature: sampling temperature (1.0 evaluates the policy as it acts).
     greedy_temperature: a second evaluation near argmax decoding.
+    every_s: an evaluator node also evaluates the served policy this often during RL,
+      giving a held-out learning curve (0: no evaluator node).
   """
   temperature: float = 1.0
   greedy_temperature: float = 0.01
+  every_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

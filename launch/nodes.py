@@ -16,6 +16,7 @@ import numpy as np
 from chorus import core
 from chorus import models
 from chorus.actors.actor import Actor
+from chorus.actors.evaluation import evaluate
 from chorus.datasets import EpisodeLogger
 from chorus.inference_server import server as server_lib
 from chorus.inference_server.client import InferenceClient
@@ -153,6 +154,24 @@ def actor(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, actor_
     raise RuntimeError(f'{len(errors)} actor loop(s) failed; first: {errors[0]!r}')
 
 
+def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
+              inference_address: str):
+  """Evaluates the served policy on held-out prompts every `evaluation.every_s` seconds."""
+  metrics = MetricsWriter(metrics_path(run_dir), 'evaluator')
+  task = config.make_task()
+  with InferenceClient(inference_address) as client:
+    client.wait_until_ready()
+    next_time = time.monotonic()
+    while not should_stop():
+      if time.monotonic() < next_time:
+        time.sleep(0.2)
+        continue
+      result = evaluate(client.generate, task, temperature=config.evaluation.temperature,
+                        batch_size=config.inference.max_batch_size)
+      metrics.write(kind='eval', param_version=max(result.pop('param_versions')), **result)
+      next_time = time.monotonic() + config.evaluation.every_s
+
+
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
             inference_addresses: list[str], replay_address: str):
   reference_params = _warm_start_params(config, run_dir)
@@ -187,5 +206,6 @@ ENTRY_POINTS = {
     'replay': replay,
     'inference_server': inference_server,
     'actor': actor,
+    'evaluator': evaluator,
     'learner': learner,
 }

@@ -68,7 +68,7 @@ def inference_server_name(index: int) -> str:
 
 
 def make_program(config: ExperimentConfig) -> list[Node]:
-  """The SEED topology: warm start, replay, inference servers, actors, one learner.
+  """The SEED topology: warm start, replay, inference servers, actors, evaluator, learner.
 
   Actor processes each run `config.actors_per_process` actor loops and are spread
   round-robin over the inference servers; the learner publishes to every server.
@@ -88,6 +88,9 @@ def make_program(config: ExperimentConfig) -> list[Node]:
                       kwargs=dict(actor_ids=actor_ids,
                                   inference_address=Address(servers[process_index % len(servers)]),
                                   replay_address=Address('replay'))))
+  if config.evaluation.every_s > 0:
+    nodes.append(Node('evaluator', 'evaluator', WORKER, restart=True,
+                      kwargs=dict(inference_address=Address(servers[0]))))
   nodes.append(Node('learner', 'learner', MAIN, restart=True, accelerator=True,
                     kwargs=dict(inference_addresses=[Address(name) for name in servers],
                                 replay_address=Address('replay'))))

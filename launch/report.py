@@ -91,6 +91,10 @@ def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_ev
   steps = [r['step'] for r in learner]
   fig, (ax_reward, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
   ax_reward.plot(steps, [r['task_reward'] for r in learner], label='training batch reward')
+  evals = [r for r in records if r.get('kind') == 'eval']
+  if evals:
+    ax_reward.plot([r['param_version'] for r in evals], [r['reward'] for r in evals], 's-',
+                   markersize=4, label='held-out eval reward (evaluator node)')
   if learner:
     ax_reward.plot([0, steps[-1]], [initial_eval['reward'], final_eval['reward']], 'o',
                    markersize=8, label='held-out eval reward (before / after RL)')

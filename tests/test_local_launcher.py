@@ -52,7 +52,8 @@ def _wait_for(condition, timeout_s: float, what: str):
 def test_sigkilled_actor_is_restarted_and_two_servers_share_eight_actors(tmp_path):
   run_dir = str(tmp_path / 'run')
   launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '60',
-                    '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2')
+                    '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2',
+                    '--set', 'evaluation.every_s=1')
   try:
     def actor_has_episodes():
       return any(r.get('kind') == 'actor' and r['node'] == 'actor_0'
@@ -77,11 +78,14 @@ def test_sigkilled_actor_is_restarted_and_two_servers_share_eight_actors(tmp_pat
       requests[record['node']] = record['requests']
   assert sorted(requests) == ['inference_server_0', 'inference_server_1']
   assert all(count > 0 for count in requests.values()), requests
+  evaluations = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='evaluator')
+  assert evaluations and all(0 <= r['reward'] <= 1 for r in evaluations)
 
 
 def test_sigint_to_the_launcher_stops_every_node(tmp_path):
   run_dir = str(tmp_path / 'run')
-  launcher = _start(run_dir, '--num-actors', '2', '--max-learner-steps', '100000')
+  launcher = _start(run_dir, '--num-actors', '2', '--max-learner-steps', '100000',
+                    '--set', 'evaluation.every_s=0')
   try:
     _wait_for(lambda: any(p['node'] == 'learner' for p in _processes(run_dir)), 300,
               'the learner to start')
