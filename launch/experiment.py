@@ -40,6 +40,8 @@ class ExperimentConfig:
     num_actors: actor loops in all.
     actors_per_process: actor loops sharing one process (threads; they mostly wait on I/O).
     num_inference_servers: inference servers; actor processes are spread over them.
+    num_replay_servers: Reverb servers, each with the tables of `replay`; actor processes
+      are spread over them and the learner reads from all.
     task: built-in task name (actors/tasks.py).
     task_config: that task's options.
     model: the policy network.
@@ -57,6 +59,7 @@ class ExperimentConfig:
   num_actors: int = 4
   actors_per_process: int = 1
   num_inference_servers: int = 1
+  num_replay_servers: int = 1
   task: str = 'reverse_digits'
   task_config: tasks.ReverseDigitsConfig = tasks.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
@@ -70,7 +73,8 @@ class ExperimentConfig:
   rlds_episodes_per_file: int = 100
 
   def __post_init__(self):
-    for name in ('num_actors', 'actors_per_process', 'num_inference_servers'):
+    for name in ('num_actors', 'actors_per_process', 'num_inference_servers',
+                 'num_replay_servers'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
 

@@ -173,7 +173,7 @@ def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
 
 
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
-            inference_addresses: list[str], replay_address: str):
+            inference_addresses: list[str], replay_addresses: list[str]):
   reference_params = _warm_start_params(config, run_dir)
   learner_obj = vtrace_learner.VTraceLearner(
       config.model, config.vtrace, params=reference_params, reference_params=reference_params,
@@ -192,7 +192,7 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   def publish(params, version: int) -> float:
     return sum(publisher.publish(params, version) for publisher in publishers)
 
-  batches = dataset.batch_iterator(replay_address, config.replay.table, config.learner.batch_size,
+  batches = dataset.batch_iterator(replay_addresses, config.replay.table, config.learner.batch_size,
                                    config.inference.max_prompt_len, config.inference.max_new_tokens)
   loop.run_learner(learner_obj, batches, config.learner, publish=publish,
                    checkpoint=checkpointer.save,

@@ -67,31 +67,36 @@ def inference_server_name(index: int) -> str:
   return f'inference_server_{index}'
 
 
+def replay_server_name(index: int) -> str:
+  return f'replay_{index}'
+
+
 def make_program(config: ExperimentConfig) -> list[Node]:
   """The SEED topology: warm start, replay, inference servers, actors, evaluator, learner.
 
   Actor processes each run `config.actors_per_process` actor loops and are spread
-  round-robin over the inference servers; the learner publishes to every server.
+  round-robin over the inference servers and the replay servers; the learner publishes
+  to every inference server and samples from every replay server.
   The learner restarts from its latest checkpoint; a restarted inference server
   serves the warm-start parameters until the learner's next push.
   """
   servers = [inference_server_name(i) for i in range(config.num_inference_servers)]
-  nodes = [
-      Node('warm_start', 'warm_start', SETUP),
-      Node('replay', 'replay', SERVICE, serves=True),
-  ] + [Node(name, 'inference_server', SERVICE, kwargs=dict(server_index=index), serves=True,
-            restart=True, accelerator=True) for index, name in enumerate(servers)]
+  replays = [replay_server_name(i) for i in range(config.num_replay_servers)]
+  nodes = [Node('warm_start', 'warm_start', SETUP)]
+  nodes += [Node(name, 'replay', SERVICE, serves=True) for name in replays]
+  nodes += [Node(name, 'inference_server', SERVICE, kwargs=dict(server_index=index), serves=True,
+                 restart=True, accelerator=True) for index, name in enumerate(servers)]
   per_process = config.actors_per_process
   for process_index, first in enumerate(range(0, config.num_actors, per_process)):
     actor_ids = list(range(first, min(first + per_process, config.num_actors)))
     nodes.append(Node(f'actors_{process_index}', 'actor', WORKER, restart=True,
                       kwargs=dict(actor_ids=actor_ids,
                                   inference_address=Address(servers[process_index % len(servers)]),
-                                  replay_address=Address('replay'))))
+                                  replay_address=Address(replays[process_index % len(replays)]))))
   if config.evaluation.every_s > 0:
     nodes.append(Node('evaluator', 'evaluator', WORKER, restart=True,
                       kwargs=dict(inference_address=Address(servers[0]))))
   nodes.append(Node('learner', 'learner', MAIN, restart=True, accelerator=True,
                     kwargs=dict(inference_addresses=[Address(name) for name in servers],
-                                replay_address=Address('replay'))))
+                                replay_addresses=[Address(name) for name in replays])))
   return nodes

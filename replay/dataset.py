@@ -1,24 +1,36 @@
-"""Learner side of replay: fixed-shape batches from a Reverb table."""
-from collections.abc import Iterator
+"""Learner side of replay: fixed-shape batches from one or several Reverb servers."""
+from collections.abc import Iterator, Sequence
 
-import tensorflow as tf
 import reverb
+import tensorflow as tf
 
 from chorus import core
 from chorus.replay.tables import trajectory_signature
 
 
-def batch_iterator(address: str, table: str, batch_size: int, prompt_len: int,
+def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int, prompt_len: int,
                    completion_len: int, *, prefetch: int = 2) -> Iterator[core.TrajectoryBatch]:
   """Yields TrajectoryBatch of exactly `batch_size` rows ([B, P], [B, T]: one XLA shape).
 
-  Reads through reverb.TrajectoryDataset, which streams and prefetches samples.
+  Reads through reverb.TrajectoryDataset, which streams and prefetches samples. With several
+  servers, rows come from whichever server has data first, so a slow shard never stalls
+  the learner while others have data.
   """
+  addresses = [addresses] if isinstance(addresses, str) else list(addresses)
   signature = trajectory_signature(prompt_len, completion_len)
-  dataset = reverb.TrajectoryDataset(
-      server_address=address, table=table, max_in_flight_samples_per_worker=2 * batch_size,
-      dtypes=tf.nest.map_structure(lambda spec: spec.dtype, signature),
-      shapes=tf.nest.map_structure(lambda spec: spec.shape, signature))
+
+  def trajectories(address):
+    return reverb.TrajectoryDataset(
+        server_address=address, table=table, max_in_flight_samples_per_worker=2 * batch_size,
+        dtypes=tf.nest.map_structure(lambda spec: spec.dtype, signature),
+        shapes=tf.nest.map_structure(lambda spec: spec.shape, signature))
+
+  if len(addresses) == 1:
+    dataset = trajectories(addresses[0])
+  else:
+    dataset = tf.data.Dataset.from_tensor_slices(addresses).interleave(
+        trajectories, cycle_length=len(addresses), block_length=1,
+        num_parallel_calls=len(addresses), deterministic=False)
   dataset = dataset.map(lambda sample: sample.data).batch(batch_size, drop_remainder=True)
   for fields in dataset.prefetch(prefetch).as_numpy_iterator():
     yield core.TrajectoryBatch(**fields)

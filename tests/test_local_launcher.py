@@ -49,11 +49,11 @@ def _wait_for(condition, timeout_s: float, what: str):
     time.sleep(0.5)
 
 
-def test_sigkilled_actor_is_restarted_and_two_servers_share_eight_actors(tmp_path):
+def test_sigkilled_actor_is_restarted_and_two_inference_servers_share_eight_actors(tmp_path):
   run_dir = str(tmp_path / 'run')
   launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '60',
                     '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2',
-                    '--set', 'evaluation.every_s=1')
+                    '--set', 'num_replay_servers=2', '--set', 'evaluation.every_s=1')
   try:
     def actor_has_episodes():
       return any(r.get('kind') == 'actor' and r['node'] == 'actor_0'
@@ -96,5 +96,5 @@ def test_sigint_to_the_launcher_stops_every_node(tmp_path):
     launcher.kill()
   assert launcher.returncode == 130, output[-3000:]
   started = _processes(run_dir)
-  assert {p['node'] for p in started} >= {'replay', 'inference_server_0', 'actors_0', 'learner'}
+  assert {p['node'] for p in started} >= {'replay_0', 'inference_server_0', 'actors_0', 'learner'}
   assert not [p for p in started if _alive(p['pid'])]

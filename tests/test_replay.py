@@ -58,3 +58,20 @@ def test_writer_blocks_on_full_queue_and_gives_up_when_asked_to_stop(server):
   threading.Timer(0.5, stop.set).start()
   assert not trajectory_writer.write(_trajectory(rng, 99), should_stop=stop.is_set)
   assert trajectory_writer.blocked_seconds >= 0.4
+
+
+def test_batches_mix_trajectories_from_several_servers():
+  config = tables.ReplayConfig(max_size=8)
+  servers = [reverb.Server(tables.make_tables(config, 6, 5)) for _ in range(2)]
+  try:
+    addresses = [f'127.0.0.1:{server.port}' for server in servers]
+    rng = np.random.default_rng(2)
+    for shard, address in enumerate(addresses):
+      trajectory_writer = writer.TrajectoryWriter(address, config.table, 6, 5)
+      for i in range(4):
+        assert trajectory_writer.write(_trajectory(rng, 100 * shard + i))
+    batch = next(dataset.batch_iterator(addresses, config.table, 8, 6, 5))
+    assert sorted(batch.param_version.tolist()) == [0, 1, 2, 3, 100, 101, 102, 103]
+  finally:
+    for server in servers:
+      server.stop()

@@ -1,0 +1,86 @@
+"""Programs are plain data; configs are typed and overridable from the command line."""
+import dataclasses
+
+import pytest
+
+from chorus import configs
+from chorus.launch import cli
+from chorus.launch import experiment
+from chorus.launch import program
+
+
+def _config(**changes):
+  return dataclasses.replace(configs.get_config('text_vtrace'), **changes)
+
+
+def test_program_spreads_actor_processes_over_inference_and_replay_servers():
+  nodes = program.make_program(_config(num_actors=8, actors_per_process=2,
+                                       num_inference_servers=2, num_replay_servers=2))
+  by_name = {node.name: node for node in nodes}
+  actors = [by_name[f'actors_{i}'] for i in range(4)]
+  assert [a.kwargs['actor_ids'] for a in actors] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  assert [a.kwargs['inference_address'].node for a in actors] == [
+      'inference_server_0', 'inference_server_1'] * 2
+  assert [a.kwargs['replay_address'].node for a in actors] == ['replay_0', 'replay_1'] * 2
+  learner = by_name['learner']
+  assert learner.kind == program.MAIN and learner.restart and learner.accelerator
+  assert [a.node for a in learner.kwargs['inference_addresses']] == [
+      'inference_server_0', 'inference_server_1']
+  assert not by_name['replay_0'].restart
+  assert all(by_name[f'inference_server_{i}'].accelerator for i in range(2))
+  assert not any(a.accelerator for a in actors)
+
+
+def test_uneven_actor_count_puts_the_rest_in_the_last_process():
+  nodes = program.make_program(_config(num_actors=5, actors_per_process=2))
+  assert [n.kwargs['actor_ids'] for n in nodes if n.role == 'actor'] == [[0, 1], [2, 3], [4]]
+
+
+def test_evaluator_node_exists_only_when_enabled():
+  enabled = experiment.apply_overrides(_config(), ['evaluation.every_s=5'])
+  disabled = experiment.apply_overrides(_config(), ['evaluation.every_s=0'])
+  assert 'evaluator' in [n.name for n in program.make_program(enabled)]
+  assert 'evaluator' not in [n.name for n in program.make_program(disabled)]
+
+
+def test_resolve_replaces_address_handles_inside_lists_and_dicts():
+  kwargs = {'a': program.Address('x'), 'b': [program.Address('y'), 3], 'c': {'d': 'plain'}}
+  resolved = program.resolve(kwargs, {'x': '127.0.0.1:1', 'y': '127.0.0.1:2'})
+  assert resolved == {'a': '127.0.0.1:1', 'b': ['127.0.0.1:2', 3], 'c': {'d': 'plain'}}
+  with pytest.raises(KeyError, match='unknown'):
+    program.resolve(program.Address('unknown'), {})
+
+
+def test_overrides_parse_types_and_reject_unknown_fields_with_the_known_ones():
+  config = experiment.apply_overrides(_config(), [
+      'learner.batch_size=64', 'vtrace.kl_coef=0.1', 'model.logit_softcap=30',
+      'actor.model=policy', 'num_actors=2'])
+  assert (config.learner.batch_size, config.vtrace.kl_coef, config.model.logit_softcap,
+          config.num_actors) == (64, 0.1, 30.0, 2)
+  with pytest.raises(ValueError, match="no field 'batchsize'.*batch_size"):
+    experiment.apply_overrides(config, ['learner.batchsize=3'])
+  with pytest.raises(ValueError, match='expected a value of type int'):
+    experiment.apply_overrides(config, ['learner.batch_size=many'])
+  with pytest.raises(ValueError, match='is a group'):
+    experiment.apply_overrides(config, ['learner=3'])
+  with pytest.raises(ValueError, match='num_actors must be >= 1'):
+    experiment.apply_overrides(config, ['num_actors=0'])
+
+
+def test_config_round_trips_through_plain_dicts():
+  config = experiment.apply_overrides(_config(), ['learner.max_steps=7', 'seed=9'])
+  assert experiment.from_dict(experiment.ExperimentConfig, experiment.to_dict(config)) == config
+
+
+def test_cli_rejects_a_bad_override_before_starting_anything(tmp_path, capsys):
+  run_dir = tmp_path / 'never'
+  assert cli.main(['run', '--run-dir', str(run_dir), '--set', 'learner.nope=1']) == 2
+  assert "no field 'nope'" in capsys.readouterr().err
+  assert not run_dir.exists()
+
+
+def test_cli_lists_configs_and_shows_defaults(capsys):
+  assert cli.main(['configs']) == 0
+  assert 'text_vtrace' in capsys.readouterr().out.split()
+  assert cli.main(['configs', 'text_vtrace']) == 0
+  assert '"max_steps": 600' in capsys.readouterr().out
