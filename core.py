@@ -2,9 +2,11 @@
 
 Roles import this module and `models/`, never each other's internals.
 """
+from collections.abc import Mapping
 import dataclasses
 import functools
 import hashlib
+import json
 
 import jax
 import numpy as np
@@ -23,7 +25,8 @@ class Trajectory:
     prompt_tokens: [P] int32, the prompt as fed to the model (BOS first).
     completion_tokens: [T] int32, T >= 1; ends with EOS when `terminated`.
     behaviour_logprobs: [T] float32.
-    reward: task reward R(x, y) of the whole completion, credited on its last token.
+    reward: task reward R(x, y) of the whole completion, credited on its last token; the
+      total of `reward_components` when the task has several terms.
     terminated: True if EOS was sampled, False if the length cap truncated it.
     param_version: version of the policy parameters that sampled it.
     temperature: sampling temperature used.
@@ -31,6 +34,11 @@ class Trajectory:
     prompt_id: the task's id of the prompt (stable across runs).
     actor_id: which actor produced it.
     episode_id: per-actor episode counter.
+    task: name of the task that made the prompt and scored the completion.
+    seed: the run's seed given to the actor; with `actor_id` it fixes the actor's prompt
+      stream, so an episode's prompt can be regenerated.
+    reward_components: every term of the reward by name, e.g. {'positional_accuracy': 0.75};
+      for the built-in tasks `reward` is their sum.
   """
   prompt_tokens: np.ndarray
   completion_tokens: np.ndarray
@@ -43,6 +51,9 @@ class Trajectory:
   prompt_id: str = ''
   actor_id: int = 0
   episode_id: int = 0
+  task: str = ''
+  seed: int = 0
+  reward_components: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     num_tokens = len(self.completion_tokens)
@@ -132,7 +143,11 @@ class TrajectoryDigest:
       self._hash.update(b'|')
     self._hash.update(np.float32(t.reward).tobytes())
     self._hash.update(f'|{bool(t.terminated)}|{int(t.param_version)}|'
-                      f'{t.actor_id}|{t.episode_id}|{t.prompt_id}\n'.encode())
+                      f'{t.actor_id}|{t.episode_id}|{t.prompt_id}|'.encode())
+    # JSON quotes the strings, so no task or component name can imitate a separator.
+    self._hash.update(json.dumps([t.task, int(t.seed), list(t.reward_components)]).encode())
+    self._hash.update(np.asarray(list(t.reward_components.values()), np.float64).tobytes())
+    self._hash.update(b'\n')
     self.count += 1
 
   def hexdigest(self) -> str:

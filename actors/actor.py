@@ -46,6 +46,7 @@ class Actor:
     self._write_replay = write_replay
     self._log_episode = log_episode
     self._metrics = metrics
+    self._seed = seed
     self._rng = np.random.default_rng([seed, actor_id])
     self.episodes = 0
     self.generated_tokens = 0
@@ -59,13 +60,16 @@ class Actor:
                             temperature=self.config.temperature)
     trajectories = []
     for prompt, completion in zip(prompts, result.completions):
+      reward_components = self.task.reward_components(prompt, completion.tokens)
       trajectory = core.Trajectory(
           prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
           completion_tokens=completion.tokens, behaviour_logprobs=completion.logprobs,
-          reward=self.task.reward(prompt, completion.tokens), terminated=completion.terminated,
+          # What task.reward returns, without scoring the completion a second time.
+          reward=sum(reward_components.values()), terminated=completion.terminated,
           param_version=result.param_version, temperature=self.config.temperature,
           model_name=self.config.model, prompt_id=prompt.prompt_id, actor_id=self.actor_id,
-          episode_id=self.episodes)
+          episode_id=self.episodes, task=self.task.name, seed=self._seed,
+          reward_components=reward_components)
       # The episode log comes first: an episode generated is an episode recorded, even
       # when the actor is stopped while replay makes it wait.
       self._log_episode(trajectory)

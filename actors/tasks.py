@@ -106,11 +106,16 @@ class ReverseDigitsTask:
   def encode_completion(self, text: str) -> list[int]:
     return self.tokenizer.encode(text) + [models.EOS_ID]
 
-  def reward(self, prompt: Prompt, completion_tokens) -> float:
+  def reward_components(self, prompt: Prompt, completion_tokens) -> dict[str, float]:
+    """Every term of the reward by name; episode logs record them all."""
     completion = self.tokenizer.decode(completion_tokens)
     answer = prompt.answer
     matches = sum(a == b for a, b in zip(completion, answer))
-    return matches / max(len(completion), len(answer))
+    return {'positional_accuracy': matches / max(len(completion), len(answer))}
+
+  def reward(self, prompt: Prompt, completion_tokens) -> float:
+    """The total reward: the sum of `reward_components`."""
+    return sum(self.reward_components(prompt, completion_tokens).values())
 
 
 TASKS = {ReverseDigitsTask.name: (ReverseDigitsTask, ReverseDigitsConfig)}

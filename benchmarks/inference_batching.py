@@ -17,13 +17,15 @@ closes is credited for the part of it that fell inside the window.
 Usage (from the repository root):
 
   .venv/bin/python benchmarks/inference_batching.py [--num-actors 1 4 16 32]
-      [--model small] [--seconds 20] [--output benchmarks/RESULTS.md]
+      [--model small] [--seconds 20] [--max-wait-ms 5 20] [--output benchmarks/RESULTS.md]
+
+One SEED server runs per --max-wait-ms value, so the cost of the batching deadline
+shows next to its benefit.
 
 Results go into the "Inference batching" section of the output markdown file (other
 sections of that file are kept). Nothing here asserts a target: it measures.
 """
 import argparse
-import collections
 import ctypes
 import dataclasses
 import datetime
@@ -67,7 +69,6 @@ class Settings:
   max_prompt_tokens: int
   temperature: float
   max_batch_size: int
-  max_wait_ms: float
   server_multi_thread: bool
   seed: int
   workdir: str  # Holds the shared parameters and the XLA compilation cache.
@@ -141,6 +142,15 @@ def _rss_bytes(pid: int | str = 'self') -> int:
     return 0
 
 
+def _machine_cpu_seconds() -> tuple[float, float]:
+  """(busy, total) CPU seconds of the whole machine since boot, all cores together."""
+  with open('/proc/stat') as f:
+    ticks = [int(value) for value in f.readline().split()[1:9]]
+  idle = ticks[3] + ticks[4]  # idle + iowait
+  clock_ticks = os.sysconf('SC_CLK_TCK')
+  return (sum(ticks) - idle) / clock_ticks, sum(ticks) / clock_ticks
+
+
 def _cpu_seconds(pid: int) -> float:
   """User + system CPU seconds a process has used so far (0 once it is gone)."""
   try:
@@ -182,12 +192,12 @@ def _prepare(name, events, settings: Settings):
                                  config=dataclasses.asdict(config))))
 
 
-def _serve(name, events, settings: Settings, stop_event):
+def _serve(name, events, settings: Settings, max_wait_ms: float, stop_event):
   """The inference server: one ServedModel behind real gRPC on loopback."""
   _import_jax(settings)
   from chorus.inference_server import server as server_lib  # pylint: disable=g-import-not-at-top
   server_config = server_lib.InferenceServerConfig(
-      max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+      max_batch_size=settings.max_batch_size, max_wait_ms=max_wait_ms,
       max_prompt_len=settings.max_prompt_len, max_new_tokens=settings.max_new_tokens,
       seed=settings.seed)
   model = server_lib.ServedModel(MODEL_NAME, _decoder_config(settings), _load_params(settings),
@@ -356,52 +366,65 @@ class _Children:
 @dataclasses.dataclass
 class Measurement:
   """One set-up at one N."""
+  setup: str
   num_actors: int
   tokens_per_second: float
   requests: int
   mean_latency_ms: float
   p95_latency_ms: float
+  cpu_share: float  # CPU time of the set-up's processes / (window x cores).
+  machine_busy: float  # Busy CPU time of the whole machine / (window x cores).
   rss_bytes: int  # All of the set-up's processes, sampled mid-window.
-  cpu_share: float  # CPU time of its processes / (window x cores).
-  load_average: float
-  server_requests: int = 0
-  server_batches: int = 0
-  server_sequences: int = 0
+  server_requests: int | None = None
+  server_batches: int | None = None
+  server_sequences: int | None = None
+
+  @property
+  def tokens_per_cpu_second(self) -> float:
+    """Tokens per CPU-second the set-up used: robust to what else runs on the machine."""
+    return self.tokens_per_second / (self.cpu_share * os.cpu_count())
+
+  @property
+  def mean_batch_size(self) -> float | None:
+    if not self.server_batches:
+      return None
+    return self.server_sequences / self.server_batches
 
 
-def _open_window(start_event, start_time, pids, settings, status=None):
-  """Starts the common window; returns (start, rss mid-window, cpu before, status before)."""
-  cpu_before = sum(_cpu_seconds(pid) for pid in pids)
-  status_before = status() if status else None
-  start_time.value = time.monotonic()
-  start_event.set()
-  time.sleep(settings.seconds / 2)
-  rss = sum(_rss_bytes(pid) for pid in pids)
-  return start_time.value, rss, cpu_before, status_before
+@dataclasses.dataclass(frozen=True)
+class _Server:
+  label: str
+  address: str
+  pid: int
+  status: Any  # () -> this model's GetStatus counters.
 
 
-def _measure(children: _Children, settings: Settings, num_actors: int, setup: str,
-             address: str | None, server_pid: int | None, status, ready_timeout_s: float
-             ) -> Measurement:
+def _measure(children: _Children, settings: Settings, num_actors: int,
+             server: _Server | None, ready_timeout_s: float) -> Measurement:
+  """Runs N actors of one set-up (SEED through `server`, or unbatched without one)."""
+  setup = server.label if server else 'unbatched'
   start_event, start_time = children.Event(), children.Value('d', 0.0)
   names = [f'{setup}-actor-{index}' for index in range(num_actors)]
   for index, name in enumerate(names):
-    if setup == 'seed':
-      children.start(name, _served_actor, True, start_event, start_time, settings, address,
-                     index)
+    if server:
+      children.start(name, _served_actor, True, start_event, start_time, settings,
+                     server.address, index)
     else:
       children.start(name, _unbatched_actor, True, start_event, start_time, settings, index)
   try:
     children.wait_for('ready', names, ready_timeout_s)
-    pids = [children.processes[name].pid for name in names]
-    if server_pid is not None:
-      pids.append(server_pid)
-    start, rss, cpu_before, status_before = _open_window(
-        start_event, start_time, pids, settings, status if setup == 'seed' else None)
+    pids = [children.processes[name].pid for name in names] + ([server.pid] if server else [])
+    cpu_before = sum(_cpu_seconds(pid) for pid in pids)
+    machine_busy_before, machine_total_before = _machine_cpu_seconds()
+    status_before = server.status() if server else None
+    start_time.value = start = time.monotonic()
+    start_event.set()
+    time.sleep(settings.seconds / 2)
+    rss = sum(_rss_bytes(pid) for pid in pids)
     time.sleep(max(0.0, start + settings.seconds - time.monotonic()))
     cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
-    status_after = status() if setup == 'seed' else None
-    load_average = os.getloadavg()[0]
+    machine_busy, machine_total = _machine_cpu_seconds()
+    status_after = server.status() if server else None
     results = children.wait_for('result', names, settings.seconds + 600)
   except BaseException:
     children.terminate(names)  # No grace on failure or Ctrl-C.
@@ -409,15 +432,16 @@ def _measure(children: _Children, settings: Settings, num_actors: int, setup: st
   children.stop(names)
   latencies = [latency for result in results.values() for latency in result['latencies']]
   measurement = Measurement(
-      num_actors=num_actors,
+      setup=setup, num_actors=num_actors,
       tokens_per_second=sum(result['tokens'] for result in results.values()) / settings.seconds,
       requests=sum(result['requests'] for result in results.values()),
       mean_latency_ms=1000 * statistics.fmean(latencies) if latencies else float('nan'),
       p95_latency_ms=(1000 * statistics.quantiles(latencies, n=20)[-1]
                       if len(latencies) >= 2 else float('nan')),
-      rss_bytes=rss, cpu_share=cpu / (settings.seconds * os.cpu_count()),
-      load_average=load_average)
-  if status_before is not None:
+      cpu_share=cpu / (settings.seconds * os.cpu_count()),
+      machine_busy=(machine_busy - machine_busy_before) / (machine_total - machine_total_before),
+      rss_bytes=rss)
+  if server:
     measurement.server_requests = status_after['requests'] - status_before['requests']
     measurement.server_batches = status_after['batches'] - status_before['batches']
     measurement.server_sequences = status_after['sequences'] - status_before['sequences']
@@ -428,8 +452,15 @@ def _machine() -> str:
   model = platform.processor() or 'unknown CPU'
   try:
     with open('/proc/cpuinfo') as f:
-      match = re.search(r'^model name\s*:\s*(.+)$', f.read(), re.MULTILINE)
-    model = match.group(1).strip() if match else model
+      cpuinfo = f.read()
+    fields = {key: re.search(rf'^{key}\s*:\s*(.+)$', cpuinfo, re.MULTILINE)
+              for key in ('model name', 'cpu family', 'model')}
+    if fields['model name']:
+      model = fields['model name'].group(1).strip()
+    if fields['cpu family'] and fields['model']:
+      # Virtual machines often show only the brand ("AMD EPYC"); family/model date it.
+      model += (f' (family {fields["cpu family"].group(1).strip()}, '
+                f'model {fields["model"].group(1).strip()})')
   except OSError:
     pass
   memory = ''
@@ -442,76 +473,93 @@ def _machine() -> str:
   return f'{model}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}'
 
 
+def _seed_label(max_wait_ms: float) -> str:
+  return f'SEED, max_wait_ms {max_wait_ms:g}'
+
+
 def _format_section(command: str, info: dict[str, Any], settings: Settings,
-                    seed: dict[int, Measurement], unbatched: dict[int, Measurement]) -> str:
-  gib = 2**30
+                    max_wait_ms: list[float], measurements: list[Measurement]) -> str:
   config = info['config']
   lines = [
       f'## {SECTION_TITLE}',
       '',
-      'Generated tokens per second of N actor processes, (a) "SEED": one inference server '
-      'process (gRPC on 127.0.0.1, dynamic batching) answering one-prompt requests from N '
-      'actor processes; (b) "unbatched": N processes that each hold the model and call the '
-      'jitted sampler with batch size 1. Same cores, same parameters, same prompts '
-      'distribution; tokens counted as returned (EOS included) in both.',
+      'Generated tokens per second of N actor processes in two set-ups on the same cores. '
+      '"SEED": one inference server process (real gRPC on 127.0.0.1, `ServedModel` with '
+      'dynamic batching) answers N actor processes that each loop over '
+      '`InferenceClient.generate` with one prompt per request. "Unbatched": N processes '
+      'that each hold the model and call the jitted sampler (`make_sampler`) with batch '
+      'size 1. Same parameters, same prompt distribution; tokens counted as returned '
+      '(EOS included) in both.',
       '',
       f'- Command: `{command}`',
       f'- Date: {info["date"]}',
-      f'- Machine: {info["machine"]}; 1-minute load average before the run: '
-      f'{info["load_before"]:.2f}',
-      f'- Software: Python {platform.python_version()}, jax {info["jax_version"]} (CPU)',
-      f'- Model: `DecoderConfig.{settings.model}` ({info["num_params"] / 1e6:.1f}M parameters, '
-      f'{config["num_layers"]} layers, width {config["embed_dim"]}, vocab {config["vocab_size"]}), '
-      f'random parameters (seed {settings.seed}), {config["dtype"]}',
-      f'- Generation: prompts of {settings.min_prompt_tokens}-{settings.max_prompt_tokens} '
-      f'random tokens (BOS first) left-padded to {settings.max_prompt_len}; max_new_tokens '
-      f'{settings.max_new_tokens}; temperature {settings.temperature}',
-      f'- Server: max_batch_size {settings.max_batch_size}, max_wait_ms {settings.max_wait_ms:g}, '
-      'batch buckets compiled in warm-up; XLA '
-      + ('multi-threaded (its default Eigen pool, one thread per core)'
-         if settings.server_multi_thread else f'single-threaded (`{SINGLE_THREAD_XLA_FLAGS}`)'),
+      f'- Machine: {info["machine"]}; 1-minute load average before the run '
+      f'{info["load_before"]:.2f} (the machine is shared, see "machine busy")',
+      f'- Software: Python {platform.python_version()}, jax {info["jax_version"]} (CPU backend)',
+      f'- Model: `DecoderConfig.{settings.model}`, {info["num_params"]:,} parameters '
+      f'({config["num_layers"]} layers, width {config["embed_dim"]}, {config["num_heads"]} '
+      f'query / {config["num_kv_heads"]} KV heads, vocab {config["vocab_size"]}), random '
+      f'parameters (seed {settings.seed}), {config["dtype"]}',
+      f'- Generation: prompts of BOS + {settings.min_prompt_tokens - 1}-'
+      f'{settings.max_prompt_tokens - 1} random tokens, left-padded to '
+      f'{settings.max_prompt_len}; max_new_tokens {settings.max_new_tokens}; temperature '
+      f'{settings.temperature}; one prompt per request / call',
+      f'- Server: max_batch_size {settings.max_batch_size}, max_wait_ms '
+      f'{" and ".join(f"{w:g}" for w in max_wait_ms)} (one server each), every batch bucket '
+      'compiled in warm-up; XLA '
+      + ('multi-threaded (its default: one Eigen thread per core), as the one compute '
+         'process on the machine' if settings.server_multi_thread
+         else f'single-threaded (`{SINGLE_THREAD_XLA_FLAGS}`)'),
       f'- Actors (both set-ups): `XLA_FLAGS={SINGLE_THREAD_XLA_FLAGS}`, '
       + ', '.join(f'{k}={v}' for k, v in SINGLE_THREAD_ENV.items() if 'THREADS' in k)
       + '; processes started with multiprocessing "spawn"',
       f'- Window: {settings.seconds:g} s per measurement, opened once every process had '
       'loaded the model, compiled and made one warm-up call (start-up excluded); the request '
-      'running when the window closes is credited pro rata; the two set-ups alternate at each N '
-      '(the server stays up, idle, during the unbatched runs)',
+      'running when the window closes is credited pro rata. The set-ups alternate at each N; '
+      'servers not under test stay up, idle.',
       '',
-      '| Actors | SEED tokens/s | Unbatched tokens/s | SEED / unbatched | SEED mean latency (ms) '
-      '| SEED p95 latency (ms) | Unbatched mean call (ms) | Server requests | Server batches '
-      '| Mean batch size | CPU used SEED / unbatched | RSS SEED / unbatched (GiB) |',
-      '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '| Actors | Set-up | Tokens/s | vs unbatched | Tokens per CPU-s | vs unbatched '
+      '| Mean latency (ms) | p95 latency (ms) | Server requests / batches | Mean batch size '
+      '| CPU used / machine busy | RSS (GiB) |',
+      '|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
-  for num_actors in sorted(set(seed) | set(unbatched)):
-    a, b = seed.get(num_actors), unbatched.get(num_actors)
-    cell = lambda m, fmt, field: format(getattr(m, field), fmt) if m else '-'
-    ratio = f'{a.tokens_per_second / b.tokens_per_second:.2f}x' if a and b else '-'
-    batch_size = (f'{a.server_sequences / a.server_batches:.1f}'
-                  if a and a.server_batches else '-')
+  unbatched = {m.num_actors: m for m in measurements if m.setup == 'unbatched'}
+  for m in sorted(measurements, key=lambda m: (m.num_actors, m.setup != 'unbatched')):
+    base = unbatched.get(m.num_actors)
+    versus = lambda value, base_value: (f'{value / base_value:.2f}x'
+                                        if base and m is not base else '')
+    server = (f'{m.server_requests} / {m.server_batches}'
+              if m.server_batches is not None else '')
+    batch_size = f'{m.mean_batch_size:.1f}' if m.mean_batch_size is not None else ''
     lines.append(
-        f'| {num_actors} | {cell(a, ".0f", "tokens_per_second")} '
-        f'| {cell(b, ".0f", "tokens_per_second")} | {ratio} '
-        f'| {cell(a, ".0f", "mean_latency_ms")} | {cell(a, ".0f", "p95_latency_ms")} '
-        f'| {cell(b, ".0f", "mean_latency_ms")} | {cell(a, "d", "server_requests")} '
-        f'| {cell(a, "d", "server_batches")} | {batch_size} '
-        f'| {cell(a, ".0%", "cpu_share")} / {cell(b, ".0%", "cpu_share")} '
-        f'| {(a.rss_bytes / gib) if a else float("nan"):.1f} / '
-        f'{(b.rss_bytes / gib) if b else float("nan"):.1f} |')
+        f'| {m.num_actors} | {m.setup} | {m.tokens_per_second:.0f} '
+        f'| {versus(m.tokens_per_second, base and base.tokens_per_second)} '
+        f'| {m.tokens_per_cpu_second:.0f} '
+        f'| {versus(m.tokens_per_cpu_second, base and base.tokens_per_cpu_second)} '
+        f'| {m.mean_latency_ms:.0f} | {m.p95_latency_ms:.0f} | {server} | {batch_size} '
+        f'| {m.cpu_share:.0%} / {m.machine_busy:.0%} | {m.rss_bytes / 2**30:.1f} |')
   lines += [
       '',
-      '"Server requests" and "Server batches" are the GetStatus counters\' increase during '
-      'the window; mean batch size is prompts per batch. "CPU used" is the user+system CPU '
-      'time of the set-up\'s processes over window x cores (below 100% when the actors wait '
-      'or other programs share the machine). RSS is the sum over the set-up\'s processes '
-      '(server included for SEED), sampled mid-window.',
+      'Latency is per request (SEED: `generate` round trip; unbatched: one sampler call). '
+      '"Server requests / batches" are the GetStatus counters\' increase during the window '
+      '(requests counted on arrival, batches on completion); mean batch size is prompts per '
+      'completed batch. "CPU used" is the user+system CPU time of the set-up\'s processes '
+      '(server included) over window x cores; "machine busy" is the same for every process '
+      'on the machine. Tokens per CPU-s = tokens/s / CPU-seconds used per second: the '
+      'figure least moved by other programs sharing the machine. RSS is summed over the '
+      'set-up\'s processes, sampled mid-window.',
       '',
   ]
   return '\n'.join(lines)
 
 
 def _write_section(path: str, section: str):
-  """Replaces this benchmark's section of `path`, keeping any other sections."""
+  """Replaces this benchmark's section of `path`, keeping any other sections.
+
+  A "### Reading" subsection (prose written by a person about a run) is kept at the end
+  of the new section; its title names the run it was written for, so a rerun shows
+  when the prose is older than the numbers.
+  """
   text = ''
   if os.path.exists(path):
     with open(path) as f:
@@ -520,8 +568,12 @@ def _write_section(path: str, section: str):
     text = '# Benchmark results\n\n'
   pattern = re.compile(rf'^## {re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)',
                        re.MULTILINE | re.DOTALL)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + '\n', text, count=1)
+  match = pattern.search(text)
+  if match:
+    reading = re.search(r'^### Reading.*', match.group(0), re.MULTILINE | re.DOTALL)
+    if reading:
+      section = section.rstrip('\n') + '\n\n' + reading.group(0).rstrip('\n') + '\n'
+    text = text[:match.start()] + section + '\n' + text[match.end():]
   else:
     text = text.rstrip('\n') + '\n\n' + section + '\n'
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -529,12 +581,13 @@ def _write_section(path: str, section: str):
     f.write(text.rstrip('\n') + '\n')
 
 
-def _print_row(setup: str, m: Measurement):
-  extra = (f', server {m.server_requests} requests in {m.server_batches} batches'
-           if m.server_batches else '')
-  print(f'  {setup:9s} N={m.num_actors:3d}: {m.tokens_per_second:8.1f} tokens/s, '
-        f'{m.requests} requests, mean latency {m.mean_latency_ms:.0f} ms, '
-        f'CPU {m.cpu_share:.0%}, RSS {m.rss_bytes / 2**30:.1f} GiB{extra}', flush=True)
+def _print_measurement(m: Measurement):
+  server = (f', server {m.server_requests} requests / {m.server_batches} batches'
+            if m.server_batches is not None else '')
+  print(f'  N={m.num_actors:<3d} {m.setup:22s} {m.tokens_per_second:7.0f} tokens/s, '
+        f'{m.tokens_per_cpu_second:5.0f} per CPU-s, {m.requests} requests, mean latency '
+        f'{m.mean_latency_ms:.0f} ms, CPU {m.cpu_share:.0%} (machine {m.machine_busy:.0%}), '
+        f'RSS {m.rss_bytes / 2**30:.1f} GiB{server}', flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -547,7 +600,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       default=['seed', 'unbatched'])
   parser.add_argument('--max-new-tokens', type=int, default=32)
   parser.add_argument('--max-batch-size', type=int, default=32)
-  parser.add_argument('--max-wait-ms', type=float, default=5.0)
+  parser.add_argument('--max-wait-ms', type=float, nargs='+', default=[5.0, 20.0],
+                      help='one SEED server (and measurement) per value')
   parser.add_argument('--single-thread-server', action='store_true',
                       help='give the server the actors\' one-thread XLA flag too')
   parser.add_argument('--seed', type=int, default=0)
@@ -571,14 +625,16 @@ def main(argv=None):
   settings = Settings(model=args.model, seconds=args.seconds,
                       max_new_tokens=args.max_new_tokens, max_prompt_len=16,
                       min_prompt_tokens=2, max_prompt_tokens=8, temperature=1.0,
-                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                      max_batch_size=args.max_batch_size,
                       server_multi_thread=not args.single_thread_server, seed=args.seed,
                       workdir=workdir)
+  max_wait_ms = args.max_wait_ms if 'seed' in args.setups else []
   command = ' '.join([os.path.relpath(sys.executable)] + [shlex.quote(a) for a in sys.argv])
   info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
               machine=_machine(), load_before=os.getloadavg()[0])
-  results = collections.defaultdict(dict)
+  measurements = []
   children = _Children()
+  status_clients = []
   try:
     children.start('prepare', _prepare, True, settings)
     info.update(children.wait_for('done', ['prepare'], args.ready_timeout_s)['prepare'])
@@ -587,34 +643,39 @@ def main(argv=None):
     info['jax_version'] = metadata.version('jax')
     print(f'{settings.model}: {info["num_params"]:,} parameters; {info["machine"]}', flush=True)
 
-    address, server_pid, status = None, None, None
-    if 'seed' in args.setups:
+    servers, stop_servers = [], children.Event()
+    if max_wait_ms:
       # Imported only now: it loads JAX, which the parent never initialises.
       from chorus.inference_server import client as client_lib  # pylint: disable=g-import-not-at-top
-      stop_server = children.Event()
-      children.start('server', _serve, not settings.server_multi_thread, settings, stop_server)
-      port = children.wait_for('ready', ['server'], args.ready_timeout_s)['server']['port']
-      address = f'127.0.0.1:{port}'
-      server_pid = children.processes['server'].pid
-      status_client = client_lib.InferenceClient(address)
-      status = lambda: status_client.status()[MODEL_NAME]
+    for index, wait_ms in enumerate(max_wait_ms):
+      name = f'server-{index}'
+      children.start(name, _serve, not settings.server_multi_thread, settings, wait_ms,
+                     stop_servers)
+      # One at a time: two servers compiling at once would each take twice as long.
+      port = children.wait_for('ready', [name], args.ready_timeout_s)[name]['port']
+      status_client = client_lib.InferenceClient(f'127.0.0.1:{port}')
+      status_clients.append(status_client)
+      servers.append(_Server(_seed_label(wait_ms), f'127.0.0.1:{port}',
+                             children.processes[name].pid,
+                             lambda c=status_client: c.status()[MODEL_NAME]))
     # The set-ups alternate at each N, so that a change in the load other programs put
-    # on the machine hits both alike. The server idles (no CPU) during unbatched runs.
+    # on the machine hits all of them alike.
     for num_actors in args.num_actors:
-      for setup in args.setups:
-        results[setup][num_actors] = _measure(
-            children, settings, num_actors, setup, address,
-            server_pid if setup == 'seed' else None, status, args.ready_timeout_s)
-        _print_row(setup, results[setup][num_actors])
-    if 'seed' in args.setups:
-      status_client.close()
-      stop_server.set()
-      children.stop(['server'])
+      for server in servers + (['unbatched'] if 'unbatched' in args.setups else []):
+        measurement = _measure(children, settings, num_actors,
+                               None if server == 'unbatched' else server,
+                               args.ready_timeout_s)
+        measurements.append(measurement)
+        _print_measurement(measurement)
+    stop_servers.set()
+    children.stop([f'server-{index}' for index in range(len(servers))])
   finally:
+    for status_client in status_clients:
+      status_client.close()
     children.terminate()
     shutil.rmtree(workdir, ignore_errors=True)
 
-  section = _format_section(command, info, settings, results['seed'], results['unbatched'])
+  section = _format_section(command, info, settings, max_wait_ms, measurements)
   print()
   print(section)
   if args.output != '-':

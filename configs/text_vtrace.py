@@ -7,6 +7,7 @@ from chorus.inference_server.server import InferenceServerConfig
 from chorus.launch.experiment import EvalConfig
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.loop import LearnerConfig
+from chorus.replay.tables import ReplayConfig
 
 
 def get_config() -> ExperimentConfig:
@@ -14,5 +15,8 @@ def get_config() -> ExperimentConfig:
       name='text_vtrace',
       inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0, max_prompt_len=16,
                                       max_new_tokens=12),
-      learner=LearnerConfig(batch_size=32, learning_rate=5e-4, max_steps=600),
+      # A short queue bounds policy lag to a few updates; with a larger one or a larger
+      # learning rate, lag spikes (a slow checkpoint, say) destabilised 1 seed in 4.
+      replay=ReplayConfig(kind='queue', max_size=64),
+      learner=LearnerConfig(batch_size=32, learning_rate=2e-4, max_steps=600),
       evaluation=EvalConfig(every_s=10.0))

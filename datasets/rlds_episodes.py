@@ -26,8 +26,11 @@ step after the last action. Step t:
   behaviour_logprob  float32 step metadata, log mu(action | prefix).
 Episode metadata: prompt_tokens (int32 [P], P >= 1), reward and temperature (float64,
 stored as raw bytes because tf.train.Example rounds floats to float32), terminated,
-param_version (int64), model_name, prompt_id, actor_id, episode_id (int64). Every field of
-core.Trajectory round-trips exactly.
+param_version (int64), model_name, prompt_id, task (text), actor_id, episode_id, seed
+(int64), and the reward's terms as two parallel tensors, reward_component_names (string
+[N]) and reward_component_values (float64 [N], raw bytes): plain tensors, which any
+tf.data/TFDS tool reads and filters without parsing, where a JSON string would need a
+parser. Every field of core.Trajectory round-trips exactly.
 
 When episodes become readable, and what a crash loses (measured on this machine,
 tensorflow-datasets 4.9.4, a child process writing 20-50-token episodes, then SIGKILL):
@@ -48,11 +51,21 @@ open file, or a file closed in the instant before the metadata listed it). The d
 100, makes files of about 0.2 MB (64-token completions) to 1 MB (512). Writing one
 episode takes about 3.5 ms at 64 tokens and 20 ms at 512 (tfds encodes each step in
 Python); reading one back about 3 ms.
+
+Damaged files (a disk filled up, a copy cut short, bytes appended): `read_episodes` and
+`read_trajectories` check every listed file before decoding, since TF's own error names
+no file. A file cut short, with a broken record or with bytes after its last record, or
+a directory whose metadata does not parse, raises CorruptEpisodeFileError naming the
+file; with skip_corrupt=True the episodes before the damage are read, the rest of that
+file (or that whole directory, for metadata) is left out and listed. The check reads each
+file once more, about 40 ms per 100-episode file on this machine.
 """
 from collections.abc import Sequence
+import dataclasses
 import json
 import logging
 import os
+import re
 import time
 
 from etils import epath
@@ -74,6 +87,8 @@ _FILE_FORMAT = 'tfrecord'
 # The file naming of tfds' SequentialWriter, so repaired metadata points at its files.
 _FILE_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}'
 _METADATA_FILES = ('dataset_info.json', 'features.json')
+# A TFRecord record is its length (8 bytes), their CRC (4), the data and its CRC (4).
+_TFRECORD_FRAMING_BYTES = 16
 # What tfds raises on a dataset_info.json / features.json caught empty or half written.
 _METADATA_ERRORS = (json.JSONDecodeError, json_format.ParseError)
 # A live writer rewrites its metadata in about a millisecond; a second of retries tells
@@ -106,8 +121,13 @@ def _dataset_config(dataset_name: str) -> episode_writer.DatasetConfig:
           'temperature': exact_float64,
           'model_name': tfds.features.Text(),
           'prompt_id': tfds.features.Text(),
+          'task': tfds.features.Text(),
           'actor_id': np.int64,
           'episode_id': np.int64,
+          'seed': np.int64,
+          'reward_component_names': tfds.features.Tensor(shape=(None,), dtype=np.str_),
+          'reward_component_values': tfds.features.Tensor(
+              shape=(None,), dtype=np.float64, encoding=tfds.features.Encoding.BYTES),
       })
 
 
@@ -142,8 +162,13 @@ def _episode(trajectory: core.Trajectory) -> rlds_types.Episode:
       'temperature': np.float64(trajectory.temperature),
       'model_name': trajectory.model_name,
       'prompt_id': trajectory.prompt_id,
+      'task': trajectory.task,
       'actor_id': np.int64(trajectory.actor_id),
       'episode_id': np.int64(trajectory.episode_id),
+      'seed': np.int64(trajectory.seed),
+      'reward_component_names': np.asarray(list(trajectory.reward_components), np.object_),
+      'reward_component_values': np.asarray(list(trajectory.reward_components.values()),
+                                            np.float64),
   })
 
 
@@ -178,7 +203,7 @@ class EpisodeLogger:
     self._directory = os.fspath(directory)
     # EpisodeWriter fails on a missing directory.
     os.makedirs(self._directory, exist_ok=True)
-    if _metadata_is_broken(self._directory):
+    if _broken_metadata_file(self._directory):
       kept = repair_episode_directory(self._directory, dataset_name=dataset_name)
       _LOG.warning('Rebuilt the broken RLDS metadata of %s (its writer was killed); kept '
                    '%d episodes of complete files.', self._directory, kept)
@@ -210,29 +235,46 @@ class EpisodeLogger:
     self.close()
 
 
-def _metadata_is_broken(directory: str) -> bool:
-  """True if a writer has started here but its metadata files do not parse."""
+def _broken_metadata_file(directory: str) -> str | None:
+  """The metadata file of a started writer directory that is missing or does not parse."""
   paths = [os.path.join(directory, name) for name in _METADATA_FILES]
   if not any(os.path.exists(path) for path in paths):
-    return False
+    return None
   for path in paths:
     try:
       with open(path, encoding='utf-8') as f:
         json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
-      return True
-  return False
+      return path
+  return None
+
+
+def _tf_error_text(error: tf.errors.OpError) -> str:
+  # Drops the eager-op decoration: '{{function_node ...}} corrupted record at 12 [Op:...]'.
+  return re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*$', '', error.message, flags=re.DOTALL)
+
+
+def _read_records(path: str) -> tuple[list[int], str | None]:
+  """Byte sizes of a file's leading intact records, and what is wrong after them, if anything."""
+  sizes = []
+  try:
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      sizes.append(len(record))
+  except tf.errors.DataLossError as error:
+    return sizes, _tf_error_text(error)
+  # TF ends a file quietly at a tail shorter than a record header, so count the bytes.
+  extra_bytes = os.path.getsize(path) - sum(size + _TFRECORD_FRAMING_BYTES for size in sizes)
+  if extra_bytes:
+    return sizes, f'{extra_bytes} bytes after the last whole record'
+  return sizes, None
 
 
 def _record_sizes(path: epath.Path) -> list[int]:
   """Byte sizes of the records of a complete file; [] if missing, empty or cut short."""
   if not path.exists():
     return []
-  try:
-    return [len(record) for record in tf.data.TFRecordDataset(os.fspath(path))
-            .as_numpy_iterator()]
-  except tf.errors.DataLossError:
-    return []
+  sizes, damage = _read_records(os.fspath(path))
+  return [] if damage else sizes
 
 
 def repair_episode_directory(directory: str | os.PathLike, *,
@@ -268,52 +310,137 @@ def repair_episode_directory(directory: str | os.PathLike, *,
   return sum(shard_lengths)
 
 
-def _retry_while_rewritten(load, description: str):
+class CorruptEpisodeFileError(ValueError):
+  """A file of a writer directory (episodes or metadata) that does not read back whole.
+
+  Attributes:
+    path: the damaged file.
+    reason: what is wrong with it, as a clause after its path.
+  """
+
+  def __init__(self, path: str | os.PathLike, reason: str):
+    self.path, self.reason = os.fspath(path), reason
+    super().__init__(
+        f'{self.path} {reason}. Pass skip_corrupt=True (`chorus datasets ... --skip-corrupt`) '
+        'to read every other episode and list what was left out.')
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+  """A damaged file that `read_episodes(..., skip_corrupt=True)` left out, whole or in part.
+
+  Attributes:
+    path: the file.
+    reason: what is wrong with it, as a clause after its path.
+    episodes_read: its episodes before the damage, which were read (0 for metadata).
+  """
+  path: str
+  reason: str
+  episodes_read: int
+
+  def __str__(self) -> str:
+    kept = (f'read the {self.episodes_read} episodes before the damage'
+            if self.episodes_read else 'read nothing from it')
+    return f'{self.path} {self.reason}; {kept}'
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeRead:
+  """What `read_episodes` found.
+
+  Attributes:
+    trajectories: the episodes, in the order of the writer directories, then write order.
+    episodes_per_directory: readable episodes of each writer directory (after expanding
+      folders of them), all counted even when `max_episodes` decoded fewer.
+    skipped: damaged files left out, whole or in part; empty unless skip_corrupt.
+    features: the tfds schema: RLDS `steps` features and the episode metadata.
+  """
+  trajectories: list[core.Trajectory]
+  episodes_per_directory: dict[str, int]
+  skipped: list[SkippedFile]
+  features: tfds.features.FeaturesDict
+
+  @property
+  def num_episodes(self) -> int:
+    return sum(self.episodes_per_directory.values())
+
+
+def _is_writer_directory(path: str) -> bool:
+  return os.path.isdir(path) and any(
+      name in _METADATA_FILES or f'-{_SPLIT}.{_FILE_FORMAT}-' in name
+      for name in os.listdir(path))
+
+
+def episode_directories(paths: Directories) -> list[str]:
+  """The writer directories that `paths` name, a folder of them standing for its members.
+
+  A run's rlds/ folder holds one writer directory per actor (actor_000, actor_001, ...);
+  it expands to those, in name order. Any other path is kept as given.
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  directories = []
+  for path in map(os.fspath, paths):
+    members = []
+    if os.path.isdir(path) and not _is_writer_directory(path):
+      members = [member for member in sorted(os.path.join(path, name)
+                                             for name in os.listdir(path))
+                 if _is_writer_directory(member)]
+    directories.extend(members or [path])
+  return directories
+
+
+def _retry_while_rewritten(load, directories: list[str]):
   """Calls `load`, retrying while a live writer has its metadata files half written."""
   for attempt in range(_METADATA_READ_ATTEMPTS):
     try:
       return load()
     except _METADATA_ERRORS as error:
       if attempt == _METADATA_READ_ATTEMPTS - 1:
-        raise ValueError(
-            f'The RLDS metadata (dataset_info.json, features.json) of {description} stays '
-            f'unreadable ({error}): its writer was probably killed while rewriting it. '
-            'Call chorus.datasets.repair_episode_directory on that directory, or open an '
-            'EpisodeLogger on it, once no process writes there.') from error
+        broken = next(filter(None, map(_broken_metadata_file, directories)), None)
+        raise CorruptEpisodeFileError(
+            broken or ' or '.join(directories),
+            f'stays unreadable ({error}): its writer was probably killed while rewriting the '
+            'metadata. Rebuild it with chorus.datasets.repair_episode_directory, or by opening '
+            'an EpisodeLogger on the directory, once no process writes there') from error
       time.sleep(_METADATA_RETRY_SECONDS)
 
 
-def _readable_episodes(directory: str) -> int:
-  """Episodes of closed files in a writer directory; 0 if it has none yet."""
+def _directory_builder(directory: str) -> tfds.core.DatasetBuilder | None:
+  """The tfds builder of a writer directory; None while it has no closed file."""
   if not os.path.exists(os.path.join(directory, 'dataset_info.json')):
-    return 0
+    return None
   builder = _retry_while_rewritten(lambda: tfds.builder_from_directory(directory),
-                                   directory)
+                                   [directory])
   split = builder.info.splits.get(_SPLIT)
-  return split.num_examples if split else 0
+  return builder if split and split.num_examples else None
+
+
+def _no_episodes_error(paths: list[str], skipped: list[SkippedFile]) -> FileNotFoundError:
+  left_out = f' (left out as damaged: {[s.path for s in skipped]})' if skipped else ''
+  return FileNotFoundError(
+      f'No readable RLDS episodes in {paths}{left_out}: each is missing or has no closed '
+      'file yet. A writer makes episodes readable when a file fills up (every '
+      'max_episodes_per_file episodes) or when it is closed; check the paths, or close the '
+      'EpisodeLoggers first.')
 
 
 def _builder(directories: Directories) -> tfds.core.DatasetBuilder:
-  if isinstance(directories, (str, os.PathLike)):
-    directories = [directories]
-  paths = [os.fspath(directory) for directory in directories]
-  readable = [path for path in paths if _readable_episodes(path)]
+  paths = episode_directories(directories)
+  readable = [path for path in paths if _directory_builder(path)]
   if not readable:
-    raise FileNotFoundError(
-        f'No readable RLDS episodes in {paths}: each is missing or has no closed file yet. '
-        'A writer makes episodes readable when a file fills up (every '
-        'max_episodes_per_file episodes) or when it is closed; check the paths, or close '
-        'the EpisodeLoggers first.')
-  return _retry_while_rewritten(lambda: tfds.builder_from_directories(readable),
-                                str(readable))
+    raise _no_episodes_error(paths, [])
+  return _retry_while_rewritten(lambda: tfds.builder_from_directories(readable), readable)
 
 
 def episode_dataset(directories: Directories) -> tf.data.Dataset:
   """The raw RLDS episodes of one or several writer directories, as one dataset.
 
-  Directories with nothing readable yet are skipped. Episodes come in the order of
-  `directories`, then in write order; `steps` is a nested tf.data.Dataset, as RLDS
-  tools expect.
+  Directories with nothing readable yet are skipped, and folders of writer directories
+  expanded (`episode_directories`). Episodes come in the order of the directories, then
+  in write order; `steps` is a nested tf.data.Dataset, as RLDS tools expect. Files are
+  not checked first: a damaged one fails the iteration, without naming the file (TF does
+  not); `read_episodes` checks each file and can skip damaged ones.
   """
   return _builder(directories).as_dataset(split=_SPLIT, shuffle_files=False)
 
@@ -336,13 +463,109 @@ def _trajectory(episode) -> core.Trajectory:
       model_name=episode['model_name'].decode('utf-8'),
       prompt_id=episode['prompt_id'].decode('utf-8'),
       actor_id=int(episode['actor_id']),
-      episode_id=int(episode['episode_id']))
+      episode_id=int(episode['episode_id']),
+      task=episode['task'].decode('utf-8'),
+      seed=int(episode['seed']),
+      reward_components={
+          name.decode('utf-8'): float(value) for name, value in
+          zip(episode['reward_component_names'], episode['reward_component_values'],
+              strict=True)})
 
 
-def read_trajectories(directories: Directories) -> list[core.Trajectory]:
+def _intact_episodes(path: str, listed: int) -> tuple[int, str | None]:
+  """How many leading episodes of a file read back whole, and what is wrong, if anything."""
+  if not os.path.exists(path):
+    return 0, f'is missing, though dataset_info.json lists {listed} episodes in it'
+  sizes, damage = _read_records(path)
+  if damage:
+    return len(sizes), (f'is damaged after {len(sizes)} of the {listed} episodes '
+                        f'dataset_info.json lists ({damage})')
+  if len(sizes) < listed:
+    return len(sizes), (f'holds {len(sizes)} whole episodes where dataset_info.json lists '
+                        f'{listed}: it was cut short')
+  return len(sizes), None
+
+
+def _decode(files: list[tuple[str, int]], features: tfds.features.FeaturesDict,
+            max_episodes: int | None) -> list[core.Trajectory]:
+  """The first `count` episodes of each (path, count), in order, through one tf.data pipeline."""
+  paths, counts = zip(*files)
+  records = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(counts, np.int64)))
+  # take(count) stops before any damage found by the check, so it is never read.
+  records = records.flat_map(lambda path, count: tf.data.TFRecordDataset(path).take(count))
+  if max_episodes is not None:
+    records = records.take(max_episodes)
+  episodes = records.map(features.deserialize_example).map(_stack_steps)
+  return [_trajectory(episode) for episode in episodes.as_numpy_iterator()]
+
+
+def read_episodes(directories: Directories, *, skip_corrupt: bool = False,
+                  max_episodes: int | None = None) -> EpisodeRead:
+  """Every readable episode of writer directories, each file checked before it is decoded.
+
+  Args:
+    directories: writer directories, or folders of them such as a run's rlds/ (see
+      `episode_directories`). Those with nothing readable yet are skipped.
+    skip_corrupt: leave out what is damaged, listing it in `skipped`, instead of raising:
+      an episode file cut short or with broken records keeps the episodes before the
+      damage; a directory whose metadata does not parse is left out whole (see
+      `repair_episode_directory` to recover it).
+    max_episodes: decode at most this many episodes; every file is still checked and
+      counted.
+
+  Returns:
+    An EpisodeRead. Token arrays come back int32, log-probs float32.
+
+  Raises:
+    CorruptEpisodeFileError: a file is damaged and skip_corrupt is False.
+    FileNotFoundError: nothing readable in any of the directories.
+    ValueError: the directories were written with different schemas.
+  """
+  paths = episode_directories(directories)
+  files, episodes_per_directory, skipped = [], {}, []
+  features, schema_directory = None, None
+  for directory in paths:
+    episodes_per_directory[directory] = 0
+    try:
+      builder = _directory_builder(directory)
+    except CorruptEpisodeFileError as error:
+      if not skip_corrupt:
+        raise
+      skipped.append(SkippedFile(error.path, f'{error.reason}; its directory was left out', 0))
+      continue
+    if builder is None:
+      continue
+    if features is None:
+      features, schema_directory = builder.info.features, directory
+    elif builder.info.features.to_json() != features.to_json():
+      raise ValueError(
+          f'{directory} was written with a different episode schema from {schema_directory} '
+          '(compare their features.json); read them separately.')
+    split = builder.info.splits[_SPLIT]
+    for path, listed in zip(split.filepaths, split.shard_lengths, strict=True):
+      intact, damage = _intact_episodes(os.fspath(path), listed)
+      if damage:
+        if not skip_corrupt:
+          raise CorruptEpisodeFileError(path, damage)
+        skipped.append(SkippedFile(os.fspath(path), damage, intact))
+      if intact:
+        files.append((os.fspath(path), intact))
+        episodes_per_directory[directory] += intact
+  if not files:
+    raise _no_episodes_error(paths, skipped)
+  return EpisodeRead(trajectories=_decode(files, features, max_episodes),
+                     episodes_per_directory=episodes_per_directory, skipped=skipped,
+                     features=features)
+
+
+def read_trajectories(directories: Directories, *,
+                      skip_corrupt: bool = False) -> list[core.Trajectory]:
   """Every readable episode of one or several writer directories, as Trajectories.
 
-  Order as in `episode_dataset`. Token arrays come back int32, log-probs float32.
+  As `read_episodes(directories, skip_corrupt=...).trajectories`; files left out as
+  damaged are logged as warnings.
   """
-  dataset = episode_dataset(directories).map(_stack_steps)
-  return [_trajectory(episode) for episode in dataset.as_numpy_iterator()]
+  result = read_episodes(directories, skip_corrupt=skip_corrupt)
+  for skipped in result.skipped:
+    _LOG.warning('Skipped damaged RLDS data: %s.', skipped)
+  return result.trajectories

@@ -6,6 +6,7 @@ import os
 import sys
 
 from chorus import configs
+from chorus.datasets import cli as datasets_cli
 from chorus.launch import experiment
 
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
   configs_parser = commands.add_parser('configs', help='list experiments or show one with defaults')
   configs_parser.add_argument('name', nargs='?')
   configs_parser.set_defaults(handler=_configs)
+  datasets_cli.add_datasets_parser(commands)
   args = parser.parse_args(argv)
   return args.handler(args)
 

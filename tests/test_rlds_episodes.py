@@ -2,6 +2,7 @@
 
 Run as a script, this file is the writer process that the crash tests kill.
 """
+import dataclasses
 import pathlib
 import signal
 import subprocess
@@ -9,13 +10,19 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from chorus import core
-from chorus.datasets import EpisodeLogger, episode_dataset, read_trajectories
+from chorus.datasets import CorruptEpisodeFileError
+from chorus.datasets import EpisodeLogger
+from chorus.datasets import episode_dataset
+from chorus.datasets import read_episodes
+from chorus.datasets import read_trajectories
 
 _FIELDS = ('reward', 'terminated', 'param_version', 'temperature', 'model_name', 'prompt_id',
-           'actor_id', 'episode_id')
+           'actor_id', 'episode_id', 'task', 'seed', 'reward_components')
+_COMPONENT_NAMES = ('positional_accuracy', 'length_penalty', 'kl/ref', 'ünïcode')
 
 
 def random_trajectories(seed: int, count: int, actor_id: int = 0) -> list[core.Trajectory]:
@@ -34,7 +41,11 @@ def random_trajectories(seed: int, count: int, actor_id: int = 0) -> list[core.T
         reward=float(rng.normal()), terminated=terminated,
         param_version=int(rng.integers(0, 2**40)), temperature=float(rng.uniform(0.1, 2)),
         model_name=f'policy-{actor_id}', prompt_id=f'task/é{rng.integers(1000)}',
-        actor_id=actor_id, episode_id=episode_id))
+        actor_id=actor_id, episode_id=episode_id, task=f'task-{rng.integers(3)}',
+        seed=int(rng.integers(-2**62, 2**62)),
+        # Zero to all terms, in a random order that must survive too.
+        reward_components={name: float(rng.normal()) for name in rng.permutation(
+            _COMPONENT_NAMES)[:rng.integers(len(_COMPONENT_NAMES) + 1)]}))
   return trajectories
 
 
@@ -43,6 +54,7 @@ def assert_same_trajectories(got, expected):
   for got_one, expected_one in zip(got, expected):
     for name in _FIELDS:
       assert getattr(got_one, name) == getattr(expected_one, name), name
+    assert list(got_one.reward_components) == list(expected_one.reward_components)
     for name, dtype in (('prompt_tokens', np.int32), ('completion_tokens', np.int32),
                         ('behaviour_logprobs', np.float32)):
       got_array = getattr(got_one, name)
@@ -69,6 +81,98 @@ def test_two_writers_read_back_as_one_dataset_with_every_field_exact(two_actor_d
   expected = [t for directory in directories for t in two_actor_dirs[directory]]
   assert_same_trajectories(got, expected)
   assert {t.terminated for t in expected} == {True, False}
+  assert {len(t.reward_components) for t in expected} >= {0, 1, len(_COMPONENT_NAMES)}
+
+
+def test_a_run_rlds_folder_reads_as_its_actor_directories_in_order(two_actor_dirs):
+  rlds_folder = next(iter(two_actor_dirs)).parent
+  result = read_episodes(rlds_folder)
+  assert result.episodes_per_directory == {str(d): len(t) for d, t in two_actor_dirs.items()}
+  assert_same_trajectories(result.trajectories,
+                           [t for trajectories in two_actor_dirs.values() for t in trajectories])
+  assert not result.skipped
+  assert len(read_episodes(rlds_folder, max_episodes=3).trajectories) == 3
+
+
+def test_raw_episode_metadata_has_reward_components_as_parallel_tensors(two_actor_dirs):
+  directory, expected = next(iter(two_actor_dirs.items()))
+  for trajectory, episode in zip(expected, episode_dataset(directory), strict=True):
+    names, values = episode['reward_component_names'], episode['reward_component_values']
+    assert [name.decode() for name in names.numpy()] == list(trajectory.reward_components)
+    assert values.dtype == tf.float64
+    assert list(values.numpy()) == list(trajectory.reward_components.values())
+    assert episode['task'].numpy().decode() == trajectory.task
+    assert episode['seed'].numpy() == trajectory.seed
+
+
+def test_digest_covers_the_recorded_task_seed_and_reward_components():
+  trajectory = random_trajectories(0, 1)[0]
+  changed = [dataclasses.replace(trajectory, task='other'),
+             dataclasses.replace(trajectory, seed=trajectory.seed + 1),
+             dataclasses.replace(trajectory, reward_components={'a': 0.5}),
+             dataclasses.replace(trajectory, reward_components={'a': 0.25})]
+  digests = set()
+  for t in [trajectory, *changed]:
+    digest = core.TrajectoryDigest()
+    digest.update(t)
+    digests.add(digest.hexdigest())
+  assert len(digests) == 5
+
+
+def _three_files(directory):
+  """Writes 10 episodes in files of 4, 4 and 2; returns them and the middle file."""
+  expected = random_trajectories(5, 10)
+  with EpisodeLogger(directory, max_episodes_per_file=4) as logger:
+    for trajectory in expected:
+      logger.write(trajectory)
+  return expected, directory / 'chorus_episodes-train.tfrecord-00001'
+
+
+def _append_garbage(path):
+  with open(path, 'ab') as f:
+    f.write(b'not a tfrecord' * 5)
+
+
+def _cut_mid_record(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) * 5 // 8])
+
+
+@pytest.mark.parametrize('damage, episodes_read', [(_append_garbage, 4), (_cut_mid_record, 2)])
+def test_a_damaged_file_is_named_or_skipped_keeping_its_intact_episodes(
+    tmp_path, damage, episodes_read):
+  expected, middle = _three_files(tmp_path / 'actor_000')
+  damage(middle)
+  with pytest.raises(CorruptEpisodeFileError, match=f'{middle}.*skip_corrupt=True') as error:
+    read_trajectories(tmp_path)
+  assert error.value.path == str(middle)
+  result = read_episodes(tmp_path, skip_corrupt=True)
+  assert [s.path for s in result.skipped] == [str(middle)]
+  assert result.skipped[0].episodes_read == episodes_read
+  assert_same_trajectories(result.trajectories, expected[:4 + episodes_read] + expected[8:])
+  assert result.episodes_per_directory == {str(tmp_path / 'actor_000'): 6 + episodes_read}
+
+
+def test_a_file_cut_at_a_record_boundary_is_reported_short(tmp_path):
+  expected, middle = _three_files(tmp_path)
+  with open(middle, 'r+b') as f:  # Drops the last record (lengths from the tfrecord framing).
+    sizes = [len(r) for r in tf.data.TFRecordDataset(str(middle)).as_numpy_iterator()]
+    f.truncate(sum(size + 16 for size in sizes[:3]))
+  with pytest.raises(CorruptEpisodeFileError, match='holds 3 whole episodes.*lists 4'):
+    read_trajectories(tmp_path)
+  assert_same_trajectories(read_trajectories(tmp_path, skip_corrupt=True),
+                           expected[:7] + expected[8:])
+
+
+def test_broken_metadata_skips_its_directory_and_names_the_file(tmp_path):
+  good, _ = _three_files(tmp_path / 'actor_000')
+  _three_files(tmp_path / 'actor_001')
+  (tmp_path / 'actor_001' / 'features.json').write_text('{"truncated": ')
+  with pytest.raises(CorruptEpisodeFileError, match='actor_001/features.json'):
+    read_trajectories(tmp_path)
+  result = read_episodes(tmp_path, skip_corrupt=True)
+  assert [s.path for s in result.skipped] == [str(tmp_path / 'actor_001' / 'features.json')]
+  assert_same_trajectories(result.trajectories, good)
 
 
 def test_raw_rlds_steps_put_reward_discount_and_flags_on_the_last_token(two_actor_dirs):

@@ -1,0 +1,458 @@
+"""Ray launcher: the same program on a Ray cluster, one Ray actor per node.
+
+Each node gets a small host actor (`_NodeHost`) that holds the node's Ray resources
+(accelerator machines for inference servers and the learner, CPU machines for the
+others) and runs `python -m chorus.launch.worker RUN_DIR NODE` as its child process,
+exactly as the local launcher does, with stdout and stderr in RUN_DIR/logs/NODE.log.
+Running the node in a child rather than in the Ray worker keeps JAX, TensorFlow and gRPC
+state out of the actor (a restarted node starts clean), puts the output of C++ libraries
+in the node's log, and stops a node with SIGTERM the same way on both launchers.
+
+Restarts: a node whose process exits is re-run by `poll()` on the same host actor (same
+machine, same port); a host actor that dies with its machine or process is restarted by
+Ray (`max_restarts`), possibly elsewhere, and `poll()` then re-runs the node on it. Both
+count in `restarts` and share the limit `max_restarts`.
+
+The run directory must be at the same path on every Ray node and the driver (shared
+storage): nodes read their specs there and write logs, metrics, checkpoints and RLDS
+there. See docs/cluster.md.
+"""
+from collections.abc import Callable
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import ray
+from ray._private import ray_constants
+
+from chorus.launch import local as local_lib
+from chorus.launch import program as program_lib
+from chorus.launch import worker
+from chorus.launch.local import NodeFailed
+
+# Resource requests, as JSON objects: Ray's 'CPU' and 'GPU' or any custom resource.
+ACCELERATOR_RESOURCES_ENV = 'CHORUS_RAY_ACCELERATOR_RESOURCES'
+CPU_RESOURCES_ENV = 'CHORUS_RAY_CPU_RESOURCES'
+DEFAULT_ACCELERATOR_RESOURCES = {'GPU': 1}
+DEFAULT_CPU_RESOURCES = {'CPU': 1}
+
+# Shared with the local launcher, so that nodes live, die and report alike on both.
+_die_with_parent = local_lib._die_with_parent  # pylint: disable=protected-access
+_log_tail = local_lib._tail  # pylint: disable=protected-access
+
+# Nothing large goes through Ray's object store: only exit codes and placements.
+_LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+
+
+def resources_from_env(variable: str, default: dict[str, float]) -> dict[str, float]:
+  """The resource mapping in environment variable `variable` (a JSON object), or `default`."""
+  text = os.environ.get(variable)
+  if not text:
+    return dict(default)
+  try:
+    resources = json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ValueError(f'{variable}={text!r} is not JSON ({error}); write e.g. '
+                     f'{variable}=\'{{"GPU": 1}}\'.') from error
+  if not isinstance(resources, dict) or not all(
+      isinstance(amount, (int, float)) and amount >= 0 for amount in resources.values()):
+    raise ValueError(f'{variable}={text!r} must map resource names to non-negative amounts, '
+                     'e.g. {"GPU": 1} or {"accelerator": 1, "CPU": 2}.')
+  return resources
+
+
+def _actor_options(resources: dict[str, float]) -> dict:
+  """Ray actor options asking for `resources`; CPUs are 0 unless asked for.
+
+  Ray's default for an actor (one CPU to be placed) would keep accelerator nodes off
+  machines that have accelerators but no spare CPU slot.
+  """
+  custom = dict(resources)
+  return dict(num_cpus=custom.pop('CPU', 0), num_gpus=custom.pop('GPU', 0), resources=custom)
+
+
+def _is_loopback(address: str) -> bool:
+  host = address.rsplit(':', 1)[0].strip('[]')
+  try:
+    return host == 'localhost' or ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+@contextlib.contextmanager
+def _ray_single_machine_mode():
+  """Keeps 127.0.0.1 as 127.0.0.1 while `ray.init` runs.
+
+  On Linux Ray replaces a loopback address by the machine's network address
+  (services.resolve_ip_for_localhost), which a cluster bound to loopback does not listen
+  on; its single-machine mode (the default on macOS and Windows, otherwise set only by
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported) keeps loopback.
+  """
+  saved = ray_constants.ENABLE_RAY_CLUSTER
+  ray_constants.ENABLE_RAY_CLUSTER = False
+  try:
+    yield
+  finally:
+    ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _free_port(ip: str) -> int:
+  """A port free on `ip` now (the OS picks it; a tiny race remains until the node binds)."""
+  with socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET) as sock:
+    sock.bind((ip, 0))
+    return sock.getsockname()[1]
+
+
+def _init_ray(address: str | None):
+  """Connects this driver to the Ray cluster at `address`, or starts Ray on this machine."""
+  # ray.init installs a SIGTERM handler that exits the driver at once; the caller's
+  # (run.py: a clean stop of every node) must stay.
+  sigterm_handler = signal.getsignal(signal.SIGTERM)
+  # The terminal shows the run's progress; node output is in the run's logs.
+  if address is None:
+    with _ray_single_machine_mode():
+      ray.init(address='local', _node_ip_address='127.0.0.1', include_dashboard=False,
+               object_store_memory=_LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
+  elif _is_loopback(address):
+    with _ray_single_machine_mode():
+      ray.init(address=address, log_to_driver=False)
+  else:
+    ray.init(address=address, log_to_driver=False)
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, sigterm_handler)
+
+
+def placement_path(run_dir: str, node: str) -> str:
+  """Where a node's host records the Ray node it last ran on."""
+  return os.path.join(run_dir, 'nodes', f'{node}.ray.json')
+
+
+def _log_path(run_dir: str, node: str) -> str:
+  return os.path.join(run_dir, 'logs', f'{node}.log')
+
+
+@ray.remote(max_concurrency=2)
+class _NodeHost:
+  """Runs one node's worker process on the Ray node this actor was placed on.
+
+  Two calls run at once, so `terminate` and `kill` reach the process while `run` waits.
+  """
+
+  def __init__(self, run_dir: str, name: str):
+    self._run_dir = run_dir
+    self._name = name
+    self._lock = threading.Lock()
+    self._process: subprocess.Popen | None = None
+    self._stopping = False
+
+  def __repr__(self):  # Ray names the actor by this in its logs and `ray list actors`.
+    return f'_NodeHost({self._name})'
+
+  @ray.method(max_task_retries=-1)
+  def place(self, serves: bool) -> dict:
+    """Where this actor runs; for a serving node also a port free on that machine.
+
+    Ray retries this call while it restarts the actor, so an answer means the host is up.
+    """
+    context = ray.get_runtime_context()
+    placement = dict(ray_node_id=context.get_node_id(), ip=ray.util.get_node_ip_address(),
+                     hostname=socket.gethostname(), host_pid=os.getpid(),
+                     accelerator_ids=context.get_accelerator_ids())
+    if serves:
+      placement['port'] = _free_port(placement['ip'])
+    return placement
+
+  def run(self, address_ip: str | None) -> int | None:
+    """Runs the node (spec already in RUN_DIR/nodes) to its end; returns its exit code.
+
+    Args:
+      address_ip: for a serving node, the IP in the address its clients were given; a
+        host that Ray restarted on another machine cannot serve it and fails.
+
+    Returns:
+      The exit code, or None if the host was told to stop before the node started.
+    """
+    with self._lock:
+      running = self._process is not None and self._process.poll() is None
+    if running:  # Ray lost touch with this host for a while; the node kept running.
+      return self._process.wait()
+    placement = self.place(serves=False)
+    if address_ip is not None and placement['ip'] != address_ip:
+      raise NodeFailed(f'Node {self._name} was moved by Ray from {address_ip} to '
+                       f'{placement["ip"]} ({placement["hostname"]}); its clients hold the old '
+                       'address, so the run cannot go on.')
+    with open(placement_path(self._run_dir, self._name), 'w') as file:
+      json.dump(placement, file, indent=2)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+    with self._lock, open(_log_path(self._run_dir, self._name), 'ab') as log:
+      if self._stopping:
+        return None
+      log.write(f'--- ray: {self._name} on Ray node {placement["ray_node_id"]} '
+                f'({placement["hostname"]}, {placement["ip"]}), accelerators '
+                f'{placement["accelerator_ids"]}\n'.encode())
+      log.flush()
+      # As on the local launcher: the node's own session, so signals to the host's process
+      # group do not reach it, and SIGTERM to it when its host dies (even by SIGKILL).
+      self._process = subprocess.Popen(
+          [sys.executable, '-m', 'chorus.launch.worker', self._run_dir, self._name],
+          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+          start_new_session=True, preexec_fn=_die_with_parent)
+    return self._process.wait()
+
+  def terminate(self):
+    """Asks the node to stop (SIGTERM); a later `run` starts nothing."""
+    with self._lock:
+      self._stopping = True
+      if self._process is not None and self._process.poll() is None:
+        self._process.send_signal(signal.SIGTERM)
+
+  def kill(self):
+    with self._lock:
+      self._stopping = True
+      if self._process is not None and self._process.poll() is None:
+        os.killpg(self._process.pid, signal.SIGKILL)
+
+
+@dataclasses.dataclass
+class _Running:
+  """A node's host and where its supervision stands.
+
+  A restart goes: failure seen (`exit_ref` None) -> backoff until `restart_at` ->
+  `host_ready_ref` answers (Ray has restarted a lost host) -> a new `exit_ref`.
+  """
+  node: program_lib.Node
+  host: ray.actor.ActorHandle
+  exit_ref: ray.ObjectRef | None = None
+  host_ready_ref: ray.ObjectRef | None = None
+  restarts: int = 0
+  restart_at: float | None = None
+  last_failure: str = ''
+
+
+class RayLauncher:
+  """Starts, watches and stops the nodes of one program as Ray actors.
+
+  Args:
+    run_dir: the run directory (holds config.json; logs/ and nodes/ are made here); on
+      storage that every Ray node sees at this same path.
+    address: the Ray cluster, e.g. "10.0.0.5:6379"; default RAY_ADDRESS, else a new Ray
+      instance on this machine, bound to 127.0.0.1.
+    accelerator_resources: what a node with `accelerator=True` asks Ray for; default
+      CHORUS_RAY_ACCELERATOR_RESOURCES (JSON) or {'GPU': 1}.
+    cpu_resources: what the other nodes ask for; default CHORUS_RAY_CPU_RESOURCES (JSON)
+      or {'CPU': 1}.
+    max_restarts: restarts allowed per restartable node before the run fails.
+    restart_backoff_s: first restart delay; doubles with each restart of that node.
+    stop_timeout_s: grace period after SIGTERM before SIGKILL.
+    placement_timeout_s: how long Ray may take to place a node (an autoscaling cluster
+      may first have to start a machine) before the run fails.
+  """
+
+  def __init__(self, run_dir: str, *, address: str | None = None,
+               accelerator_resources: dict[str, float] | None = None,
+               cpu_resources: dict[str, float] | None = None, max_restarts: int = 3,
+               restart_backoff_s: float = 1.0, stop_timeout_s: float = 30.0,
+               placement_timeout_s: float = 600.0):
+    self.run_dir = run_dir
+    self.accelerator_resources = (
+        resources_from_env(ACCELERATOR_RESOURCES_ENV, DEFAULT_ACCELERATOR_RESOURCES)
+        if accelerator_resources is None else dict(accelerator_resources))
+    self.cpu_resources = (resources_from_env(CPU_RESOURCES_ENV, DEFAULT_CPU_RESOURCES)
+                          if cpu_resources is None else dict(cpu_resources))
+    self.max_restarts = max_restarts
+    self.restart_backoff_s = restart_backoff_s
+    self.stop_timeout_s = stop_timeout_s
+    self.placement_timeout_s = placement_timeout_s
+    self.addresses: dict[str, str] = {}
+    self.restarts: dict[str, int] = {}
+    self._running: dict[str, _Running] = {}
+    os.makedirs(os.path.join(run_dir, 'logs'), exist_ok=True)
+    os.makedirs(os.path.join(run_dir, 'nodes'), exist_ok=True)
+    # A driver already connected to Ray (a notebook, a test) keeps its connection.
+    self._owns_ray_connection = not ray.is_initialized()
+    address = address or os.environ.get('RAY_ADDRESS')
+    if self._owns_ray_connection:
+      _init_ray(address)
+    self._check_resources_exist(
+        single_machine=self._owns_ray_connection and address is None)
+
+  def _check_resources_exist(self, single_machine: bool):
+    """Fails early where nodes ask for a resource that no Ray node has enough of.
+
+    Args:
+      single_machine: Ray runs only on this machine, started by this launcher, so no
+        autoscaler will ever add the missing resource.
+    """
+    cluster = {name: amount for name, amount in ray.cluster_resources().items()
+               if not name.startswith('node:')}
+    for what, resources, variable in (
+        ('accelerator', self.accelerator_resources, ACCELERATOR_RESOURCES_ENV),
+        ('CPU', self.cpu_resources, CPU_RESOURCES_ENV)):
+      if all(cluster.get(name, 0) >= amount for name, amount in resources.items()):
+        continue
+      message = (f'{what} nodes each ask Ray for {resources}, more than the whole cluster '
+                 f'has: {cluster}. Set {variable} (JSON) to resources it has, '
+                 f'e.g. {variable}=\'{{"CPU": 1}}\', or add machines that have them.')
+      if single_machine:
+        self.close()
+        raise ValueError(message)
+      logging.warning('%s Waiting up to %.0f s per node for an autoscaler to add them.',
+                      message, self.placement_timeout_s)
+
+  def log_path(self, name: str) -> str:
+    return _log_path(self.run_dir, name)
+
+  def _resources(self, node: program_lib.Node) -> dict[str, float]:
+    return self.accelerator_resources if node.accelerator else self.cpu_resources
+
+  def _write_spec(self, node: program_lib.Node):
+    kwargs = program_lib.resolve(dict(node.kwargs), self.addresses)
+    if node.serves:
+      host, port = self.addresses[node.name].rsplit(':', 1)
+      kwargs.update(host=host, port=int(port))
+    with open(worker.node_spec_path(self.run_dir, node.name), 'w') as file:
+      json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
+
+  def _address_ip(self, node: program_lib.Node) -> str | None:
+    return self.addresses[node.name].rsplit(':', 1)[0] if node.serves else None
+
+  def start(self, nodes: list[program_lib.Node]):
+    """Places every node's host actor, gives serving nodes addresses, then runs the nodes."""
+    hosts = {}
+    for node in nodes:
+      hosts[node.name] = _NodeHost.options(
+          max_restarts=self.max_restarts if node.restart else 0,
+          **_actor_options(self._resources(node))).remote(self.run_dir, node.name)
+    places = {node.name: hosts[node.name].place.remote(node.serves) for node in nodes}
+    _, unplaced = ray.wait(list(places.values()), num_returns=len(places),
+                           timeout=self.placement_timeout_s)
+    if unplaced:
+      names = [node.name for node in nodes if places[node.name] in unplaced]
+      for host in hosts.values():
+        ray.kill(host, no_restart=True)
+      raise NodeFailed(
+          f'Ray placed no host for nodes {names} within {self.placement_timeout_s:.0f} s; they '
+          f'ask for {[self._resources(n) for n in nodes if n.name in names]} and the cluster '
+          f'has {ray.available_resources()} free of {ray.cluster_resources()}. Add machines '
+          f'with those resources or change {ACCELERATOR_RESOURCES_ENV} / {CPU_RESOURCES_ENV}.')
+    for node in nodes:
+      placement = ray.get(places[node.name])
+      if node.serves and node.name not in self.addresses:
+        self.addresses[node.name] = f'{placement["ip"]}:{placement["port"]}'
+    for node in nodes:
+      self._write_spec(node)
+      running = _Running(node, hosts[node.name])
+      running.exit_ref = running.host.run.remote(self._address_ip(node))
+      self._running[node.name] = running
+
+  def run_to_completion(self, node: program_lib.Node, should_stop: Callable[[], bool]):
+    """Runs a setup node and waits for it; raises NodeFailed if it fails."""
+    self.start([node])
+    running = self._running[node.name]
+    while not ray.wait([running.exit_ref], timeout=0.2)[0]:
+      if should_stop():
+        return
+    failure = self._failure(running)
+    if failure:
+      raise NodeFailed(f'Node {node.name} {failure}; its log {self.log_path(node.name)} ends '
+                       f'with:\n{_log_tail(self.log_path(node.name))}')
+    ray.kill(running.host, no_restart=True)
+    del self._running[node.name]
+
+  def _failure(self, running: _Running) -> str:
+    """'' if the node's process exited 0, else what went wrong (its run must have ended)."""
+    try:
+      code = ray.get(running.exit_ref)
+    except ray.exceptions.RayActorError as error:
+      return f'lost its Ray actor ({type(error).__name__}: {error})'
+    except ray.exceptions.RayTaskError as error:
+      raise NodeFailed(f'Host of node {running.node.name} failed: {error}') from error
+    return '' if code == 0 else f'exited with code {code}'
+
+  def poll(self) -> bool:
+    """Supervises once: restarts crashed restartable nodes, fails on the others.
+
+    Returns True while the main node runs (or there is none) and False once it exits 0.
+    """
+    now = time.monotonic()
+    main_running = True
+    for name, running in list(self._running.items()):
+      if running.restart_at is not None:
+        if now >= running.restart_at:
+          running.restart_at = None
+          running.host_ready_ref = running.host.place.remote(serves=False)
+        continue
+      if running.host_ready_ref is not None:
+        if ray.wait([running.host_ready_ref], timeout=0)[0]:
+          self._rerun(running)
+        continue
+      if not ray.wait([running.exit_ref], timeout=0)[0]:
+        continue
+      failure = self._failure(running)
+      if running.node.kind == program_lib.MAIN and not failure:
+        main_running = False
+        continue
+      failure = failure or 'exited with code 0 before the run ended'
+      log = self.log_path(name)
+      if not running.node.restart:
+        raise NodeFailed(f'Node {name} {failure}; its log {log} ends with:\n{_log_tail(log)}')
+      if running.restarts >= self.max_restarts:
+        raise NodeFailed(f'Node {name} failed {running.restarts + 1} times (last: it {failure}); '
+                         f'see {log}:\n{_log_tail(log)}')
+      running.exit_ref = None
+      running.last_failure = failure
+      running.restart_at = now + self.restart_backoff_s * 2**running.restarts
+    return main_running
+
+  def _rerun(self, running: _Running):
+    """Runs a failed node again once its host answers (Ray may have restarted it)."""
+    name = running.node.name
+    ready_ref, running.host_ready_ref = running.host_ready_ref, None
+    try:
+      ray.get(ready_ref)
+    except ray.exceptions.RayActorError as error:
+      raise NodeFailed(f'Ray could not bring back the host of node {name} after it '
+                       f'{running.last_failure}: {error}') from error
+    with open(self.log_path(name), 'a') as file:
+      file.write(f'--- launcher: restarting {name} after it {running.last_failure}\n')
+    running.exit_ref = running.host.run.remote(self._address_ip(running.node))
+    running.restarts += 1
+    self.restarts[name] = running.restarts
+
+  def stop(self, kinds: tuple[str, ...] = program_lib.KINDS):
+    """SIGTERM to the nodes of `kinds`, SIGKILL to those alive after the grace period.
+
+    Their host actors are then killed, which gives their resources back to Ray.
+    """
+    targets = [r for r in self._running.values() if r.node.kind in kinds]
+    waiting = [r for r in targets if r.exit_ref is not None]
+    for running in targets:
+      running.host.terminate.remote()
+    if waiting:
+      _, alive = ray.wait([r.exit_ref for r in waiting], num_returns=len(waiting),
+                          timeout=self.stop_timeout_s)
+      if alive:
+        killed = [r for r in waiting if r.exit_ref in alive]
+        ray.wait([r.host.kill.remote() for r in killed], num_returns=len(killed),
+                 timeout=self.stop_timeout_s)
+        ray.wait(alive, num_returns=len(alive), timeout=self.stop_timeout_s)
+    for running in targets:
+      ray.kill(running.host, no_restart=True)
+      del self._running[running.node.name]
+
+  def close(self):
+    """Stops every node left, then leaves Ray (ending a Ray instance this launcher started)."""
+    self.stop()
+    if self._owns_ray_connection and ray.is_initialized():
+      ray.shutdown()
+
+

@@ -1,0 +1,216 @@
+"""The program on a real two-node Ray cluster on loopback: placement, restarts, the run's files.
+
+The head node stands for an accelerator machine (a custom resource 'accelerator', no
+CPUs to place actors on); the second node is a CPU machine.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import ray
+from ray import cluster_utils
+
+from chorus.datasets import read_trajectories
+from chorus.launch import experiment
+from chorus.launch import local
+from chorus.launch import program as program_lib
+from chorus.launch import ray_launcher
+from chorus.metrics import read_metrics
+from chorus.tests import test_local_run
+
+pytestmark = pytest.mark.slow
+
+_ACCELERATOR = {'accelerator': 1}
+_MB = 2**20
+
+
+class _TwoNodeCluster:
+  """A head node with 2 'accelerator' and no CPUs, and a CPU node with 4 CPUs."""
+
+  def __init__(self):
+    # Short: Ray's socket paths under it must fit in 107 bytes.
+    self.temp_dir = tempfile.mkdtemp(prefix='chorus-ray-')
+    common = dict(node_ip_address='127.0.0.1', object_store_memory=100 * _MB)
+    self._cluster = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args=dict(num_cpus=0, resources={'accelerator': 2}, include_dashboard=False,
+                            temp_dir=self.temp_dir, **common))
+    self.accelerator_node_id = self._cluster.head_node.node_id
+    # Logical CPUs are placement slots: warm start, replay and two actor processes.
+    self.cpu_node_id = self._cluster.add_node(num_cpus=4, **common).node_id
+    self.address = self._cluster.address
+
+  def shutdown(self):
+    if self._cluster is not None:
+      ray.shutdown()  # A driver left connected by a failed test blocks removing the head.
+      self._cluster.shutdown()
+      self._cluster = None
+
+
+@pytest.fixture(scope='module', name='cluster')
+def fixture_cluster():
+  cluster = _TwoNodeCluster()
+  yield cluster
+  cluster.shutdown()
+  shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope='module', name='ray_run')
+def fixture_ray_run(cluster, tmp_path_factory):
+  """The local run test's experiment, through the CLI on the Ray cluster."""
+  run_dir = str(tmp_path_factory.mktemp('ray_run') / 'text_vtrace')
+  env = dict(os.environ, CHORUS_RAY_ACCELERATOR_RESOURCES=json.dumps(_ACCELERATOR),
+             CHORUS_RAY_CPU_RESOURCES=json.dumps({'CPU': 1}))
+  start = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir,
+       '--launcher', 'ray', '--ray-address', cluster.address] + test_local_run._SMALL_RUN,
+      capture_output=True, text=True, timeout=600, check=False, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  print(f'Ray run took {time.monotonic() - start:.0f} s')
+  return run_dir
+
+
+def _placements(run_dir: str) -> dict[str, dict]:
+  nodes_dir = os.path.join(run_dir, 'nodes')
+  placements = {}
+  for name in os.listdir(nodes_dir):
+    if name.endswith('.ray.json'):
+      with open(os.path.join(nodes_dir, name)) as file:
+        placements[name[:-len('.ray.json')]] = json.load(file)
+  return placements
+
+
+def test_ray_run_finishes_with_the_same_run_directory_as_a_local_run(ray_run):
+  assert sorted(os.listdir(ray_run)) == sorted([
+      'summary.json', 'metrics.jsonl', 'curves.png', 'checkpoints', 'rlds', 'logs',
+      'tensorboard', 'config.json', 'nodes'])
+  with open(os.path.join(ray_run, 'summary.json')) as file:
+    summary = json.load(file)
+  assert summary['learner_steps'] == 12
+  assert summary['final_eval']['param_versions'] == [12]
+  assert max(map(int, os.listdir(os.path.join(ray_run, 'checkpoints', 'learner')))) == 12
+  assert sorted(os.listdir(os.path.join(ray_run, 'logs'))) == sorted(
+      f'{node}.log' for node in ('warm_start', 'replay', 'inference_server_0', 'actors_0',
+                                 'actors_1', 'learner'))
+
+
+def test_accelerator_nodes_and_actors_run_on_different_ray_nodes(ray_run, cluster):
+  placements = _placements(ray_run)
+  assert sorted(placements) == ['actors_0', 'actors_1', 'inference_server_0', 'learner',
+                                'replay', 'warm_start']
+  for name in ('learner', 'inference_server_0'):
+    assert placements[name]['ray_node_id'] == cluster.accelerator_node_id, name
+  for name in ('actors_0', 'actors_1', 'replay', 'warm_start'):
+    assert placements[name]['ray_node_id'] == cluster.cpu_node_id, name
+  assert all(p['ip'] == '127.0.0.1' for p in placements.values())
+  with open(os.path.join(ray_run, 'nodes', 'inference_server_0.json')) as file:
+    assert json.load(file)['kwargs']['host'] == '127.0.0.1'
+
+
+def test_rlds_episodes_read_back_and_match_the_actors_final_metrics(ray_run):
+  finals = {r['node']: r for r in read_metrics(os.path.join(ray_run, 'metrics.jsonl'))
+            if r.get('kind') == 'actor_final'}
+  assert sorted(finals) == ['actor_0', 'actor_1']
+  for actor_id in (0, 1):
+    episodes = read_trajectories(os.path.join(ray_run, 'rlds', f'actor_{actor_id:03d}'))
+    assert len(episodes) == finals[f'actor_{actor_id}']['episodes'] > 0
+
+
+def test_no_node_process_outlives_the_ray_run(ray_run):
+  assert test_local_run._processes_mentioning(ray_run) == []
+
+
+def _write_config(run_dir: str):
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+    json.dump(experiment.to_dict(experiment.ExperimentConfig()), file)
+
+
+@pytest.fixture(name='launcher')
+def fixture_launcher(cluster, tmp_path):
+  launcher = ray_launcher.RayLauncher(
+      str(tmp_path / 'run'), address=cluster.address, accelerator_resources=_ACCELERATOR,
+      max_restarts=2, restart_backoff_s=0.1, stop_timeout_s=20, placement_timeout_s=20)
+  yield launcher
+  launcher.close()
+
+
+def test_failing_setup_node_raises_naming_the_node_and_its_log(launcher):
+  # No config.json in the run directory: the node's worker fails as it starts.
+  with pytest.raises(local.NodeFailed, match=r'Node warm_start exited with code 1.*warm_start\.log'
+                     r'[\s\S]*config\.json'):
+    launcher.run_to_completion(program_lib.Node('warm_start', 'warm_start', program_lib.SETUP),
+                               should_stop=lambda: False)
+
+
+def test_crashing_restartable_node_is_restarted_until_its_limit(launcher):
+  launcher.start([program_lib.Node('actors_0', 'actor', program_lib.WORKER, restart=True)])
+  deadline = time.monotonic() + 120
+  with pytest.raises(local.NodeFailed, match=r'Node actors_0 failed 3 times.*exited with code 1'):
+    while time.monotonic() < deadline:
+      launcher.poll()
+      time.sleep(0.1)
+  assert launcher.restarts == {'actors_0': 2}
+  with open(launcher.log_path('actors_0')) as file:
+    assert file.read().count('--- launcher: restarting actors_0') == 2
+
+
+def test_node_asking_for_more_than_any_ray_node_has_fails_to_be_placed(cluster, tmp_path):
+  launcher = ray_launcher.RayLauncher(str(tmp_path / 'run'), address=cluster.address,
+                                      accelerator_resources={'accelerator': 3},
+                                      placement_timeout_s=3)
+  try:
+    with pytest.raises(local.NodeFailed,
+                       match=r"no host for nodes \['learner'\].*'accelerator': 3"):
+      launcher.start([program_lib.Node('learner', 'learner', program_lib.MAIN,
+                                       accelerator=True)])
+  finally:
+    launcher.close()
+
+
+def test_node_whose_ray_actor_dies_is_restarted_by_ray_at_its_address(launcher):
+  _write_config(launcher.run_dir)
+  replay = program_lib.Node('replay', 'replay', program_lib.SERVICE, serves=True, restart=True)
+  launcher.start([replay])
+  address = launcher.addresses['replay']
+  assert address.startswith('127.0.0.1:')
+  first = _wait_for_placement(launcher.run_dir, 'replay', previous=None)
+  os.kill(first['host_pid'], 9)  # The Ray worker hosting the node dies, not the node itself.
+  deadline = time.monotonic() + 120
+  while not launcher.restarts and time.monotonic() < deadline:
+    assert launcher.poll()
+    time.sleep(0.1)
+  assert launcher.restarts == {'replay': 1}
+  second = _wait_for_placement(launcher.run_dir, 'replay', previous=first)
+  assert second['ray_node_id'] == first['ray_node_id']
+  assert launcher.addresses['replay'] == address
+  launcher.stop()
+  assert test_local_run._processes_mentioning(launcher.run_dir) == []
+
+
+def _wait_for_placement(run_dir: str, node: str, previous: dict | None) -> dict:
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    try:
+      with open(ray_launcher.placement_path(run_dir, node)) as file:
+        placement = json.load(file)
+      if placement != previous:
+        return placement
+    except (OSError, json.JSONDecodeError):
+      pass
+    time.sleep(0.1)
+  raise TimeoutError(f'{node} wrote no new placement in 60 s')
+
+
+def test_no_ray_process_outlives_the_cluster(cluster):
+  cluster.shutdown()
+  deadline = time.monotonic() + 30
+  while test_local_run._processes_mentioning(cluster.temp_dir) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert test_local_run._processes_mentioning(cluster.temp_dir) == []
