@@ -1,5 +1,6 @@
-"""Launching: experiment configs, program graphs and launchers."""
-from chorus.launch.experiment import ExperimentConfig
-from chorus.launch.program import Address
-from chorus.launch.program import make_program
-from chorus.launch.program import Node
+"""Launching: experiment configs (experiment.py), program graphs (program.py), the local and
+Ray launchers and the `chorus` CLI.
+
+Nothing is imported here: `python -m chorus.launch.worker` must install its signal handlers
+before TensorFlow and JAX load, so that a node stopped during start-up still exits cleanly.
+"""

@@ -26,7 +26,7 @@ class NodeFailed(RuntimeError):
   """A node that must not fail (setup, service, main) exited with an error."""
 
 
-def _die_with_parent():
+def die_with_parent():
   ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -37,7 +37,7 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _tail(path: str, lines: int = 15) -> str:
+def log_tail(path: str, lines: int = 15) -> str:
   try:
     with open(path, errors='replace') as file:
       return ''.join(file.readlines()[-lines:])
@@ -96,7 +96,7 @@ class LocalLauncher:
     process = subprocess.Popen(
         [sys.executable, '-m', 'chorus.launch.worker', self.run_dir, node.name],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        start_new_session=True, preexec_fn=_die_with_parent)
+        start_new_session=True, preexec_fn=die_with_parent)
     log.close()
     with open(self.processes_path, 'a') as file:  # Lets users and tests account for every pid.
       file.write(json.dumps({'node': node.name, 'pid': process.pid, 'time': time.time()}) + '\n')
@@ -123,7 +123,7 @@ class LocalLauncher:
     code = self._running[name].process.returncode
     if code != 0:
       raise NodeFailed(f'Node {name} exited with code {code}; its log '
-                       f'{self.log_path(name)} ends with:\n{_tail(self.log_path(name))}')
+                       f'{self.log_path(name)} ends with:\n{log_tail(self.log_path(name))}')
 
   def poll(self) -> bool:
     """Supervises once: restarts crashed restartable nodes, fails on the others.
@@ -141,11 +141,11 @@ class LocalLauncher:
         continue
       if not running.node.restart:
         raise NodeFailed(f'Node {name} exited with code {code}; its log {self.log_path(name)} '
-                         f'ends with:\n{_tail(self.log_path(name))}')
+                         f'ends with:\n{log_tail(self.log_path(name))}')
       if running.restart_at is None:
         if running.restarts >= self.max_restarts:
           raise NodeFailed(f'Node {name} crashed {running.restarts + 1} times (last exit code '
-                           f'{code}); see {self.log_path(name)}:\n{_tail(self.log_path(name))}')
+                           f'{code}); see {self.log_path(name)}:\n{log_tail(self.log_path(name))}')
         running.restart_at = now + self.restart_backoff_s * 2**running.restarts
       elif now >= running.restart_at:
         with open(self.log_path(name), 'a') as file:
@@ -171,3 +171,8 @@ class LocalLauncher:
         running.process.wait()
     for running in targets:
       del self._running[running.node.name]
+
+  def close(self):
+    """Ends the run: stops every node left, kind by kind (program.STOP_ORDER)."""
+    for kind in program_lib.STOP_ORDER:
+      self.stop((kind,))

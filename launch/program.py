@@ -15,6 +15,9 @@ SERVICE = 'service'  # started first, stopped last (replay, inference servers)
 WORKER = 'worker'    # stopped when the main node ends (actors, evaluator)
 MAIN = 'main'        # the run ends when it exits 0 (the learner)
 KINDS = (SETUP, SERVICE, WORKER, MAIN)
+# Stopping a run: the learner first (it may be waiting for data from the actors), then the
+# actors (they may be waiting for the learner to make room in replay), then the services.
+STOP_ORDER = (MAIN, WORKER, SERVICE, SETUP)
 
 
 @dataclasses.dataclass(frozen=True)

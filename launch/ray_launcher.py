@@ -46,8 +46,6 @@ DEFAULT_ACCELERATOR_RESOURCES = {'GPU': 1}
 DEFAULT_CPU_RESOURCES = {'CPU': 1}
 
 # Shared with the local launcher, so that nodes live, die and report alike on both.
-_die_with_parent = local_lib._die_with_parent  # pylint: disable=protected-access
-_log_tail = local_lib._tail  # pylint: disable=protected-access
 
 # Nothing large goes through Ray's object store: only exit codes and placements.
 _LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
@@ -131,6 +129,12 @@ def _init_ray(address: str | None):
     signal.signal(signal.SIGTERM, sigterm_handler)
 
 
+def _cluster_resources() -> dict[str, float]:
+  """The cluster's total resources, without Ray's per-node markers ('node:IP')."""
+  return {name: amount for name, amount in ray.cluster_resources().items()
+          if not name.startswith('node:')}
+
+
 def placement_path(run_dir: str, node: str) -> str:
   """Where a node's host records the Ray node it last ran on."""
   return os.path.join(run_dir, 'nodes', f'{node}.ray.json')
@@ -166,7 +170,8 @@ class _NodeHost:
     context = ray.get_runtime_context()
     placement = dict(ray_node_id=context.get_node_id(), ip=ray.util.get_node_ip_address(),
                      hostname=socket.gethostname(), host_pid=os.getpid(),
-                     accelerator_ids=context.get_accelerator_ids())
+                     accelerator_ids={kind: ids for kind, ids
+                                      in context.get_accelerator_ids().items() if ids})
     if serves:
       placement['port'] = _free_port(placement['ip'])
     return placement
@@ -205,7 +210,7 @@ class _NodeHost:
       self._process = subprocess.Popen(
           [sys.executable, '-m', 'chorus.launch.worker', self._run_dir, self._name],
           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-          start_new_session=True, preexec_fn=_die_with_parent)
+          start_new_session=True, preexec_fn=local_lib.die_with_parent)
     return self._process.wait()
 
   def terminate(self):
@@ -282,18 +287,13 @@ class RayLauncher:
     address = address or os.environ.get('RAY_ADDRESS')
     if self._owns_ray_connection:
       _init_ray(address)
-    self._check_resources_exist(
-        single_machine=self._owns_ray_connection and address is None)
+    # Ray only on this machine, started here: no autoscaler will ever add resources.
+    self._single_machine = self._owns_ray_connection and address is None
+    self._check_resources_exist()
 
-  def _check_resources_exist(self, single_machine: bool):
-    """Fails early where nodes ask for a resource that no Ray node has enough of.
-
-    Args:
-      single_machine: Ray runs only on this machine, started by this launcher, so no
-        autoscaler will ever add the missing resource.
-    """
-    cluster = {name: amount for name, amount in ray.cluster_resources().items()
-               if not name.startswith('node:')}
+  def _check_resources_exist(self):
+    """Fails early where nodes ask for a resource that no Ray node has enough of."""
+    cluster = _cluster_resources()
     for what, resources, variable in (
         ('accelerator', self.accelerator_resources, ACCELERATOR_RESOURCES_ENV),
         ('CPU', self.cpu_resources, CPU_RESOURCES_ENV)):
@@ -302,10 +302,10 @@ class RayLauncher:
       message = (f'{what} nodes each ask Ray for {resources}, more than the whole cluster '
                  f'has: {cluster}. Set {variable} (JSON) to resources it has, '
                  f'e.g. {variable}=\'{{"CPU": 1}}\', or add machines that have them.')
-      if single_machine:
+      if self._single_machine:
         self.close()
         raise ValueError(message)
-      logging.warning('%s Waiting up to %.0f s per node for an autoscaler to add them.',
+      logging.warning('%s Waiting up to %.0f s for an autoscaler to add them.',
                       message, self.placement_timeout_s)
 
   def log_path(self, name: str) -> str:
@@ -325,8 +325,24 @@ class RayLauncher:
   def _address_ip(self, node: program_lib.Node) -> str | None:
     return self.addresses[node.name].rsplit(':', 1)[0] if node.serves else None
 
+  def _check_fits(self, nodes: list[program_lib.Node]):
+    """On Ray of this machine alone, fails at once where nodes would wait forever."""
+    demand = {}
+    for node in nodes + [running.node for running in self._running.values()]:
+      for name, amount in self._resources(node).items():
+        demand[name] = demand.get(name, 0) + amount
+    cluster = _cluster_resources()
+    if any(amount > cluster.get(name, 0) + 1e-9 for name, amount in demand.items()):
+      raise NodeFailed(
+          f'Nodes {[node.name for node in nodes]} and those running need {demand} in all, '
+          f'more than the Ray instance of this machine has ({cluster}). Ask for less with '
+          f'{CPU_RESOURCES_ENV} and {ACCELERATOR_RESOURCES_ENV} (e.g. \'{{"CPU": 0.25}}\'), '
+          'or use the local launcher.')
+
   def start(self, nodes: list[program_lib.Node]):
     """Places every node's host actor, gives serving nodes addresses, then runs the nodes."""
+    if self._single_machine:
+      self._check_fits(nodes)
     hosts = {}
     for node in nodes:
       hosts[node.name] = _NodeHost.options(
@@ -364,7 +380,7 @@ class RayLauncher:
     failure = self._failure(running)
     if failure:
       raise NodeFailed(f'Node {node.name} {failure}; its log {self.log_path(node.name)} ends '
-                       f'with:\n{_log_tail(self.log_path(node.name))}')
+                       f'with:\n{local_lib.log_tail(self.log_path(node.name))}')
     ray.kill(running.host, no_restart=True)
     del self._running[node.name]
 
@@ -404,10 +420,10 @@ class RayLauncher:
       failure = failure or 'exited with code 0 before the run ended'
       log = self.log_path(name)
       if not running.node.restart:
-        raise NodeFailed(f'Node {name} {failure}; its log {log} ends with:\n{_log_tail(log)}')
+        raise NodeFailed(f'Node {name} {failure}; its log {log} ends with:\n{local_lib.log_tail(log)}')
       if running.restarts >= self.max_restarts:
         raise NodeFailed(f'Node {name} failed {running.restarts + 1} times (last: it {failure}); '
-                         f'see {log}:\n{_log_tail(log)}')
+                         f'see {log}:\n{local_lib.log_tail(log)}')
       running.exit_ref = None
       running.last_failure = failure
       running.restart_at = now + self.restart_backoff_s * 2**running.restarts
@@ -450,8 +466,10 @@ class RayLauncher:
       del self._running[running.node.name]
 
   def close(self):
-    """Stops every node left, then leaves Ray (ending a Ray instance this launcher started)."""
-    self.stop()
+    """Stops every node left (program.STOP_ORDER), then leaves Ray (ending a Ray instance
+    this launcher started)."""
+    for kind in program_lib.STOP_ORDER:
+      self.stop((kind,))
     if self._owns_ray_connection and ray.is_initialized():
       ray.shutdown()
 

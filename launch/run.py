@@ -108,15 +108,15 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
       if time.monotonic() >= next_print:
         print_fn(f'[{time.monotonic() - start:6.0f}s] {progress.line(time.monotonic())}')
         next_print += progress_every_s
+    if stop():
+      raise KeyboardInterrupt  # `finally` stops the learner first, then actors, then services.
     rl_seconds = time.monotonic() - rl_start
     launcher.stop((program_lib.WORKER,))
-    if stop():
-      raise KeyboardInterrupt
     final_eval = _evaluate(config, inference_address, min_version=config.learner.max_steps)
     print_fn(f'[{time.monotonic() - start:6.0f}s] final eval: reward {final_eval["reward"]:.3f}, '
              f'exact match {final_eval["exact_match"]:.3f}')
   finally:
-    launcher.stop()
+    launcher.close()
   summary = report.summarize(run_dir, metrics_path, config_dict, initial_eval=initial_eval,
                              final_eval=final_eval, rl_seconds=rl_seconds,
                              wall_seconds=time.monotonic() - start, restarts=launcher.restarts)

@@ -11,8 +11,6 @@ import signal
 import sys
 import threading
 
-from chorus.launch import experiment
-
 
 def node_spec_path(run_dir: str, node: str) -> str:
   return os.path.join(run_dir, 'nodes', f'{node}.json')
@@ -23,15 +21,18 @@ def main(argv: list[str]) -> int:
     print('usage: python -m chorus.launch.worker RUN_DIR NODE', file=sys.stderr)
     return 2
   run_dir, node = argv[1], argv[2]
-  logging.basicConfig(level=logging.INFO, format=f'%(asctime)s {node} %(levelname)s %(message)s')
+  # Handlers first: a stop that arrives while TF and JAX import still ends cleanly.
   stop = threading.Event()
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *unused: stop.set())
+  logging.basicConfig(level=logging.INFO, format=f'%(asctime)s {node} %(levelname)s %(message)s')
+  # pylint: disable=g-import-not-at-top  (slow imports: TF and JAX)
+  from chorus.launch import experiment
+  from chorus.launch import nodes
   with open(os.path.join(run_dir, 'config.json')) as file:
     config = experiment.from_dict(experiment.ExperimentConfig, json.load(file))
   with open(node_spec_path(run_dir, node)) as file:
     spec = json.load(file)
-  from chorus.launch import nodes  # pylint: disable=g-import-not-at-top  (slow: TF and JAX)
   logging.info('starting role %s with %s', spec['role'], spec['kwargs'])
   nodes.ENTRY_POINTS[spec['role']](config, run_dir, stop.is_set, **spec['kwargs'])
   logging.info('done')

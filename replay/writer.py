@@ -43,4 +43,4 @@ class TrajectoryWriter:
       self.blocked_seconds += time.monotonic() - start
 
   def close(self):
-    self._writer.close(block=False)
+    self._writer.close()

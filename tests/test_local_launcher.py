@@ -87,9 +87,11 @@ def test_sigint_to_the_launcher_stops_every_node(tmp_path):
   launcher = _start(run_dir, '--num-actors', '2', '--max-learner-steps', '100000',
                     '--set', 'evaluation.every_s=0')
   try:
-    _wait_for(lambda: any(p['node'] == 'learner' for p in _processes(run_dir)), 300,
-              'the learner to start')
-    time.sleep(3)
+    def learner_started():
+      path = os.path.join(run_dir, 'logs', 'learner.log')
+      return os.path.exists(path) and 'starting role' in open(path).read()
+    _wait_for(learner_started, 300, 'the learner to start')
+    time.sleep(2)
     launcher.send_signal(signal.SIGINT)
     output, _ = launcher.communicate(timeout=120)
   finally:
@@ -98,3 +100,9 @@ def test_sigint_to_the_launcher_stops_every_node(tmp_path):
   started = _processes(run_dir)
   assert {p['node'] for p in started} >= {'replay_0', 'inference_server_0', 'actors_0', 'learner'}
   assert not [p for p in started if _alive(p['pid'])]
+  # Every node stopped by itself (no SIGKILL after the grace period) and without an error.
+  for node in ('learner', 'actors_0', 'actors_1', 'inference_server_0', 'replay_0'):
+    with open(os.path.join(run_dir, 'logs', f'{node}.log')) as file:
+      log = file.read()
+    assert 'Traceback' not in log, log[-2000:]
+    assert log.rstrip().endswith('done'), f'{node} did not stop cleanly:\n{log[-2000:]}'
