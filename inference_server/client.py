@@ -108,10 +108,14 @@ class ParameterPublisher(_Connection):
     super().__init__(address, timeout_s)
     self.model = model
 
-  def publish(self, params: Any, version: int) -> float:
-    """Sends `params` as `version`; returns seconds taken. Raises InferenceError on failure."""
+  def publish(self, params: Any, version: int, resume: bool = False) -> float:
+    """Sends `params` as `version`; returns seconds taken. Raises InferenceError on failure.
+
+    `resume=True` lets a learner restarted from a checkpoint go back to its version.
+    """
     start = time.monotonic()
     request = inference_pb2.UpdateParamsRequest(model=self.model, version=version,
-                                                params=models.params_to_bytes(params))
+                                                params=models.params_to_bytes(params),
+                                                resume=resume)
     _call('UpdateParams', self._stub.UpdateParams, request, self.timeout_s, self.address)
     return time.monotonic() - start

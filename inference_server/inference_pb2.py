@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'chorus/inference_server/inference.proto\x12\x10\x63horus.inference\"\x1f\n\rTokenSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\x95\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x07prompts\x18\x02 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x14\n\x0c\x61\x63tor_run_id\x18\x05 \x01(\t\"B\n\nCompletion\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x12\n\nterminated\x18\x03 \x01(\x08\"k\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1c.chorus.inference.Completion\x12\x15\n\rparam_version\x18\x03 \x01(\x03\"E\n\x13UpdateParamsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06params\x18\x03 \x01(\x0c\"\'\n\x14UpdateParamsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"\x99\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rparam_version\x18\x02 \x01(\x03\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x11\n\tsequences\x18\x04 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x03\x12\x15\n\rparam_updates\x18\x07 \x01(\x03\"?\n\x0eStatusResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.chorus.inference.ModelStatus2\x94\x02\n\x10InferenceService\x12Q\n\x08Generate\x12!.chorus.inference.GenerateRequest\x1a\".chorus.inference.GenerateResponse\x12]\n\x0cUpdateParams\x12%.chorus.inference.UpdateParamsRequest\x1a&.chorus.inference.UpdateParamsResponse\x12N\n\tGetStatus\x12\x1f.chorus.inference.StatusRequest\x1a .chorus.inference.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'chorus/inference_server/inference.proto\x12\x10\x63horus.inference\"\x1f\n\rTokenSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\x95\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x07prompts\x18\x02 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x14\n\x0c\x61\x63tor_run_id\x18\x05 \x01(\t\"B\n\nCompletion\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x12\n\nterminated\x18\x03 \x01(\x08\"k\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1c.chorus.inference.Completion\x12\x15\n\rparam_version\x18\x03 \x01(\x03\"U\n\x13UpdateParamsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06params\x18\x03 \x01(\x0c\x12\x0e\n\x06resume\x18\x04 \x01(\x08\"\'\n\x14UpdateParamsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"\x99\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rparam_version\x18\x02 \x01(\x03\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x11\n\tsequences\x18\x04 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x03\x12\x15\n\rparam_updates\x18\x07 \x01(\x03\"?\n\x0eStatusResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.chorus.inference.ModelStatus2\x94\x02\n\x10InferenceService\x12Q\n\x08Generate\x12!.chorus.inference.GenerateRequest\x1a\".chorus.inference.GenerateResponse\x12]\n\x0cUpdateParams\x12%.chorus.inference.UpdateParamsRequest\x1a&.chorus.inference.UpdateParamsResponse\x12N\n\tGetStatus\x12\x1f.chorus.inference.StatusRequest\x1a .chorus.inference.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -30,15 +30,15 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_GENERATERESPONSE']._serialized_start=314
   _globals['_GENERATERESPONSE']._serialized_end=421
   _globals['_UPDATEPARAMSREQUEST']._serialized_start=423
-  _globals['_UPDATEPARAMSREQUEST']._serialized_end=492
-  _globals['_UPDATEPARAMSRESPONSE']._serialized_start=494
-  _globals['_UPDATEPARAMSRESPONSE']._serialized_end=533
-  _globals['_STATUSREQUEST']._serialized_start=535
-  _globals['_STATUSREQUEST']._serialized_end=550
-  _globals['_MODELSTATUS']._serialized_start=553
-  _globals['_MODELSTATUS']._serialized_end=706
-  _globals['_STATUSRESPONSE']._serialized_start=708
-  _globals['_STATUSRESPONSE']._serialized_end=771
-  _globals['_INFERENCESERVICE']._serialized_start=774
-  _globals['_INFERENCESERVICE']._serialized_end=1050
+  _globals['_UPDATEPARAMSREQUEST']._serialized_end=508
+  _globals['_UPDATEPARAMSRESPONSE']._serialized_start=510
+  _globals['_UPDATEPARAMSRESPONSE']._serialized_end=549
+  _globals['_STATUSREQUEST']._serialized_start=551
+  _globals['_STATUSREQUEST']._serialized_end=566
+  _globals['_MODELSTATUS']._serialized_start=569
+  _globals['_MODELSTATUS']._serialized_end=722
+  _globals['_STATUSRESPONSE']._serialized_start=724
+  _globals['_STATUSRESPONSE']._serialized_end=787
+  _globals['_INFERENCESERVICE']._serialized_start=790
+  _globals['_INFERENCESERVICE']._serialized_end=1066
 # @@protoc_insertion_point(module_scope)

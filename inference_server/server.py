@@ -110,15 +110,18 @@ class ServedModel:
       self.counters['requests'] += 1
     return self._batcher.submit(rows)
 
-  def update_params(self, params: Any, version: int):
-    """Swaps in newer parameters; the batch running now finishes on the old ones."""
+  def update_params(self, params: Any, version: int, resume: bool = False):
+    """Swaps in newer parameters; the batch running now finishes on the old ones.
+
+    `resume` accepts an older version: a learner restarted from its checkpoint.
+    """
     if jax.tree_util.tree_map(_shape_and_dtype, params) != self._template:
       raise ValueError(f'Parameters for model {self.name!r} do not match its architecture '
                        '(tree, shapes or dtypes); send the full float32 parameter tree of the '
                        'same DecoderConfig.')
     with self._lock:
       current = self.param_version
-      if version <= current:
+      if version <= current and not resume:
         raise StaleVersionError(f'Model {self.name!r} already serves version {current}; '
                          f'version {version} is not newer. Versions must increase.')
       self._params_and_version = (jax.device_put(params), version)
@@ -225,7 +228,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     f'Could not decode the parameters for {model.name!r}: {error!r}. Send '
                     'models.params_to_bytes(params).')
     try:
-      model.update_params(params, request.version)
+      model.update_params(params, request.version, request.resume)
     except StaleVersionError as error:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     except ValueError as error:

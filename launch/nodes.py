@@ -186,7 +186,7 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   if checkpointer.latest_step() is not None:  # Resume after a crash or restart.
     learner_obj.state = checkpointer.restore(learner_obj.state)
     for publisher in publishers:
-      publisher.publish(learner_obj.params, learner_obj.step)
+      publisher.publish(learner_obj.params, learner_obj.step, resume=True)
     logging.info('Learner resumed at step %d', learner_obj.step)
 
   def publish(params, version: int) -> float:

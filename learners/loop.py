@@ -40,7 +40,9 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   """Runs `learner.update` on `batches` until `config.max_steps`; returns the last step.
 
   Parameter version = learner step: the version pushed after k updates is k, so the policy
-  lag of a batch is exactly (updates done so far) - (version that sampled it).
+  lag of a batch is exactly (updates done so far) - (version that sampled it). After a
+  restart from a checkpoint at step k, trajectories sampled by the lost versions above k
+  show a negative lag until they have left replay.
   """
   summary_writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir else None
   window: dict[str, list[float]] = {}

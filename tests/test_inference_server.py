@@ -213,6 +213,16 @@ def test_stale_params_version_fails_precondition_and_keeps_the_served_version(
   _assert_serves(client, expected_version=served)
 
 
+def test_resuming_learner_may_go_back_to_its_checkpoint_version(client, publisher, other_params):
+  served = _served_version(client)
+  publisher.publish(other_params, served + 10)
+  publisher.publish(other_params, served + 5, resume=True)  # Steps served+6..10 were lost.
+  assert _served_version(client) == served + 5
+  _assert_serves(client, expected_version=served + 5)
+  publisher.publish(other_params, served + 6)
+  assert _served_version(client) == served + 6
+
+
 @pytest.mark.parametrize('wrong_config', [
     models.DecoderConfig.tiny(VOCAB_SIZE + 1),
     models.DecoderConfig(vocab_size=VOCAB_SIZE, num_layers=3, embed_dim=64, num_heads=4,

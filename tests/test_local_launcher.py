@@ -49,18 +49,21 @@ def _wait_for(condition, timeout_s: float, what: str):
     time.sleep(0.5)
 
 
-def test_sigkilled_actor_is_restarted_and_two_inference_servers_share_eight_actors(tmp_path):
+def test_sigkilled_actor_and_learner_restart_and_two_inference_servers_share_eight_actors(
+    tmp_path):
   run_dir = str(tmp_path / 'run')
+  metrics_path = os.path.join(run_dir, 'metrics.jsonl')
   launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '60',
                     '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2',
-                    '--set', 'num_replay_servers=2', '--set', 'evaluation.every_s=1')
+                    '--set', 'num_replay_servers=2', '--set', 'evaluation.every_s=1',
+                    '--set', 'learner.checkpoint_every=10')
   try:
-    def actor_has_episodes():
-      return any(r.get('kind') == 'actor' and r['node'] == 'actor_0'
-                 for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl')))
-    _wait_for(actor_has_episodes, 300, 'actor_0 to report episodes')
-    victim = [p['pid'] for p in _processes(run_dir) if p['node'] == 'actors_0'][0]
-    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: read_metrics(metrics_path, node='actor_0'), 300,
+              'actor_0 to report episodes')
+    os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'actors_0'][0], signal.SIGKILL)
+    _wait_for(lambda: any(r['step'] >= 10 for r in read_metrics(metrics_path, node='learner')),
+              300, 'the learner to pass its first checkpoint')
+    os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'learner'][0], signal.SIGKILL)
     output, _ = launcher.communicate(timeout=600)
   finally:
     launcher.kill()
@@ -68,17 +71,21 @@ def test_sigkilled_actor_is_restarted_and_two_inference_servers_share_eight_acto
   with open(os.path.join(run_dir, 'summary.json')) as file:
     summary = json.load(file)
   assert summary['learner_steps'] == 60
-  assert summary['restarts'] == {'actors_0': 1}
+  assert summary['final_eval']['param_versions'] == [60]
+  assert summary['restarts'] == {'actors_0': 1, 'learner': 1}
+  with open(os.path.join(run_dir, 'logs', 'learner.log')) as file:
+    assert 'Learner resumed at step' in file.read()
   started = _processes(run_dir)
   assert [p['node'] for p in started].count('actors_0') == 2
+  assert [p['node'] for p in started].count('learner') == 2
   assert not [p for p in started if _alive(p['pid'])]
   requests = {}
-  for record in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
+  for record in read_metrics(metrics_path):
     if record.get('kind') == 'inference':
       requests[record['node']] = record['requests']
   assert sorted(requests) == ['inference_server_0', 'inference_server_1']
   assert all(count > 0 for count in requests.values()), requests
-  evaluations = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='evaluator')
+  evaluations = read_metrics(metrics_path, node='evaluator')
   assert evaluations and all(0 <= r['reward'] <= 1 for r in evaluations)
 
 
