@@ -37,11 +37,23 @@ class GenerateResult:
 
 
 def _call(name: str, method, request, timeout_s: float, address: str):
-  try:
-    return method(request, timeout=timeout_s)
-  except grpc.RpcError as error:
-    raise InferenceError(f'{name} to inference server {address} failed: '
-                         f'{error.code().name}: {error.details()}', error.code()) from None
+  """Calls `method`, riding out a server restart for up to `timeout_s`.
+
+  wait_for_ready queues calls while the channel reconnects; a call that was in flight
+  when the server died fails UNAVAILABLE and is sent again (generation and versioned
+  pushes are safe to repeat). Other errors are raised at once.
+  """
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      return method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                    wait_for_ready=True)
+    except grpc.RpcError as error:
+      if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+        time.sleep(0.5)
+        continue
+      raise InferenceError(f'{name} to inference server {address} failed: '
+                           f'{error.code().name}: {error.details()}', error.code()) from None
 
 
 class _Connection:

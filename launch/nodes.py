@@ -185,9 +185,11 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
     publisher.wait_until_ready()
   if checkpointer.latest_step() is not None:  # Resume after a crash or restart.
     learner_obj.state = checkpointer.restore(learner_obj.state)
-    for publisher in publishers:
-      publisher.publish(learner_obj.params, learner_obj.step, resume=True)
     logging.info('Learner resumed at step %d', learner_obj.step)
+  # A restarted learner may be behind what the servers serve (steps after its checkpoint,
+  # or every step if it crashed before the first one): put its own version back.
+  for publisher in publishers:
+    publisher.publish(learner_obj.params, learner_obj.step, resume=True)
 
   def publish(params, version: int) -> float:
     return sum(publisher.publish(params, version) for publisher in publishers)
