@@ -30,11 +30,38 @@ def die_with_parent():
   ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def free_port() -> int:
-  """A port free on loopback now (the OS picks it; a tiny race remains until the node binds)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-    sock.bind(('127.0.0.1', 0))
+def free_port(ip: str = '127.0.0.1') -> int:
+  """A port free on `ip` now (the OS picks it; a tiny race remains until the node binds)."""
+  with socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET) as sock:
+    sock.bind((ip, 0))
     return sock.getsockname()[1]
+
+
+def node_log_path(run_dir: str, name: str) -> str:
+  return os.path.join(run_dir, 'logs', f'{name}.log')
+
+
+def write_node_spec(run_dir: str, node: program_lib.Node, addresses: dict[str, str]):
+  """RUN_DIR/nodes/NODE.json: the node's role and kwargs, handles resolved (worker.py reads it)."""
+  kwargs = program_lib.resolve(dict(node.kwargs), addresses)
+  if node.serves:
+    host, port = addresses[node.name].rsplit(':', 1)
+    kwargs.update(host=host, port=int(port))
+  with open(worker.node_spec_path(run_dir, node.name), 'w') as file:
+    json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
+
+
+def start_worker(run_dir: str, name: str, log) -> subprocess.Popen:
+  """Starts `python -m chorus.launch.worker RUN_DIR NAME` with output to the open file `log`.
+
+  The node gets its own session (signals to the launcher's process group do not reach
+  it) and SIGTERM when its parent dies, even by SIGKILL.
+  """
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'chorus.launch.worker', run_dir, name],
+      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+      start_new_session=True, preexec_fn=die_with_parent)
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -53,8 +80,10 @@ class _Running:
   restart_at: float | None = None
 
 
-class LocalLauncher:
-  """Starts, watches and stops the nodes of one program.
+class LauncherBase:
+  """What every launcher shares: the run directory, restart policy and ordered shutdown.
+
+  Subclasses implement start, run_to_completion, poll and stop(kinds).
 
   Args:
     run_dir: the run directory (holds config.json; logs/ and nodes/ are made here).
@@ -64,40 +93,48 @@ class LocalLauncher:
   """
 
   def __init__(self, run_dir: str, *, max_restarts: int = 3, restart_backoff_s: float = 1.0,
-               stop_timeout_s: float = 30.0, host: str = '127.0.0.1'):
+               stop_timeout_s: float = 30.0):
     self.run_dir = run_dir
     self.max_restarts = max_restarts
     self.restart_backoff_s = restart_backoff_s
     self.stop_timeout_s = stop_timeout_s
-    self.host = host
     self.addresses: dict[str, str] = {}
     self.restarts: dict[str, int] = {}
-    self._running: dict[str, _Running] = {}
+    self._running: dict = {}
     os.makedirs(os.path.join(run_dir, 'logs'), exist_ok=True)
     os.makedirs(os.path.join(run_dir, 'nodes'), exist_ok=True)
+
+  def log_path(self, name: str) -> str:
+    return node_log_path(self.run_dir, name)
+
+  def stop(self, kinds: tuple[str, ...] = program_lib.KINDS):
+    raise NotImplementedError
+
+  def close(self):
+    """Ends the run: stops every node left, kind by kind (program.STOP_ORDER)."""
+    for kind in program_lib.STOP_ORDER:
+      self.stop((kind,))
+
+
+class LocalLauncher(LauncherBase):
+  """Starts, watches and stops the nodes of one program as processes of this machine.
+
+  Args: those of LauncherBase, and `host`, the address serving nodes bind to.
+  """
+
+  def __init__(self, run_dir: str, *, host: str = '127.0.0.1', **kwargs):
+    super().__init__(run_dir, **kwargs)
+    self.host = host
 
   @property
   def processes_path(self) -> str:
     """JSON lines {node, pid, time}, one per process started, restarts included."""
     return os.path.join(self.run_dir, 'nodes', 'processes.jsonl')
 
-  def log_path(self, name: str) -> str:
-    return os.path.join(self.run_dir, 'logs', f'{name}.log')
-
   def _spawn(self, node: program_lib.Node) -> subprocess.Popen:
-    kwargs = program_lib.resolve(dict(node.kwargs), self.addresses)
-    if node.serves:
-      host, port = self.addresses[node.name].rsplit(':', 1)
-      kwargs.update(host=host, port=int(port))
-    with open(worker.node_spec_path(self.run_dir, node.name), 'w') as file:
-      json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-    log = open(self.log_path(node.name), 'ab')  # pylint: disable=consider-using-with
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'chorus.launch.worker', self.run_dir, node.name],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        start_new_session=True, preexec_fn=die_with_parent)
-    log.close()
+    write_node_spec(self.run_dir, node, self.addresses)
+    with open(self.log_path(node.name), 'ab') as log:
+      process = start_worker(self.run_dir, node.name, log)
     with open(self.processes_path, 'a') as file:  # Lets users and tests account for every pid.
       file.write(json.dumps({'node': node.name, 'pid': process.pid, 'time': time.time()}) + '\n')
     return process
@@ -105,7 +142,7 @@ class LocalLauncher:
   def start(self, nodes: list[program_lib.Node]):
     for node in nodes:
       if node.serves and node.name not in self.addresses:
-        self.addresses[node.name] = f'{self.host}:{free_port()}'
+        self.addresses[node.name] = f'{self.host}:{free_port(self.host)}'
     for node in nodes:
       self._running[node.name] = _Running(node, self._spawn(node))
 
@@ -116,14 +153,13 @@ class LocalLauncher:
       if should_stop():
         return
       time.sleep(0.2)
-    self._check_exit(node.name)
+    if self._running[node.name].process.returncode != 0:
+      self._fail(node.name)
     del self._running[node.name]
 
-  def _check_exit(self, name: str):
-    code = self._running[name].process.returncode
-    if code != 0:
-      raise NodeFailed(f'Node {name} exited with code {code}; its log '
-                       f'{self.log_path(name)} ends with:\n{log_tail(self.log_path(name))}')
+  def _fail(self, name: str):
+    raise NodeFailed(f'Node {name} exited with code {self._running[name].process.returncode}; '
+                     f'its log {self.log_path(name)} ends with:\n{log_tail(self.log_path(name))}')
 
   def poll(self) -> bool:
     """Supervises once: restarts crashed restartable nodes, fails on the others.
@@ -140,8 +176,7 @@ class LocalLauncher:
         main_running = False
         continue
       if not running.node.restart:
-        raise NodeFailed(f'Node {name} exited with code {code}; its log {self.log_path(name)} '
-                         f'ends with:\n{log_tail(self.log_path(name))}')
+        self._fail(name)
       if running.restart_at is None:
         if running.restarts >= self.max_restarts:
           raise NodeFailed(f'Node {name} crashed {running.restarts + 1} times (last exit code '
@@ -171,8 +206,3 @@ class LocalLauncher:
         running.process.wait()
     for running in targets:
       del self._running[running.node.name]
-
-  def close(self):
-    """Ends the run: stops every node left, kind by kind (program.STOP_ORDER)."""
-    for kind in program_lib.STOP_ORDER:
-      self.stop((kind,))

@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -36,7 +35,6 @@ from ray._private import ray_constants
 
 from chorus.launch import local as local_lib
 from chorus.launch import program as program_lib
-from chorus.launch import worker
 from chorus.launch.local import NodeFailed
 
 # Resource requests, as JSON objects: Ray's 'CPU' and 'GPU' or any custom resource.
@@ -44,8 +42,6 @@ ACCELERATOR_RESOURCES_ENV = 'CHORUS_RAY_ACCELERATOR_RESOURCES'
 CPU_RESOURCES_ENV = 'CHORUS_RAY_CPU_RESOURCES'
 DEFAULT_ACCELERATOR_RESOURCES = {'GPU': 1}
 DEFAULT_CPU_RESOURCES = {'CPU': 1}
-
-# Shared with the local launcher, so that nodes live, die and report alike on both.
 
 # Nothing large goes through Ray's object store: only exit codes and placements.
 _LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
@@ -103,13 +99,6 @@ def _ray_single_machine_mode():
     ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def _free_port(ip: str) -> int:
-  """A port free on `ip` now (the OS picks it; a tiny race remains until the node binds)."""
-  with socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET) as sock:
-    sock.bind((ip, 0))
-    return sock.getsockname()[1]
-
-
 def _init_ray(address: str | None):
   """Connects this driver to the Ray cluster at `address`, or starts Ray on this machine."""
   # ray.init installs a SIGTERM handler that exits the driver at once; the caller's
@@ -138,10 +127,6 @@ def _cluster_resources() -> dict[str, float]:
 def placement_path(run_dir: str, node: str) -> str:
   """Where a node's host records the Ray node it last ran on."""
   return os.path.join(run_dir, 'nodes', f'{node}.ray.json')
-
-
-def _log_path(run_dir: str, node: str) -> str:
-  return os.path.join(run_dir, 'logs', f'{node}.log')
 
 
 @ray.remote(max_concurrency=2)
@@ -173,7 +158,7 @@ class _NodeHost:
                      accelerator_ids={kind: ids for kind, ids
                                       in context.get_accelerator_ids().items() if ids})
     if serves:
-      placement['port'] = _free_port(placement['ip'])
+      placement['port'] = local_lib.free_port(placement['ip'])
     return placement
 
   def run(self, address_ip: str | None) -> int | None:
@@ -197,20 +182,15 @@ class _NodeHost:
                        'address, so the run cannot go on.')
     with open(placement_path(self._run_dir, self._name), 'w') as file:
       json.dump(placement, file, indent=2)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-    with self._lock, open(_log_path(self._run_dir, self._name), 'ab') as log:
+    with self._lock, open(local_lib.node_log_path(self._run_dir, self._name), 'ab') as log:
       if self._stopping:
         return None
       log.write(f'--- ray: {self._name} on Ray node {placement["ray_node_id"]} '
                 f'({placement["hostname"]}, {placement["ip"]}), accelerators '
                 f'{placement["accelerator_ids"]}\n'.encode())
       log.flush()
-      # As on the local launcher: the node's own session, so signals to the host's process
-      # group do not reach it, and SIGTERM to it when its host dies (even by SIGKILL).
-      self._process = subprocess.Popen(
-          [sys.executable, '-m', 'chorus.launch.worker', self._run_dir, self._name],
-          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-          start_new_session=True, preexec_fn=local_lib.die_with_parent)
+      # As on the local launcher: its own session, and SIGTERM when its host dies.
+      self._process = local_lib.start_worker(self._run_dir, self._name, log)
     return self._process.wait()
 
   def terminate(self):
@@ -243,7 +223,7 @@ class _Running:
   last_failure: str = ''
 
 
-class RayLauncher:
+class RayLauncher(local_lib.LauncherBase):
   """Starts, watches and stops the nodes of one program as Ray actors.
 
   Args:
@@ -267,21 +247,14 @@ class RayLauncher:
                cpu_resources: dict[str, float] | None = None, max_restarts: int = 3,
                restart_backoff_s: float = 1.0, stop_timeout_s: float = 30.0,
                placement_timeout_s: float = 600.0):
-    self.run_dir = run_dir
+    super().__init__(run_dir, max_restarts=max_restarts, restart_backoff_s=restart_backoff_s,
+                     stop_timeout_s=stop_timeout_s)
     self.accelerator_resources = (
         resources_from_env(ACCELERATOR_RESOURCES_ENV, DEFAULT_ACCELERATOR_RESOURCES)
         if accelerator_resources is None else dict(accelerator_resources))
     self.cpu_resources = (resources_from_env(CPU_RESOURCES_ENV, DEFAULT_CPU_RESOURCES)
                           if cpu_resources is None else dict(cpu_resources))
-    self.max_restarts = max_restarts
-    self.restart_backoff_s = restart_backoff_s
-    self.stop_timeout_s = stop_timeout_s
     self.placement_timeout_s = placement_timeout_s
-    self.addresses: dict[str, str] = {}
-    self.restarts: dict[str, int] = {}
-    self._running: dict[str, _Running] = {}
-    os.makedirs(os.path.join(run_dir, 'logs'), exist_ok=True)
-    os.makedirs(os.path.join(run_dir, 'nodes'), exist_ok=True)
     # A driver already connected to Ray (a notebook, a test) keeps its connection.
     self._owns_ray_connection = not ray.is_initialized()
     address = address or os.environ.get('RAY_ADDRESS')
@@ -308,19 +281,8 @@ class RayLauncher:
       logging.warning('%s Waiting up to %.0f s for an autoscaler to add them.',
                       message, self.placement_timeout_s)
 
-  def log_path(self, name: str) -> str:
-    return _log_path(self.run_dir, name)
-
   def _resources(self, node: program_lib.Node) -> dict[str, float]:
     return self.accelerator_resources if node.accelerator else self.cpu_resources
-
-  def _write_spec(self, node: program_lib.Node):
-    kwargs = program_lib.resolve(dict(node.kwargs), self.addresses)
-    if node.serves:
-      host, port = self.addresses[node.name].rsplit(':', 1)
-      kwargs.update(host=host, port=int(port))
-    with open(worker.node_spec_path(self.run_dir, node.name), 'w') as file:
-      json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
 
   def _address_ip(self, node: program_lib.Node) -> str | None:
     return self.addresses[node.name].rsplit(':', 1)[0] if node.serves else None
@@ -365,7 +327,7 @@ class RayLauncher:
       if node.serves and node.name not in self.addresses:
         self.addresses[node.name] = f'{placement["ip"]}:{placement["port"]}'
     for node in nodes:
-      self._write_spec(node)
+      local_lib.write_node_spec(self.run_dir, node, self.addresses)
       running = _Running(node, hosts[node.name])
       running.exit_ref = running.host.run.remote(self._address_ip(node))
       self._running[node.name] = running
@@ -468,8 +430,7 @@ class RayLauncher:
   def close(self):
     """Stops every node left (program.STOP_ORDER), then leaves Ray (ending a Ray instance
     this launcher started)."""
-    for kind in program_lib.STOP_ORDER:
-      self.stop((kind,))
+    super().close()
     if self._owns_ray_connection and ray.is_initialized():
       ray.shutdown()
 
