@@ -39,6 +39,15 @@ class Trajectory:
       stream, so an episode's prompt can be regenerated.
     reward_components: every term of the reward by name, e.g. {'positional_accuracy': 0.75};
       for the built-in tasks `reward` is their sum.
+    reference_logprobs: [T] float32 or None, log-probs of the completion tokens under the
+      served reference model (Nash-MD) or moving anchor (BOND), scored by the inference
+      server when the completion was made; None when the algorithm needs none.
+    paired_completion_tokens: [T'] int32 or None, a second completion of the same prompt
+      that the algorithm compares against: BOND's better anchor sample, Nash-MD's sample
+      from the geometric-mixture opponent.
+    win_probability: None, or the estimated probability that this completion is at least
+      as good as its comparison samples: Nash-MD's P(y > y') from the preference model,
+      BOND's share of anchor samples whose reward is <= this one's (p-hat<=).
   """
   prompt_tokens: np.ndarray
   completion_tokens: np.ndarray
@@ -54,21 +63,29 @@ class Trajectory:
   task: str = ''
   seed: int = 0
   reward_components: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  reference_logprobs: np.ndarray | None = None
+  paired_completion_tokens: np.ndarray | None = None
+  win_probability: float | None = None
 
   def __post_init__(self):
     num_tokens = len(self.completion_tokens)
     if num_tokens < 1:
       raise ValueError('A trajectory needs at least one completion token; got 0.')
-    if len(self.behaviour_logprobs) != num_tokens:
-      raise ValueError(
-          f'behaviour_logprobs has {len(self.behaviour_logprobs)} entries but there are '
-          f'{num_tokens} completion tokens; give one log-prob per sampled token.')
+    for name in ('behaviour_logprobs', 'reference_logprobs'):
+      values = getattr(self, name)
+      if values is not None and len(values) != num_tokens:
+        raise ValueError(
+            f'{name} has {len(values)} entries but there are {num_tokens} completion '
+            'tokens; give one log-prob per sampled token.')
+    if self.paired_completion_tokens is not None and len(self.paired_completion_tokens) < 1:
+      raise ValueError('paired_completion_tokens is empty; give None when there is no pair.')
 
 
 @functools.partial(jax.tree_util.register_dataclass, meta_fields=[],
                    data_fields=['prompt_tokens', 'prompt_mask', 'completion_tokens',
                                 'completion_mask', 'behaviour_logprobs', 'rewards',
-                                'terminated', 'param_version'])
+                                'terminated', 'param_version', 'reference_logprobs',
+                                'paired_tokens', 'paired_mask', 'win_probability'])
 @dataclasses.dataclass(frozen=True)
 class TrajectoryBatch:
   """A fixed-shape batch of trajectories for learners (one XLA shape per (B, P, T)).
@@ -85,6 +102,10 @@ class TrajectoryBatch:
     rewards: [B] float32 sequence rewards.
     terminated: [B] bool.
     param_version: [B] int64.
+    reference_logprobs: [B, T] float32, Trajectory.reference_logprobs (0 where absent).
+    paired_tokens: [B, T] int32, Trajectory.paired_completion_tokens right-padded.
+    paired_mask: [B, T] bool, all False for rows without a paired completion.
+    win_probability: [B] float32, Trajectory.win_probability (0.5 where absent).
   """
   prompt_tokens: np.ndarray
   prompt_mask: np.ndarray
@@ -94,17 +115,23 @@ class TrajectoryBatch:
   rewards: np.ndarray
   terminated: np.ndarray
   param_version: np.ndarray
+  reference_logprobs: np.ndarray
+  paired_tokens: np.ndarray
+  paired_mask: np.ndarray
+  win_probability: np.ndarray
 
 
 def padded_row(trajectory: Trajectory, prompt_len: int, completion_len: int) -> dict[str, np.ndarray]:
   """One trajectory as the fixed-shape fields of a TrajectoryBatch row (no batch axis)."""
   prompt, completion = trajectory.prompt_tokens, trajectory.completion_tokens
+  paired = trajectory.paired_completion_tokens
   if len(prompt) > prompt_len:
     raise ValueError(f'Prompt of {len(prompt)} tokens exceeds prompt_len={prompt_len}; raise '
                      'the limit in the config or shorten the task prompts.')
-  if len(completion) > completion_len:
-    raise ValueError(f'Completion of {len(completion)} tokens exceeds completion_len='
-                     f'{completion_len}; raise the limit in the config.')
+  for name, tokens in (('Completion', completion), ('Paired completion', paired)):
+    if tokens is not None and len(tokens) > completion_len:
+      raise ValueError(f'{name} of {len(tokens)} tokens exceeds completion_len='
+                       f'{completion_len}; raise the limit in the config.')
   row = dict(
       prompt_tokens=np.zeros(prompt_len, np.int32),
       prompt_mask=np.zeros(prompt_len, bool),
@@ -114,12 +141,22 @@ def padded_row(trajectory: Trajectory, prompt_len: int, completion_len: int) -> 
       rewards=np.float32(trajectory.reward),
       terminated=np.bool_(trajectory.terminated),
       param_version=np.int64(trajectory.param_version),
+      reference_logprobs=np.zeros(completion_len, np.float32),
+      paired_tokens=np.zeros(completion_len, np.int32),
+      paired_mask=np.zeros(completion_len, bool),
+      win_probability=np.float32(0.5 if trajectory.win_probability is None
+                                 else trajectory.win_probability),
   )
   row['prompt_tokens'][prompt_len - len(prompt):] = prompt
   row['prompt_mask'][prompt_len - len(prompt):] = True
   row['completion_tokens'][:len(completion)] = completion
   row['completion_mask'][:len(completion)] = True
   row['behaviour_logprobs'][:len(completion)] = trajectory.behaviour_logprobs
+  if trajectory.reference_logprobs is not None:
+    row['reference_logprobs'][:len(completion)] = trajectory.reference_logprobs
+  if paired is not None:
+    row['paired_tokens'][:len(paired)] = paired
+    row['paired_mask'][:len(paired)] = True
   return row
 
 
@@ -147,6 +184,11 @@ class TrajectoryDigest:
     # JSON quotes the strings, so no task or component name can imitate a separator.
     self._hash.update(json.dumps([t.task, int(t.seed), list(t.reward_components)]).encode())
     self._hash.update(np.asarray(list(t.reward_components.values()), np.float64).tobytes())
+    for array, dtype in ((t.reference_logprobs, np.float32),
+                         (t.paired_completion_tokens, np.int32)):
+      self._hash.update(b'-' if array is None else np.asarray(array, dtype).tobytes() + b'|')
+    self._hash.update(b'-' if t.win_probability is None
+                      else np.float64(t.win_probability).tobytes())
     self._hash.update(b'\n')
     self.count += 1
 

@@ -31,18 +31,18 @@ class Actor:
   """Generates episodes of one task and hands each to replay and the episode log.
 
   Collaborators are passed in (Acme style), so the loop knows no addresses:
-    generate: InferenceClient.generate.
+    rollout: prompts -> list of rollouts.Sample (one of the classes in rollouts.py).
     write_replay: TrajectoryWriter.write(trajectory, should_stop) -> stored or not.
     log_episode: EpisodeLogger.write(trajectory).
   """
 
-  def __init__(self, actor_id: int, config: ActorConfig, task, *, generate: Callable,
+  def __init__(self, actor_id: int, config: ActorConfig, task, *, rollout: Callable,
                write_replay: Callable, log_episode: Callable, metrics: MetricsWriter | None,
                seed: int):
     self.actor_id = actor_id
     self.config = config
     self.task = task
-    self._generate = generate
+    self._rollout = rollout
     self._write_replay = write_replay
     self._log_episode = log_episode
     self._metrics = metrics
@@ -55,21 +55,21 @@ class Actor:
   def run_once(self, should_stop: Callable[[], bool] = lambda: False) -> list[core.Trajectory]:
     """One request's worth of episodes; each is logged, then offered to replay."""
     prompts = [self.task.train_prompt(self._rng) for _ in range(self.config.prompts_per_request)]
-    result = self._generate([self.task.encode_prompt(p) for p in prompts],
-                            model=self.config.model, max_new_tokens=self.config.max_new_tokens,
-                            temperature=self.config.temperature)
     trajectories = []
-    for prompt, completion in zip(prompts, result.completions):
-      reward_components = self.task.reward_components(prompt, completion.tokens)
+    for prompt, sample in zip(prompts, self._rollout(prompts)):
+      completion = sample.completion
       trajectory = core.Trajectory(
           prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
           completion_tokens=completion.tokens, behaviour_logprobs=completion.logprobs,
           # What task.reward returns, without scoring the completion a second time.
-          reward=sum(reward_components.values()), terminated=completion.terminated,
-          param_version=result.param_version, temperature=self.config.temperature,
+          reward=sum(sample.reward_components.values()), terminated=completion.terminated,
+          param_version=sample.param_version, temperature=self.config.temperature,
           model_name=self.config.model, prompt_id=prompt.prompt_id, actor_id=self.actor_id,
           episode_id=self.episodes, task=self.task.name, seed=self._seed,
-          reward_components=reward_components)
+          reward_components=sample.reward_components,
+          reference_logprobs=sample.reference_logprobs,
+          paired_completion_tokens=sample.paired_completion_tokens,
+          win_probability=sample.win_probability)
       # The episode log comes first: an episode generated is an episode recorded, even
       # when the actor is stopped while replay makes it wait.
       self._log_episode(trajectory)

@@ -28,12 +28,19 @@ class ReverseDigitsConfig:
     demo_error_rate: fraction of demonstrations with two neighbouring digits swapped.
     eval_fraction: share of all digit strings held out for evaluation (by hash).
     num_eval_prompts: size of the fixed held-out evaluation set.
+    preference_noise_temperature: noise of the annotator who labels preference pairs
+      (`preference_pair`): it prefers completion a over b with probability
+      sigmoid((r_a - r_b) / temperature), r the task reward (positional accuracy, in
+      [0, 1]). 0 is a perfect annotator (ties are a coin flip); at 0.1 a one-digit
+      difference in a 5-digit answer (0.2 reward) is labelled right 88% of the time;
+      large values make labels coin flips.
   """
   min_digits: int = 3
   max_digits: int = 7
   demo_error_rate: float = 0.5
   eval_fraction: float = 0.1
   num_eval_prompts: int = 256
+  preference_noise_temperature: float = 0.1
 
   def __post_init__(self):
     if not 1 <= self.min_digits <= self.max_digits:
@@ -41,6 +48,10 @@ class ReverseDigitsConfig:
                        f'{self.max_digits}.')
     if not 0 <= self.demo_error_rate <= 1:
       raise ValueError(f'demo_error_rate must be in [0, 1], got {self.demo_error_rate}.')
+    if not self.preference_noise_temperature >= 0:
+      raise ValueError(
+          'preference_noise_temperature must be >= 0 (0 is a noiseless annotator); got '
+          f'{self.preference_noise_temperature}.')
 
 
 class ReverseDigitsTask:
@@ -50,6 +61,8 @@ class ReverseDigitsTask:
   answer, over the longer of the two (so missing or extra digits cost too).
   """
   name = 'reverse_digits'
+  # Kinds of sloppy answers in preference pairs (see `corrupted_answer`).
+  corruptions = ('swap', 'drop', 'extra', 'substitute', 'random')
 
   def __init__(self, config: ReverseDigitsConfig = ReverseDigitsConfig()):
     self.config = config
@@ -116,6 +129,90 @@ class ReverseDigitsTask:
   def reward(self, prompt: Prompt, completion_tokens) -> float:
     """The total reward: the sum of `reward_components`."""
     return sum(self.reward_components(prompt, completion_tokens).values())
+
+  @property
+  def max_preference_completion_tokens(self) -> int:
+    """Longest encoded candidate of `preference_pair` (an extra digit, then EOS)."""
+    return self.config.max_digits + 2
+
+  def corrupted_answer(self, prompt: Prompt, kind: str, rng: np.random.Generator) -> str:
+    """A candidate answer of one kind from `CORRUPTIONS`.
+
+    'correct' is the answer; 'swap' swaps two neighbouring digits; 'drop' deletes a
+    digit; 'extra' inserts a random digit; 'substitute' changes one digit; 'random' is
+    random digits of the answer's length. Each corruption really changes the answer
+    (where the answer is long enough), so only 'correct' earns reward 1.
+    """
+    answer = list(prompt.answer)
+    if kind == 'correct':
+      pass
+    elif kind == 'swap':
+      neighbours = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
+      if neighbours:
+        i = neighbours[int(rng.integers(len(neighbours)))]
+        answer[i], answer[i + 1] = answer[i + 1], answer[i]
+    elif kind == 'drop':
+      del answer[int(rng.integers(len(answer)))]
+    elif kind == 'extra':
+      answer.insert(int(rng.integers(len(answer) + 1)), str(int(rng.integers(10))))
+    elif kind == 'substitute':
+      i = int(rng.integers(len(answer)))
+      answer[i] = str((int(answer[i]) + int(rng.integers(1, 10))) % 10)
+    elif kind == 'random':
+      answer = [str(d) for d in rng.integers(0, 10, len(answer))]
+    else:
+      raise ValueError(f'Unknown corruption {kind!r}; choose one of {CORRUPTIONS}.')
+    return ''.join(answer)
+
+  def text_reward(self, prompt: Prompt, completion: str) -> float:
+    """`reward` of a completion given as text (EOS appended)."""
+    return self.reward(prompt, self.encode_completion(completion))
+
+  def annotator_prefers_first(self, prompt: Prompt, first: str, second: str,
+                              rng: np.random.Generator) -> bool:
+    """The noisy annotator's label: True with probability sigmoid((r_1 - r_2) / temperature).
+
+    r is `text_reward`, the temperature `config.preference_noise_temperature`; at
+    temperature 0 the higher reward always wins and ties are a fair coin.
+    """
+    margin = self.text_reward(prompt, first) - self.text_reward(prompt, second)
+    temperature = self.config.preference_noise_temperature
+    if temperature == 0:
+      probability = 0.5 if margin == 0 else float(margin > 0)
+    else:
+      probability = 1.0 / (1.0 + np.exp(-margin / temperature))
+    return bool(rng.random() < probability)
+
+  def preference_pair(self, rng: np.random.Generator,
+                      prompt: Prompt | None = None) -> tuple[Prompt, str, str, bool]:
+    """A labelled comparison, as a preference dataset would hold it.
+
+    Two different candidates for one training prompt, each the answer or one of its
+    sloppy corruptions (kinds drawn uniformly from `CORRUPTIONS`), labelled by the
+    noisy annotator (`annotator_prefers_first`). Deterministic given `rng`.
+
+    Args:
+      rng: the only source of randomness.
+      prompt: compare answers to this prompt instead of a random training prompt (e.g.
+        held-out `eval_prompts()` to measure a model).
+
+    Returns:
+      (prompt, completion_a, completion_b, a_preferred), completions as text without EOS.
+    """
+    if prompt is None:
+      prompt = self.train_prompt(rng)
+    kinds = rng.choice(len(CORRUPTIONS), size=2, replace=False)
+    first = self.corrupted_answer(prompt, CORRUPTIONS[kinds[0]], rng)
+    second = self.corrupted_answer(prompt, CORRUPTIONS[kinds[1]], rng)
+    for _ in range(8):  # Two kinds can still give the same text (e.g. a lucky 'random').
+      if first != second:
+        break
+      second = self.corrupted_answer(prompt, 'random', rng)
+    return prompt, first, second, self.annotator_prefers_first(prompt, first, second, rng)
+
+
+# The candidates of preference pairs: the answer and its sloppy variants (`corrupted_answer`).
+CORRUPTIONS = ('correct',) + ReverseDigitsTask.corruptions
 
 
 TASKS = {ReverseDigitsTask.name: (ReverseDigitsTask, ReverseDigitsConfig)}

@@ -8,5 +8,13 @@ from chorus.datasets.rlds_episodes import EpisodeLogger
 from chorus.datasets.rlds_episodes import EpisodeRead
 from chorus.datasets.rlds_episodes import read_episodes
 from chorus.datasets.rlds_episodes import read_trajectories
+from chorus.datasets.rlds_episodes import RepairReport
+from chorus.datasets.rlds_episodes import episode_sources
+from chorus.datasets.rlds_episodes import EpisodeSources
 from chorus.datasets.rlds_episodes import repair_episode_directory
 from chorus.datasets.rlds_episodes import SkippedFile
+from chorus.datasets.foreign import ForeignDatasetMapping
+from chorus.datasets.replay import dataset_prompts
+from chorus.datasets.replay import DatasetPrompt
+from chorus.datasets.replay import fill_replay
+from chorus.datasets.replay import trajectory_batches

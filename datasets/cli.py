@@ -1,4 +1,4 @@
-"""`chorus datasets`: inspect, summarise, export, filter and merge recorded RLDS episodes.
+"""`chorus datasets`: inspect, summarise, export, filter, merge and repair RLDS episodes.
 
 Every subcommand reads one or more writer directories (e.g. run_dir/rlds/actor_000), or
 folders of them such as a run's rlds/, as one dataset in the order given. A damaged
@@ -10,6 +10,11 @@ lists what it left out.
   chorus datasets export runs/x/rlds --output episodes.jsonl
   chorus datasets filter runs/x/rlds --output demos --min-reward 1 --terminated-only
   chorus datasets merge runs/x/rlds runs/y/rlds --output all
+  chorus datasets repair runs/x/rlds
+
+Episodes that a killed actor wrote after its last closed file are read from its journal
+(see chorus/datasets/rlds_episodes.py); `repair` moves them into a closed file, so that
+any tfds reader (tfds.builder_from_directories) sees them too.
 """
 import argparse
 from collections.abc import Callable, Mapping
@@ -75,19 +80,30 @@ def _inspect(args) -> int:
   directory_width = max(map(len, result.episodes_per_directory)) + 2
   print('Episodes:')
   for directory, count in result.episodes_per_directory.items():
-    print(f'  {directory:<{directory_width}}{count:>8}')
+    journalled = result.from_journal.get(directory)
+    note = (f'  ({journalled} from its journal, in no closed file yet: '
+            '`chorus datasets repair` moves them into one)' if journalled else '')
+    print(f'  {directory:<{directory_width}}{count:>8}{note}')
   print(f'  {"total":<{directory_width}}{result.num_episodes:>8}')
   for index, t in enumerate(result.trajectories):
     print(f'Episode {index}: task {t.task!r}, actor {t.actor_id}, episode {t.episode_id}, '
           f'prompt_id {t.prompt_id!r}')
-    for label, tokens in (('prompt', t.prompt_tokens), ('completion', t.completion_tokens)):
+    for label, tokens in (('prompt', t.prompt_tokens), ('completion', t.completion_tokens),
+                          ('paired', t.paired_completion_tokens)):
+      if tokens is None:
+        continue
       text = _text(tokens)
       print(f'  {label + ":":<12}{text!r}' if text is not None else
             f'  {label} tokens: {tokens.tolist()}')
     components = ''.join(f', {name} {value:.6g}' for name, value in t.reward_components.items())
     ending = 'terminated' if t.terminated else 'truncated'
+    extras = ''
+    if t.win_probability is not None:
+      extras += f'; win_probability {t.win_probability:.6g}'
+    if t.reference_logprobs is not None:
+      extras += f'; reference log-prob sum {float(np.sum(t.reference_logprobs)):.6g}'
     print(f'  reward {t.reward:.6g}{components}; param_version {t.param_version}; '
-          f'length {len(t.completion_tokens)}, {ending}')
+          f'length {len(t.completion_tokens)}, {ending}{extras}')
   return 0
 
 
@@ -162,11 +178,17 @@ def _json_value(value):
 
 
 def _episode_record(trajectory: core.Trajectory) -> dict:
-  """Every field of a trajectory as JSON values, with the prompt and completion as text."""
+  """Every field of a trajectory as JSON values, with the prompt and completions as text.
+
+  Absent optional fields (reference_logprobs, paired_completion_tokens, win_probability)
+  are null, and so is a text whose tokens are outside the CharTokenizer vocabulary.
+  """
   record = {field.name: _json_value(getattr(trajectory, field.name))
             for field in dataclasses.fields(trajectory)}
   record['prompt_text'] = _text(trajectory.prompt_tokens)
   record['completion_text'] = _text(trajectory.completion_tokens)
+  paired = trajectory.paired_completion_tokens
+  record['paired_completion_text'] = None if paired is None else _text(paired)
   return record
 
 
@@ -213,6 +235,17 @@ def _merge(args) -> int:
   return 0
 
 
+def _repair(args) -> int:
+  directories = rlds_episodes.episode_directories(args.directories)
+  missing = [d for d in directories if not os.path.isdir(d)]
+  if missing:
+    raise _Failure(f'No such directory: {missing}; give RLDS writer directories or folders '
+                   'of them.')
+  for directory in directories:
+    print(rlds_episodes.repair_episode_directory(directory))
+  return 0
+
+
 def _handler(command: Callable[[argparse.Namespace], int]):
   def handler(args) -> int:
     try:
@@ -226,7 +259,8 @@ def _handler(command: Callable[[argparse.Namespace], int]):
 def add_datasets_parser(subparsers) -> None:
   """Adds `datasets` and its subcommands to the `chorus` command's subparsers."""
   parser = subparsers.add_parser(
-      'datasets', help='inspect, summarise, export, filter or merge recorded RLDS episodes',
+      'datasets',
+      help='inspect, summarise, export, filter, merge or repair recorded RLDS episodes',
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='datasets_command', required=True)
   reading = argparse.ArgumentParser(add_help=False)
@@ -273,3 +307,13 @@ def add_datasets_parser(subparsers) -> None:
   merge = commands.add_parser('merge', parents=[reading, writing],
                               help='every episode of the inputs into one new dataset')
   merge.set_defaults(handler=_handler(_merge))
+
+  repair = commands.add_parser(
+      'repair', help="make killed writers' directories whole for any tfds reader",
+      description='Moves the episodes that a killed writer journalled after its last closed '
+      'file into a new closed file, rebuilds broken metadata and drops a torn last journal '
+      'record (the episode in progress at the kill). Run it only while no process writes '
+      'to the directories; running it twice changes nothing.')
+  repair.add_argument('directories', nargs='+', metavar='DIR',
+                      help="RLDS writer directory, or a folder of them such as a run's rlds/")
+  repair.set_defaults(handler=_handler(_repair))

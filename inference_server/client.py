@@ -32,8 +32,50 @@ class Completion:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
+  """Completions of one Generate call.
+
+  Attributes:
+    completions: prompt-major, `num_samples` per prompt: prompt 0's, then prompt 1's...
+    param_version: version of the model's parameters that sampled all of them.
+    mixture_param_version: with a mixture model, the version of its parameters; else None.
+  """
   completions: list[Completion]
   param_version: int
+  mixture_param_version: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LogprobScores:
+  """A decoder's scores of given completions.
+
+  Attributes:
+    logprobs: per completion, [T_i] float32 log pi(y_t | x, y_<t) of each of its tokens.
+    total_logprobs: [B] float32, log pi(y | x) of each completion (the sums).
+    param_version: version of the parameters that scored all of them.
+  """
+  logprobs: list[np.ndarray]
+  total_logprobs: np.ndarray
+  param_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardScores:
+  """A reward model's scores: rewards [B] float32, one per completion."""
+  rewards: np.ndarray
+  param_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceScores:
+  """A preference model's scores: probabilities [B] float32, P(completion > comparison)."""
+  probabilities: np.ndarray
+  param_version: int
+
+
+def _token_sequences(sequences) -> list[inference_pb2.TokenSequence]:
+  """Token lists (or Completions, whose tokens are taken) as TokenSequence messages."""
+  return [inference_pb2.TokenSequence(tokens=[int(t) for t in getattr(s, 'tokens', s)])
+          for s in sequences]
 
 
 def _call(name: str, method, request, timeout_s: float, address: str):
@@ -64,13 +106,16 @@ class _Connection:
     self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
     self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
-  def status(self) -> dict[str, dict[str, int]]:
-    """Per model: param_version and traffic counters."""
+  def status(self) -> dict[str, dict[str, int | str]]:
+    """Per model: its kind, param_version and traffic counters."""
     response = _call('GetStatus', self._stub.GetStatus, inference_pb2.StatusRequest(), self.timeout_s,
                      self.address)
     return {model.name: dict(param_version=model.param_version, requests=model.requests,
                              sequences=model.sequences, generated_tokens=model.generated_tokens,
-                             batches=model.batches, param_updates=model.param_updates)
+                             batches=model.batches, param_updates=model.param_updates,
+                             kind=model.kind, score_requests=model.score_requests,
+                             scored_sequences=model.scored_sequences,
+                             score_batches=model.score_batches)
             for model in response.models}
 
   def wait_until_ready(self, timeout_s: float = 120.0):
@@ -100,17 +145,76 @@ class InferenceClient(_Connection):
     self.actor_run_id = uuid.uuid4().hex
 
   def generate(self, prompts: Sequence[Sequence[int]], *, model: str = 'policy',
-               max_new_tokens: int = 0, temperature: float = 1.0) -> GenerateResult:
-    """Samples one completion per prompt; all of them come from one parameter version."""
+               max_new_tokens: int = 0, temperature: float = 1.0, num_samples: int = 1,
+               mixture_model: str = '', mixture_coef: float = 0.0) -> GenerateResult:
+    """Samples `num_samples` completions per prompt, all from one parameter version.
+
+    Args:
+      prompts: token-id prompts; len(prompts) * num_samples must fit the server's
+        max_batch_size.
+      model: a decoder served by the server.
+      max_new_tokens: completion length cap; 0 means the server's limit.
+      temperature: > 0; divides the logits.
+      num_samples: completions per prompt, returned prompt-major.
+      mixture_model: if set, a second decoder on the server: tokens come from
+        softmax(((1 - b) * logits_model + b * logits_mixture) / temperature), b =
+        `mixture_coef` in [0, 1], and the log-probs are of that distribution.
+      mixture_coef: b above; only with `mixture_model`.
+
+    Raises:
+      InferenceError: the server rejected the request (its `code` says why) or did not
+        answer in time.
+    """
     request = inference_pb2.GenerateRequest(
         model=model, max_new_tokens=max_new_tokens, temperature=temperature,
-        actor_run_id=self.actor_run_id,
-        prompts=[inference_pb2.TokenSequence(tokens=[int(t) for t in prompt])
-                 for prompt in prompts])
+        actor_run_id=self.actor_run_id, prompts=_token_sequences(prompts),
+        num_samples=num_samples, mixture_model=mixture_model, mixture_coef=mixture_coef)
     response = _call('Generate', self._stub.Generate, request, self.timeout_s, self.address)
     completions = [Completion(np.array(c.tokens, np.int32), np.array(c.logprobs, np.float32),
                               c.terminated) for c in response.completions]
-    return GenerateResult(completions, response.param_version)
+    mixture_version = (response.mixture_param_version
+                       if response.HasField('mixture_param_version') else None)
+    return GenerateResult(completions, response.param_version, mixture_version)
+
+  def _score(self, kind: str, model: str, prompts, completions, comparisons=(),
+             temperature: float | None = None):
+    request = inference_pb2.ScoreRequest(
+        model=model, expected_kind=kind, actor_run_id=self.actor_run_id,
+        prompts=_token_sequences(prompts), completions=_token_sequences(completions),
+        comparisons=_token_sequences(comparisons), temperature=temperature)
+    return _call('Score', self._stub.Score, request, self.timeout_s, self.address)
+
+  def score_logprobs(self, prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]], *, model: str = 'policy',
+                     temperature: float = 1.0) -> LogprobScores:
+    """Per-token log-probs of given completions under a decoder model, batched.
+
+    Args:
+      prompts: [B] token-id prompts.
+      completions: [B] completions (token lists or `Completion`s), one per prompt, each
+        1 to the server's max_new_tokens tokens.
+      model: a decoder served by the server.
+      temperature: > 0; scores log softmax(logits / temperature), as Generate samples.
+    """
+    response = self._score('decoder', model, prompts, completions, temperature=temperature)
+    logprobs = [np.array(row.logprobs, np.float32) for row in response.logprobs]
+    totals = np.array([row.total for row in response.logprobs], np.float32)
+    return LogprobScores(logprobs, totals, response.param_version)
+
+  def score_rewards(self, prompts: Sequence[Sequence[int]],
+                    completions: Sequence[Sequence[int]], *,
+                    model: str = 'reward') -> RewardScores:
+    """One scalar reward per (prompt, completion) from a reward model, batched."""
+    response = self._score('reward', model, prompts, completions)
+    return RewardScores(np.array(response.rewards, np.float32), response.param_version)
+
+  def score_preferences(self, prompts: Sequence[Sequence[int]],
+                        completions: Sequence[Sequence[int]],
+                        comparisons: Sequence[Sequence[int]], *,
+                        model: str = 'preference') -> PreferenceScores:
+    """P(completions[i] > comparisons[i] | prompts[i]) from a preference model, batched."""
+    response = self._score('preference', model, prompts, completions, comparisons)
+    return PreferenceScores(np.array(response.preferences, np.float32), response.param_version)
 
 
 class ParameterPublisher(_Connection):

@@ -19,6 +19,11 @@ class InferenceServiceStub(object):
                 request_serializer=chorus_dot_inference__server_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=chorus_dot_inference__server_dot_inference__pb2.GenerateResponse.FromString,
                 )
+        self.Score = channel.unary_unary(
+                '/chorus.inference.InferenceService/Score',
+                request_serializer=chorus_dot_inference__server_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=chorus_dot_inference__server_dot_inference__pb2.ScoreResponse.FromString,
+                )
         self.UpdateParams = channel.unary_unary(
                 '/chorus.inference.InferenceService/UpdateParams',
                 request_serializer=chorus_dot_inference__server_dot_inference__pb2.UpdateParamsRequest.SerializeToString,
@@ -35,7 +40,16 @@ class InferenceServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Samples one completion per prompt from a named model; batched across callers.
+        """Samples completions (num_samples per prompt) from a named decoder, or from the
+        token-level geometric mixture of two served decoders; batched across callers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Scores given completions under a named model: per-token log-probs (decoder), a scalar
+        reward (reward model) or P(completion > comparison) (preference model); batched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,6 +76,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=chorus_dot_inference__server_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=chorus_dot_inference__server_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=chorus_dot_inference__server_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=chorus_dot_inference__server_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
             'UpdateParams': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateParams,
@@ -97,6 +116,23 @@ class InferenceService(object):
         return grpc.experimental.unary_unary(request, target, '/chorus.inference.InferenceService/Generate',
             chorus_dot_inference__server_dot_inference__pb2.GenerateRequest.SerializeToString,
             chorus_dot_inference__server_dot_inference__pb2.GenerateResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/chorus.inference.InferenceService/Score',
+            chorus_dot_inference__server_dot_inference__pb2.ScoreRequest.SerializeToString,
+            chorus_dot_inference__server_dot_inference__pb2.ScoreResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

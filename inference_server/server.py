@@ -1,10 +1,21 @@
-"""The gRPC inference service: named models, dynamic batching, versioned parameter updates."""
-from collections.abc import Mapping
+"""The gRPC inference service: named models, dynamic batching, versioned parameter updates.
+
+A server holds several named models at once (a policy; a frozen reference or moving
+anchor; reward and preference models), each with its own parameters, version and
+updates. Each request kind runs through its own batcher and compiled function:
+
+* plain generation from one decoder (`ServedModel.submit`);
+* generation from the geometric mixture of two decoders, one batcher per
+  (model, mixture_model) pair (`ServedModel.submit_mixture`);
+* scoring of given completions (`ServedModel.submit_score`).
+"""
+from collections.abc import Mapping, Sequence
 import concurrent.futures
 import dataclasses
 import math
 import threading
 from typing import Any
+import zlib
 
 import grpc
 import jax
@@ -14,12 +25,16 @@ from chorus import models
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
 from chorus.inference_server import sampler as sampler_lib
+from chorus.inference_server import scoring as scoring_lib
 from chorus.inference_server.batcher import DynamicBatcher
 
 # Parameter pushes of real models exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 1 << 30
 GRPC_OPTIONS = [('grpc.max_send_message_length', MAX_MESSAGE_BYTES),
                 ('grpc.max_receive_message_length', MAX_MESSAGE_BYTES)]
+# 'decoder': generates and scores log-probs; 'reward': a scalar reward per completion;
+# 'preference': P(completion > comparison) per pair (see models.reward_models).
+MODEL_KINDS = scoring_lib.MODEL_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +42,13 @@ class InferenceServerConfig:
   """How one inference server batches and bounds requests.
 
   Attributes:
-    max_batch_size: most prompts in one accelerator batch (also the most in one request).
+    max_batch_size: most rows in one accelerator batch (also the most in one request:
+      prompts times samples per prompt).
     max_wait_ms: longest a request waits for others to fill its batch.
     max_prompt_len: prompts are left-padded to this many tokens; longer ones are rejected.
-    max_new_tokens: completion length cap.
-    request_timeout_s: a Generate call that waits longer fails with DEADLINE_EXCEEDED.
+    max_new_tokens: completion length cap, for generation and for scored completions.
+    request_timeout_s: a Generate or Score call that waits longer fails with
+      DEADLINE_EXCEEDED.
     num_threads: gRPC worker threads; at least the number of concurrent callers.
     seed: seeds the sampling random stream.
   """
@@ -51,9 +68,16 @@ class InferenceServerConfig:
       size *= 2
     return tuple(buckets) + (self.max_batch_size,)
 
+  def bucket_for(self, num_rows: int) -> int:
+    return next(size for size in self.batch_buckets() if size >= num_rows)
+
 
 class StaleVersionError(ValueError):
   """A parameter update whose version is not newer than the served one."""
+
+
+class WrongModelKindError(ValueError):
+  """A call that the model's kind cannot serve (e.g. generating from a reward model)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +85,7 @@ class _Row:
   prompt: list[int]
   max_new_tokens: int
   temperature: float
+  mixture_coef: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,46 +94,271 @@ class _RowResult:
   logprobs: np.ndarray
   terminated: bool
   param_version: int
+  mixture_param_version: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoreRow:
+  prompt: list[int]
+  completion: list[int]
+  comparison: list[int] | None = None
+  temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoreResult:
+  """Decoders: per-token `logprobs` [T] and their sum as `score`; others: `score` only."""
+  score: float
+  param_version: int
+  logprobs: np.ndarray | None = None
+
+
+_PADDING_ROW = _Row([models.BOS_ID], 1, 1.0)
+_PADDING_SCORE_ROW = _ScoreRow([models.BOS_ID], [models.EOS_ID], [models.EOS_ID])
 
 
 def _shape_and_dtype(array) -> tuple:
   return np.shape(array), np.asarray(array).dtype.name
 
 
+def _right_pad(sequences: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """[B, length] int32 tokens (PAD on the right) and their bool mask."""
+  tokens = np.full((len(sequences), length), models.PAD_ID, np.int32)
+  mask = np.zeros((len(sequences), length), bool)
+  for index, sequence in enumerate(sequences):
+    tokens[index, :len(sequence)] = sequence
+    mask[index, :len(sequence)] = True
+  return tokens, mask
+
+
+class _GenerationLane:
+  """A batcher and a compiled sampler: one decoder alone, or mixed with a second one.
+
+  A mixture lane reads both models' current parameters when each batch starts, so the
+  two models' versions move independently.
+  """
+
+  def __init__(self, model: 'ServedModel', mixture: 'ServedModel | None' = None):
+    self._model, self._mixture = model, mixture
+    config = model.config
+    if mixture is None:
+      self._sample = sampler_lib.make_sampler(model.decoder_config, config.max_prompt_len,
+                                              config.max_new_tokens)
+      self._rng = jax.random.PRNGKey(config.seed)
+      name = f'batcher-{model.name}'
+    else:
+      self._sample = sampler_lib.make_mixture_sampler(
+          model.decoder_config, mixture.decoder_config, config.max_prompt_len,
+          config.max_new_tokens)
+      # Its own random stream, so mixture traffic does not shift the plain one.
+      self._rng = jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                     zlib.crc32(mixture.name.encode()))
+      name = f'batcher-{model.name}+{mixture.name}'
+    self._num_batches = 0
+    self._batcher = DynamicBatcher(self._process_batch, max_batch_size=config.max_batch_size,
+                                   max_wait_ms=config.max_wait_ms, name=name)
+
+  def submit(self, rows: list[_Row]) -> concurrent.futures.Future:
+    return self._batcher.submit(rows)
+
+  def warm_up(self):
+    """Compiles the sampler for every batch bucket."""
+    for size in self._model.config.batch_buckets():
+      self._process_batch([_PADDING_ROW] * size, count=False)
+
+  def close(self):
+    self._batcher.close()
+
+  def _process_batch(self, rows: list[_Row], count: bool = True) -> list[_RowResult]:
+    # One consistent version per model for the whole batch.
+    params, version = self._model.params_and_version()
+    config = self._model.config
+    padded = rows + [_PADDING_ROW] * (config.bucket_for(len(rows)) - len(rows))
+    prompt_tokens, prompt_mask = models.left_pad_prompts([row.prompt for row in padded],
+                                                         config.max_prompt_len)
+    temperature = np.array([row.temperature for row in padded], np.float32)
+    max_new_tokens = np.array([row.max_new_tokens for row in padded], np.int32)
+    rng = jax.random.fold_in(self._rng, self._num_batches)
+    self._num_batches += 1
+    if self._mixture is None:
+      mixture_version = None
+      output = self._sample(params, prompt_tokens, prompt_mask, temperature, max_new_tokens,
+                            rng)
+    else:
+      mixture_params, mixture_version = self._mixture.params_and_version()
+      coef = np.array([row.mixture_coef for row in padded], np.float32)
+      output = self._sample(params, mixture_params, coef, prompt_tokens, prompt_mask,
+                            temperature, max_new_tokens, rng)
+    output = jax.device_get(output)
+    results = []
+    for index in range(len(rows)):
+      length = int(output.lengths[index])
+      results.append(_RowResult(np.asarray(output.tokens[index, :length]),
+                                np.asarray(output.logprobs[index, :length]),
+                                bool(output.terminated[index]), version, mixture_version))
+    if count:
+      self._model.count(batches=1, sequences=len(rows),
+                        generated_tokens=int(output.lengths[:len(rows)].sum()))
+    return results
+
+
+class _ScoringLane:
+  """A batcher and a compiled scorer for one model; completions padded to max_new_tokens."""
+
+  def __init__(self, model: 'ServedModel'):
+    self._model = model
+    config = model.config
+    self._score = scoring_lib.make_scorer(model.kind, model.decoder_config,
+                                          config.max_prompt_len, config.max_new_tokens)
+    self._batcher = DynamicBatcher(self._process_batch, max_batch_size=config.max_batch_size,
+                                   max_wait_ms=config.max_wait_ms,
+                                   name=f'score-batcher-{model.name}')
+
+  def submit(self, rows: list[_ScoreRow]) -> concurrent.futures.Future:
+    return self._batcher.submit(rows)
+
+  def warm_up(self):
+    for size in self._model.config.batch_buckets():
+      self._process_batch([_PADDING_SCORE_ROW] * size, count=False)
+
+  def close(self):
+    self._batcher.close()
+
+  def _process_batch(self, rows: list[_ScoreRow], count: bool = True) -> list[_ScoreResult]:
+    params, version = self._model.params_and_version()
+    config = self._model.config
+    padded = rows + [_PADDING_SCORE_ROW] * (config.bucket_for(len(rows)) - len(rows))
+    prompt_tokens, prompt_mask = models.left_pad_prompts([row.prompt for row in padded],
+                                                         config.max_prompt_len)
+    completion_tokens, completion_mask = _right_pad([row.completion for row in padded],
+                                                    config.max_new_tokens)
+    comparison_tokens, comparison_mask = _right_pad(
+        [row.comparison or [models.EOS_ID] for row in padded], config.max_new_tokens)
+    temperature = np.array([row.temperature for row in padded], np.float32)
+    scores = np.asarray(jax.device_get(self._score(
+        params, prompt_tokens, prompt_mask, completion_tokens, completion_mask,
+        comparison_tokens, comparison_mask, temperature)))
+    results = []
+    for index, row in enumerate(rows):
+      if self._model.kind == 'decoder':
+        logprobs = scores[index, :len(row.completion)]
+        results.append(_ScoreResult(float(logprobs.sum()), version, logprobs))
+      else:
+        results.append(_ScoreResult(float(scores[index]), version))
+    if count:
+      self._model.count(score_batches=1, scored_sequences=len(rows))
+    return results
+
+
 class ServedModel:
-  """One named model: its parameters and version, a jit-compiled sampler and a batcher."""
+  """One named model: its kind, parameters and version, and the batchers that serve it.
+
+  Args:
+    name: the name requests use.
+    decoder_config: the model's architecture (reward and preference models are decoders
+      whose value head is the score).
+    params: its parameter tree; later updates must match its tree, shapes and dtypes.
+    version: the version of `params`.
+    config: batching and length limits.
+    kind: 'decoder' (generates, scores per-token log-probs, may be either side of a
+      geometric mixture), 'reward' (scores one reward per completion) or 'preference'
+      (scores P(completion > comparison) per pair).
+  """
 
   def __init__(self, name: str, decoder_config: models.DecoderConfig, params: Any,
-               version: int, config: InferenceServerConfig):
+               version: int, config: InferenceServerConfig, kind: str = 'decoder'):
+    if kind not in MODEL_KINDS:
+      raise ValueError(f'Model {name!r} has unknown kind {kind!r}; use one of {MODEL_KINDS}.')
     self.name = name
+    self.kind = kind
     self.decoder_config = decoder_config
     self.config = config
     self._params_and_version = (params, version)
     self._template = jax.tree_util.tree_map(_shape_and_dtype, params)
     self._lock = threading.Lock()
-    self._sample = sampler_lib.make_sampler(decoder_config, config.max_prompt_len,
-                                            config.max_new_tokens)
-    self._rng = jax.random.PRNGKey(config.seed)
-    self._num_batches = 0
-    self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0)
-    self._batcher = DynamicBatcher(self._process_batch, max_batch_size=config.max_batch_size,
-                                   max_wait_ms=config.max_wait_ms, name=f'batcher-{name}')
+    self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0,
+                         score_requests=0, scored_sequences=0, score_batches=0)
+    self._generation = _GenerationLane(self) if kind == 'decoder' else None
+    self._scoring = _ScoringLane(self)
+    self._mixture_lanes: dict[str, _GenerationLane] = {}
 
   @property
   def param_version(self) -> int:
     return self._params_and_version[1]
 
-  def warm_up(self):
-    """Compiles the sampler for every batch bucket before traffic arrives."""
-    for size in self.config.batch_buckets():
-      self._process_batch([_Row([models.BOS_ID], 1, 1.0)] * size)
-    self._num_batches = 0
-    self.counters.update(batches=0, sequences=0, generated_tokens=0)
+  def params_and_version(self) -> tuple[Any, int]:
+    """The current parameters and their version, read together."""
+    return self._params_and_version
+
+  def warm_up(self, scoring: bool | None = None):
+    """Compiles every batch bucket of what this model serves before traffic arrives.
+
+    That is generation (decoders), the mixtures already added with `add_mixture`, and
+    scoring when `scoring` is True; None warms scoring up for reward and preference
+    models only (a decoder's Score compiles on first use). Counters are not touched.
+    """
+    if self._generation is not None:
+      self._generation.warm_up()
+    with self._lock:
+      lanes = list(self._mixture_lanes.values())
+    for lane in lanes:
+      lane.warm_up()
+    if scoring or (scoring is None and self.kind != 'decoder'):
+      self._scoring.warm_up()
+
+  def check_generates(self):
+    """Raises WrongModelKindError unless this model can generate."""
+    if self.kind != 'decoder':
+      raise WrongModelKindError(
+          f'Model {self.name!r} is a {self.kind} model (kind {self.kind!r}); it scores '
+          'completions (Score) but cannot generate. Generate from a decoder model.')
+
+  def add_mixture(self, mixture: 'ServedModel') -> _GenerationLane:
+    """The lane sampling the geometric mixture of this model and `mixture`; made once.
+
+    Raises:
+      WrongModelKindError: either model is not a decoder.
+      ValueError: the two models do not share a vocabulary or cannot hold the server's
+        prompt and completion lengths.
+    """
+    self.check_generates()
+    if mixture.kind != 'decoder':
+      raise WrongModelKindError(
+          f'Mixture model {mixture.name!r} is a {mixture.kind} model (kind '
+          f'{mixture.kind!r}); a geometric mixture needs two decoder models.')
+    if mixture.config != self.config:
+      raise ValueError(f'Models {self.name!r} and {mixture.name!r} were served with different '
+                       'InferenceServerConfigs; serve both with one config to mix them.')
+    ours, theirs = self.decoder_config, mixture.decoder_config
+    if (ours.vocab_size, ours.max_seq_len) != (theirs.vocab_size, theirs.max_seq_len):
+      raise ValueError(
+          f'Cannot mix {self.name!r} (vocab_size={ours.vocab_size}, max_seq_len='
+          f'{ours.max_seq_len}) with {mixture.name!r} (vocab_size={theirs.vocab_size}, '
+          f'max_seq_len={theirs.max_seq_len}): a geometric mixture needs models that share '
+          'the vocabulary and max_seq_len.')
+    with self._lock:
+      lane = self._mixture_lanes.get(mixture.name)
+      if lane is None:
+        lane = self._mixture_lanes[mixture.name] = _GenerationLane(self, mixture)
+      return lane
 
   def submit(self, rows: list[_Row]) -> concurrent.futures.Future:
-    with self._lock:
-      self.counters['requests'] += 1
-    return self._batcher.submit(rows)
+    """Queues rows for plain generation; resolves to one _RowResult per row."""
+    self.check_generates()
+    self.count(requests=1)
+    return self._generation.submit(rows)
+
+  def submit_mixture(self, mixture: 'ServedModel', rows: list[_Row]
+                     ) -> concurrent.futures.Future:
+    """Queues rows for the geometric mixture with `mixture` (see `add_mixture`)."""
+    lane = self.add_mixture(mixture)
+    self.count(requests=1)
+    return lane.submit(rows)
+
+  def submit_score(self, rows: list[_ScoreRow]) -> concurrent.futures.Future:
+    """Queues rows for scoring; resolves to one _ScoreResult per row."""
+    self.count(score_requests=1)
+    return self._scoring.submit(rows)
 
   def update_params(self, params: Any, version: int, resume: bool = False):
     """Swaps in newer parameters; the batch running now finishes on the old ones.
@@ -127,61 +377,98 @@ class ServedModel:
       self._params_and_version = (jax.device_put(params), version)
       self.counters['param_updates'] += 1
 
+  def count(self, **increments: int):
+    with self._lock:
+      for key, increment in increments.items():
+        self.counters[key] += increment
+
   def counters_snapshot(self) -> dict[str, int]:
     with self._lock:
       return dict(self.counters)
 
   def close(self):
-    self._batcher.close()
-
-  def _process_batch(self, rows: list[_Row]) -> list[_RowResult]:
-    params, version = self._params_and_version  # One consistent version for the batch.
-    bucket = next(size for size in self.config.batch_buckets() if size >= len(rows))
-    padding = [_Row([models.BOS_ID], 1, 1.0)] * (bucket - len(rows))
-    padded = rows + padding
-    prompt_tokens, prompt_mask = models.left_pad_prompts([row.prompt for row in padded],
-                                                         self.config.max_prompt_len)
-    temperature = np.array([row.temperature for row in padded], np.float32)
-    max_new_tokens = np.array([row.max_new_tokens for row in padded], np.int32)
-    rng = jax.random.fold_in(self._rng, self._num_batches)
-    self._num_batches += 1
-    output = jax.device_get(self._sample(params, prompt_tokens, prompt_mask, temperature,
-                                         max_new_tokens, rng))
-    results = []
-    for index in range(len(rows)):
-      length = int(output.lengths[index])
-      results.append(_RowResult(np.asarray(output.tokens[index, :length]),
-                                np.asarray(output.logprobs[index, :length]),
-                                bool(output.terminated[index]), version))
     with self._lock:
-      self.counters['batches'] += 1
-      self.counters['sequences'] += len(rows)
-      self.counters['generated_tokens'] += int(output.lengths[:len(rows)].sum())
-    return results
+      lanes = list(self._mixture_lanes.values())
+    for lane in lanes + [self._generation, self._scoring]:
+      if lane is not None:
+        lane.close()
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-  """Validates requests, hands them to the named model's batcher and answers."""
+  """Validates requests, hands them to the named model's batchers and answers."""
 
   def __init__(self, served_models: Mapping[str, ServedModel]):
     self._models = dict(served_models)
 
-  def _model(self, name: str, context) -> ServedModel:
+  def _model(self, name: str, context, role: str = 'model') -> ServedModel:
     if name not in self._models:
       context.abort(grpc.StatusCode.NOT_FOUND,
-                    f'Unknown model {name!r}; this server serves {sorted(self._models)}.')
+                    f'Unknown {role} {name!r}; this server serves {sorted(self._models)}.')
     return self._models[name]
+
+  @staticmethod
+  def _check_tokens(context, what: str, tokens: list[int], max_len: int,
+                    model: ServedModel):
+    """Aborts INVALID_ARGUMENT unless 1 <= len(tokens) <= max_len and ids are in vocab."""
+    if not 1 <= len(tokens) <= max_len:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'{what} has {len(tokens)} tokens; it needs 1 to {max_len} tokens on '
+                    'this server.')
+    vocab_size = model.decoder_config.vocab_size
+    bad = [token for token in tokens if not 0 <= token < vocab_size]
+    if bad:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'{what} has token ids {bad[:5]} outside the vocabulary '
+                    f'[0, {vocab_size}) of model {model.name!r}.')
+
+  @staticmethod
+  def _wait(context, future: concurrent.futures.Future, config: InferenceServerConfig,
+            what: str):
+    try:
+      return future.result(timeout=config.request_timeout_s)
+    except concurrent.futures.TimeoutError:
+      future.cancel()
+      context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f'{what} took over {config.request_timeout_s} s on the server.')
+    except Exception as error:  # pylint: disable=broad-except
+      context.abort(grpc.StatusCode.INTERNAL, f'{what} failed: {error!r}')
 
   def Generate(self, request, context):
     model = self._model(request.model, context)
     config = model.config
+    try:
+      model.check_generates()
+    except WrongModelKindError as error:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    mixture = None
+    if request.mixture_model:
+      mixture = self._model(request.mixture_model, context, role='mixture_model')
+      try:
+        model.add_mixture(mixture)
+      except WrongModelKindError as error:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+      except ValueError as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+      if not (math.isfinite(request.mixture_coef) and 0 <= request.mixture_coef <= 1):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'mixture_coef must be in [0, 1], got {request.mixture_coef}.')
+    elif request.mixture_coef != 0:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'mixture_coef={request.mixture_coef} without a mixture_model; name the '
+                    'second decoder (e.g. "reference") or leave mixture_coef at 0.')
     if not request.prompts:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     'Empty batch: a GenerateRequest needs at least one prompt.')
-    if len(request.prompts) > config.max_batch_size:
+    if request.num_samples < 0:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'{len(request.prompts)} prompts in one request; at most '
-                    f'{config.max_batch_size}. Split the request.')
+                    f'num_samples must be >= 1 (0 means 1), got {request.num_samples}.')
+    num_samples = request.num_samples or 1
+    num_rows = len(request.prompts) * num_samples
+    if num_rows > config.max_batch_size:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'{len(request.prompts)} prompts x {num_samples} samples = {num_rows} rows '
+                    f'in one request; at most {config.max_batch_size} (the server\'s '
+                    'max_batch_size). Split the request.')
     if not (math.isfinite(request.temperature) and request.temperature > 0):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'temperature must be a finite number > 0, got {request.temperature}.')
@@ -189,34 +476,88 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'max_new_tokens must be in [0, {config.max_new_tokens}] (0 means the '
                     f'server limit), got {request.max_new_tokens}.')
-    vocab_size = model.decoder_config.vocab_size
     rows = []
     for index, prompt in enumerate(request.prompts):
       tokens = list(prompt.tokens)
-      if not tokens or len(tokens) > config.max_prompt_len:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f'Prompt {index} has {len(tokens)} tokens; prompts need 1 to '
-                      f'{config.max_prompt_len} tokens on this server.')
-      bad = [token for token in tokens if not 0 <= token < vocab_size]
-      if bad:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f'Prompt {index} has token ids {bad[:5]} outside the vocabulary '
-                      f'[0, {vocab_size}) of model {model.name!r}.')
-      rows.append(_Row(tokens, request.max_new_tokens or config.max_new_tokens,
-                       request.temperature))
-    try:
-      results = model.submit(rows).result(timeout=config.request_timeout_s)
-    except concurrent.futures.TimeoutError:
-      context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f'Generation took over {config.request_timeout_s} s on the server.')
-    except Exception as error:  # pylint: disable=broad-except
-      context.abort(grpc.StatusCode.INTERNAL, f'Generation failed: {error!r}')
-    # Every row of one request rides in one batch, hence one version.
+      self._check_tokens(context, f'Prompt {index}', tokens, config.max_prompt_len, model)
+      row = _Row(tokens, request.max_new_tokens or config.max_new_tokens, request.temperature,
+                 request.mixture_coef)
+      rows.extend([row] * num_samples)  # Prompt-major: prompt 0's samples, then prompt 1's.
+    future = model.submit(rows) if mixture is None else model.submit_mixture(mixture, rows)
+    results = self._wait(context, future, config, 'Generation')
+    # Every row of one request rides in one batch, hence one version (per model).
     response = inference_pb2.GenerateResponse(model=model.name,
                                               param_version=results[0].param_version)
+    if mixture is not None:
+      response.mixture_param_version = results[0].mixture_param_version
     for result in results:
       response.completions.add(tokens=result.tokens.tolist(), logprobs=result.logprobs.tolist(),
                                terminated=result.terminated)
+    return response
+
+  def Score(self, request, context):
+    model = self._model(request.model, context)
+    config = model.config
+    if request.expected_kind and request.expected_kind != model.kind:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    f'Model {model.name!r} is a {model.kind} model (kind {model.kind!r}), not '
+                    f'{request.expected_kind!r}; call the scoring method for its kind or name '
+                    f'another model.')
+    num_rows = len(request.prompts)
+    if not num_rows:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    'Empty batch: a ScoreRequest needs at least one prompt.')
+    if num_rows > config.max_batch_size:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'{num_rows} prompts in one request; at most {config.max_batch_size} (the '
+                    'server\'s max_batch_size). Split the request.')
+    if len(request.completions) != num_rows:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'{num_rows} prompts but {len(request.completions)} completions; send one '
+                    'completion per prompt (repeat a prompt to score several completions).')
+    if model.kind == 'preference':
+      if len(request.comparisons) != num_rows:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'Preference model {model.name!r} needs one comparison per completion: '
+                      f'got {num_rows} completions and {len(request.comparisons)} '
+                      'comparisons.')
+    elif request.comparisons:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'Model {model.name!r} is a {model.kind} model; comparisons are for '
+                    'preference models only. Leave them out.')
+    temperature = 1.0
+    if request.HasField('temperature'):
+      if model.kind != 'decoder':
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'temperature applies to decoder models only; {model.name!r} is a '
+                      f'{model.kind} model. Leave it unset.')
+      temperature = request.temperature
+      if not (math.isfinite(temperature) and temperature > 0):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'temperature must be a finite number > 0, got {temperature}.')
+    rows = []
+    for index in range(num_rows):
+      prompt = list(request.prompts[index].tokens)
+      completion = list(request.completions[index].tokens)
+      self._check_tokens(context, f'Prompt {index}', prompt, config.max_prompt_len, model)
+      self._check_tokens(context, f'Completion {index}', completion, config.max_new_tokens,
+                         model)
+      comparison = None
+      if model.kind == 'preference':
+        comparison = list(request.comparisons[index].tokens)
+        self._check_tokens(context, f'Comparison {index}', comparison, config.max_new_tokens,
+                           model)
+      rows.append(_ScoreRow(prompt, completion, comparison, temperature))
+    results = self._wait(context, model.submit_score(rows), config, 'Scoring')
+    response = inference_pb2.ScoreResponse(model=model.name, kind=model.kind,
+                                           param_version=results[0].param_version)
+    for result in results:
+      if model.kind == 'decoder':
+        response.logprobs.add(logprobs=result.logprobs.tolist(), total=result.score)
+      elif model.kind == 'reward':
+        response.rewards.append(result.score)
+      else:
+        response.preferences.append(result.score)
     return response
 
   def UpdateParams(self, request, context):
@@ -238,13 +579,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
   def GetStatus(self, request, context):
     response = inference_pb2.StatusResponse()
     for name, model in self._models.items():
-      response.models.add(name=name, param_version=model.param_version, **model.counters_snapshot())
+      response.models.add(name=name, kind=model.kind, param_version=model.param_version,
+                          **model.counters_snapshot())
     return response
 
 
 def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0.0.1:0',
-                 num_threads: int = 64) -> tuple[grpc.Server, int]:
-  """Starts serving on `address` (loopback unless told otherwise); returns (server, port)."""
+                 num_threads: int = 64,
+                 mixtures: Sequence[tuple[str, str]] = ()) -> tuple[grpc.Server, int]:
+  """Starts serving on `address` (loopback unless told otherwise); returns (server, port).
+
+  Args:
+    served_models: the models, by name.
+    address: host:port; port 0 picks a free one.
+    num_threads: gRPC worker threads.
+    mixtures: (model, mixture_model) pairs to build (and compile, with warm_up) now
+      rather than at their first request; other pairs are built on first use.
+  """
+  for name, mixture_name in mixtures:
+    for needed in (name, mixture_name):
+      if needed not in served_models:
+        raise ValueError(f'Mixture ({name!r}, {mixture_name!r}) names {needed!r}, which is not '
+                         f'among the served models {sorted(served_models)}.')
+    served_models[name].add_mixture(served_models[mixture_name]).warm_up()
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                        options=GRPC_OPTIONS)
   inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served_models),

@@ -14,7 +14,7 @@ def _run(args) -> int:
   config = configs.get_config(args.config)
   overrides = list(args.set)
   for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
-                      ('seed', 'seed')):
+                      ('seed', 'seed'), ('replay_dataset', 'replay_dataset')):
     value = getattr(args, flag)
     if value is not None:
       overrides.append(f'{field}={value}')
@@ -34,7 +34,10 @@ def _run(args) -> int:
     return 130
   keys = ('learner_steps', 'episodes', 'initial_eval_reward', 'final_eval_reward',
           'tokens_per_second', 'mean_policy_lag', 'wall_seconds')
-  print(json.dumps({key: summary[key] for key in keys}, indent=2))
+  shown = {key: summary[key] for key in keys}
+  shown.update(initial_win_rate_vs_reference=summary['initial_eval'].get('win_rate'),
+               final_win_rate_vs_reference=summary['final_eval'].get('win_rate'))
+  print(json.dumps(shown, indent=2))
   print(f'Summary, curves, RLDS and checkpoints in {os.path.abspath(run_dir)}')
   return 0
 
@@ -58,6 +61,10 @@ def main(argv=None) -> int:
   run_parser.add_argument('--num-actors', type=int, help='actor processes (default: config)')
   run_parser.add_argument('--max-learner-steps', type=int, help='learner updates (default: config)')
   run_parser.add_argument('--seed', type=int, help='random seed (default: config)')
+  run_parser.add_argument('--replay-dataset', metavar='PATH',
+                          help='train from a recorded RLDS dataset (a run\'s rlds/ folder) '
+                          'instead of actors: offline soft-Q through Reverb, or inverse '
+                          'soft-Q on demonstrations (default: config, usually none)')
   run_parser.add_argument('--launcher', choices=('local', 'ray'), default='local',
                           help='where nodes run: processes on this machine (default) or a Ray '
                           'cluster')

@@ -9,9 +9,19 @@ from chorus import models
 from chorus.actors.actor import ActorConfig
 from chorus.actors import tasks
 from chorus.inference_server.server import InferenceServerConfig
+from chorus.learners.bond_learner import BondConfig
 from chorus.learners.loop import LearnerConfig
+from chorus.learners.nash_md_learner import NashMDConfig
+from chorus.learners.preference import RewardModelConfig
+from chorus.learners.soft_q_learner import InverseSoftQConfig
+from chorus.learners.soft_q_learner import SoftQConfig
 from chorus.learners.supervised import WarmStartConfig
 from chorus.learners.vtrace_learner import VTraceConfig
+
+# Each learner's loss, and what its data needs:
+ALGORITHMS = ('vtrace', 'soft_q', 'inverse_soft_q', 'bond', 'nash_md')
+# Off-policy learners, which may train from a recorded dataset with no actors.
+OFFLINE_ALGORITHMS = ('soft_q', 'inverse_soft_q')
 from chorus.replay.tables import ReplayConfig
 
 
@@ -53,6 +63,18 @@ class ExperimentConfig:
     vtrace: the V-trace loss.
     evaluation: held-out evaluation.
     rlds_episodes_per_file: RLDS shard size per actor (smaller loses less on a crash).
+    algorithm: the learner, one of ALGORITHMS.
+    soft_q: the soft-Q loss ('soft_q').
+    inverse_soft_q: the inverse soft-Q loss ('inverse_soft_q').
+    bond: the J-BOND loss and anchor ('bond').
+    nash_md: the Nash-MD loss and opponent ('nash_md').
+    reward_model: programmatic rewards, or a learned reward model (BOND) or pairwise
+      preference model (Nash-MD) trained before RL and served by the inference servers.
+    replay_dataset: RLDS dataset directory (a run's rlds/ folder, or any directory of
+      writer directories) to train from instead of actors: 'soft_q' replays it through
+      a Reverb table (offline RL), 'inverse_soft_q' reads it as demonstrations. Empty:
+      actors generate the data ('inverse_soft_q' records the task's demonstrations).
+    num_demonstrations: demonstrations recorded for 'inverse_soft_q' without a dataset.
   """
   name: str = 'text_vtrace'
   seed: int = 0
@@ -71,12 +93,34 @@ class ExperimentConfig:
   vtrace: VTraceConfig = VTraceConfig()
   evaluation: EvalConfig = EvalConfig()
   rlds_episodes_per_file: int = 100
+  algorithm: str = 'vtrace'
+  soft_q: SoftQConfig = SoftQConfig()
+  inverse_soft_q: InverseSoftQConfig = InverseSoftQConfig()
+  bond: BondConfig = BondConfig()
+  nash_md: NashMDConfig = NashMDConfig()
+  reward_model: RewardModelConfig = RewardModelConfig()
+  replay_dataset: str = ''
+  num_demonstrations: int = 4096
 
   def __post_init__(self):
     for name in ('num_actors', 'actors_per_process', 'num_inference_servers',
                  'num_replay_servers'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f'Unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}.')
+    if self.replay_dataset and self.algorithm not in OFFLINE_ALGORITHMS:
+      raise ValueError(f'replay_dataset needs an off-policy learner ({OFFLINE_ALGORITHMS}); '
+                       f'{self.algorithm!r} learns from its own current samples.')
+    if self.reward_model.kind == 'learned' and self.algorithm not in ('bond', 'nash_md'):
+      raise ValueError(f'A learned reward model serves BOND (reward) and Nash-MD (preference); '
+                       f'{self.algorithm!r} uses the task reward: set reward_model.kind='
+                       'programmatic.')
+
+  @property
+  def offline(self) -> bool:
+    """No actors: the learner trains on a dataset (recorded, or demonstrations)."""
+    return bool(self.replay_dataset) or self.algorithm == 'inverse_soft_q'
 
   def make_task(self):
     return tasks.make_task(self.task, self.task_config)

@@ -75,27 +75,42 @@ def replay_server_name(index: int) -> str:
 
 
 def make_program(config: ExperimentConfig) -> list[Node]:
-  """The SEED topology: warm start, replay, inference servers, actors, evaluator, learner.
+  """The SEED topology: setup, replay, inference servers, actors, evaluator, learner.
 
-  Actor processes each run `config.actors_per_process` actor loops and are spread
-  round-robin over the inference servers and the replay servers; the learner publishes
-  to every inference server and samples from every replay server.
+  Setup: the warm start (always: it also makes the reference), the reward or preference
+  model when `reward_model.kind` is 'learned', the demonstrations dataset for inverse
+  soft-Q without `replay_dataset`. Actor processes each run `config.actors_per_process`
+  actor loops and are spread round-robin over the inference servers and the replay
+  servers; the learner publishes to every inference server and samples from every replay
+  server. Offline, a dataset replayer fills replay instead of actors ('soft_q'), or the
+  learner reads its dataset itself ('inverse_soft_q', no replay servers).
   The learner restarts from its latest checkpoint; a restarted inference server
   serves the warm-start parameters until the learner's next push.
   """
   servers = [inference_server_name(i) for i in range(config.num_inference_servers)]
-  replays = [replay_server_name(i) for i in range(config.num_replay_servers)]
+  uses_replay = config.algorithm != 'inverse_soft_q'
+  replays = [replay_server_name(i) for i in range(config.num_replay_servers)] if uses_replay else []
   nodes = [Node('warm_start', 'warm_start', SETUP)]
+  if config.reward_model.kind == 'learned':
+    nodes.append(Node('reward_model', 'reward_model', SETUP, accelerator=True))
+  if config.algorithm == 'inverse_soft_q' and not config.replay_dataset:
+    nodes.append(Node('demonstrations', 'demonstrations', SETUP))
   nodes += [Node(name, 'replay', SERVICE, serves=True) for name in replays]
   nodes += [Node(name, 'inference_server', SERVICE, kwargs=dict(server_index=index), serves=True,
                  restart=True, accelerator=True) for index, name in enumerate(servers)]
-  per_process = config.actors_per_process
-  for process_index, first in enumerate(range(0, config.num_actors, per_process)):
-    actor_ids = list(range(first, min(first + per_process, config.num_actors)))
-    nodes.append(Node(f'actors_{process_index}', 'actor', WORKER, restart=True,
-                      kwargs=dict(actor_ids=actor_ids,
-                                  inference_address=Address(servers[process_index % len(servers)]),
-                                  replay_address=Address(replays[process_index % len(replays)]))))
+  if not config.offline:
+    per_process = config.actors_per_process
+    for process_index, first in enumerate(range(0, config.num_actors, per_process)):
+      actor_ids = list(range(first, min(first + per_process, config.num_actors)))
+      nodes.append(Node(
+          f'actors_{process_index}', 'actor', WORKER, restart=True,
+          kwargs=dict(actor_ids=actor_ids,
+                      inference_address=Address(servers[process_index % len(servers)]),
+                      replay_address=Address(replays[process_index % len(replays)]))))
+  elif uses_replay:
+    # Not restartable: a second pass would store every episode twice.
+    nodes.append(Node('dataset_replayer', 'dataset_replayer', WORKER,
+                      kwargs=dict(replay_addresses=[Address(name) for name in replays])))
   if config.evaluation.every_s > 0:
     nodes.append(Node('evaluator', 'evaluator', WORKER, restart=True,
                       kwargs=dict(inference_address=Address(servers[0]))))

@@ -18,6 +18,13 @@ def _latest_per_node(records: list[dict], kind: str) -> dict[str, dict]:
   return latest
 
 
+# Learner metrics shown on the terminal when the algorithm reports them: (name, label).
+PROGRESS_METRICS = (('task_reward', 'reward'), ('policy_lag', 'lag'), ('loss', 'loss'),
+                    ('kl_to_reference', 'kl'), ('kl_to_anchor', 'kl anchor'),
+                    ('win_rate_vs_anchor', 'win vs anchor'), ('preference', 'P(y>y\')'),
+                    ('td_error', 'td error'), ('nll', 'nll'))
+
+
 class Progress:
   """Turns the growing metrics.jsonl into one terminal line per call."""
 
@@ -42,9 +49,8 @@ class Progress:
     text = f'episodes {episodes}{rates}'
     if learner:
       last = learner[-1]
-      text = (f'step {last["step"]}/{self._max_steps} | {text} | reward '
-              f'{last["task_reward"]:.3f} | lag {last["policy_lag"]:.1f} | loss {last["loss"]:.3f}'
-              f' | kl {last["kl_to_reference"]:.3f}')
+      text = f'step {last["step"]}/{self._max_steps} | {text} | ' + ' | '.join(
+          f'{label} {last[name]:.3f}' for name, label in PROGRESS_METRICS if name in last)
     else:
       text = f'step 0/{self._max_steps} | {text}'
     return text
@@ -102,8 +108,9 @@ def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_ev
   ax_reward.set_ylabel('reward')
   ax_reward.legend()
   ax_reward.grid(alpha=0.3)
-  ax_loss.plot(steps, [r['loss'] for r in learner], label='total loss')
-  ax_loss.plot(steps, [r['value_loss'] for r in learner], label='value loss')
+  for name in ('loss', 'value_loss', 'td_error', 'nll', 'kl_to_anchor'):
+    if learner and name in learner[-1]:
+      ax_loss.plot(steps, [r[name] for r in learner], label=name.replace('_', ' '))
   ax_loss.set_xlabel('learner step')
   ax_loss.set_ylabel('loss')
   ax_loss.legend()

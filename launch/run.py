@@ -47,7 +47,8 @@ def _evaluate(config: experiment.ExperimentConfig, address: str, min_version: in
       time.sleep(0.2)
     task = config.make_task()
     result = evaluate(client.generate, task, temperature=config.evaluation.temperature,
-                      batch_size=config.inference.max_batch_size)
+                      batch_size=config.inference.max_batch_size,
+                      opponent_model=nodes_lib.REFERENCE_MODEL)
     greedy = evaluate(client.generate, task, temperature=config.evaluation.greedy_temperature,
                       batch_size=config.inference.max_batch_size)
   result['greedy_reward'] = greedy['reward']

@@ -34,10 +34,13 @@ class LearnerConfig:
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
-                publish: Callable[[object, int], float], checkpoint: Callable[[int, object], None],
+                publish: Callable[[dict[str, object], int], float], checkpoint: Callable[[int, object], None],
                 metrics: MetricsWriter, tensorboard_dir: str | None = None,
                 should_stop: Callable[[], bool] = lambda: False) -> int:
   """Runs `learner.update` on `batches` until `config.max_steps`; returns the last step.
+
+  `publish(models, version)` pushes `learner.published_params()` (served model name ->
+  parameters) and returns the seconds it took.
 
   Parameter version = learner step: the version pushed after k updates is k, so the policy
   lag of a batch is exactly (updates done so far) - (version that sampled it). After a
@@ -59,7 +62,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
     update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
                           batch_wait_seconds=wait_seconds)
     if step % config.publish_every == 0 or step == config.max_steps:
-      update_metrics['publish_seconds'] = publish(learner.params, step)
+      update_metrics['publish_seconds'] = publish(learner.published_params(), step)
     for name, value in update_metrics.items():
       window.setdefault(name, []).append(value)
     if step % config.log_every == 0 or step == config.max_steps:

@@ -9,24 +9,45 @@ from chorus import models
 
 
 class ActionEvaluation(NamedTuple):
-  """The policy's view of the sampled completions.
+  """The policy's view of sampled token sequences.
 
   Attributes:
-    logprobs: [B, T] log pi(a_t | s_t) of the completion tokens.
+    logprobs: [B, T] log pi(a_t | s_t) of the tokens.
     entropy: [B, T] entropy of pi(. | s_t).
     values: [B, T + 1] value head V(s_t); values[:, T] bootstraps truncated episodes.
+    log_normalizers: [B, T + 1] logsumexp of the logits at s_t (the soft value when the
+      logits are read as soft Q-values), or None unless asked for.
   """
   logprobs: jax.Array
   entropy: jax.Array
   values: jax.Array
+  log_normalizers: jax.Array | None = None
 
 
-def evaluate_actions(decoder_config: models.DecoderConfig, params,
-                     batch: core.TrajectoryBatch) -> ActionEvaluation:
-  logits, values = models.forward_completions(
-      decoder_config, params, batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens,
-      batch.completion_mask)
-  log_policy = jax.nn.log_softmax(logits, axis=-1)
-  logprobs = jnp.take_along_axis(log_policy, batch.completion_tokens[..., None], axis=-1)[..., 0]
+def evaluate_tokens(decoder_config: models.DecoderConfig, params, prompt_tokens: jax.Array,
+                    prompt_mask: jax.Array, tokens: jax.Array, mask: jax.Array, *,
+                    with_log_normalizers: bool = False) -> ActionEvaluation:
+  """Evaluates `tokens` [B, T] (right padded, `mask` [B, T]) as actions after the prompts."""
+  logits, values = models.forward_completions(decoder_config, params, prompt_tokens, prompt_mask,
+                                              tokens, mask, include_final=True)
+  log_normalizers = jax.nn.logsumexp(logits, axis=-1)
+  log_policy = logits[:, :-1] - log_normalizers[:, :-1, None]
+  logprobs = jnp.take_along_axis(log_policy, tokens[..., None], axis=-1)[..., 0]
   entropy = -(jnp.exp(log_policy) * log_policy).sum(axis=-1)
-  return ActionEvaluation(logprobs, entropy, values)
+  return ActionEvaluation(logprobs, entropy, values,
+                          log_normalizers if with_log_normalizers else None)
+
+
+def evaluate_actions(decoder_config: models.DecoderConfig, params, batch: core.TrajectoryBatch, *,
+                     with_log_normalizers: bool = False) -> ActionEvaluation:
+  """Evaluates a batch's sampled completions."""
+  return evaluate_tokens(decoder_config, params, batch.prompt_tokens, batch.prompt_mask,
+                         batch.completion_tokens, batch.completion_mask,
+                         with_log_normalizers=with_log_normalizers)
+
+
+def evaluate_paired(decoder_config: models.DecoderConfig, params,
+                    batch: core.TrajectoryBatch) -> ActionEvaluation:
+  """Evaluates a batch's paired completions (BOND's best anchor sample, say)."""
+  return evaluate_tokens(decoder_config, params, batch.prompt_tokens, batch.prompt_mask,
+                         batch.paired_tokens, batch.paired_mask)

@@ -1,6 +1,5 @@
 """The V-trace learner: one optax update per batch of on-policy-ish completions."""
 import dataclasses
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +7,7 @@ import optax
 
 from chorus import core
 from chorus import models
+from chorus.learners import learner as learner_lib
 from chorus.learners import policy
 from chorus.learners import token_mdp
 from chorus.learners import vtrace
@@ -37,41 +37,16 @@ class VTraceConfig:
   entropy_cost: float = 0.001
 
 
-class TrainState(NamedTuple):
-  params: Any
-  opt_state: Any
-  step: jax.Array
+def make_vtrace_learner(decoder_config: models.DecoderConfig, config: VTraceConfig, *, params,
+                        reference_params, optimizer: optax.GradientTransformation
+                        ) -> learner_lib.Learner:
+  """V-trace actor-critic against a frozen reference (the KL penalty's pi_ref)."""
 
-
-def make_optimizer(learning_rate: float, max_grad_norm: float) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
-
-
-class VTraceLearner:
-  """Holds the train state and the frozen reference; `update` is one jit-compiled step."""
-
-  def __init__(self, decoder_config: models.DecoderConfig, config: VTraceConfig, *,
-               params, reference_params, optimizer: optax.GradientTransformation):
-    self.config = config
-    self._decoder_config = decoder_config
-    self._optimizer = optimizer
-    self._reference_params = reference_params
-    self.state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    self._update = jax.jit(self._update_fn)
-
-  @property
-  def params(self):
-    return self.state.params
-
-  @property
-  def step(self) -> int:
-    return int(self.state.step)
-
-  def _loss(self, params, batch: core.TrajectoryBatch):
-    config = self.config
+  def loss_fn(params, aux, batch: core.TrajectoryBatch):
+    del aux  # V-trace follows no extra networks.
     mask = batch.completion_mask
-    target = policy.evaluate_actions(self._decoder_config, params, batch)
-    reference = policy.evaluate_actions(self._decoder_config, self._reference_params, batch)
+    target = policy.evaluate_actions(decoder_config, params, batch)
+    reference = policy.evaluate_actions(decoder_config, reference_params, batch)
     reference_logprobs = jax.lax.stop_gradient(reference.logprobs)
     rewards = token_mdp.token_rewards(batch.rewards, mask, batch.behaviour_logprobs,
                                       reference_logprobs, config.kl_coef)
@@ -88,12 +63,4 @@ class VTraceLearner:
     metrics['completion_length'] = real.sum(axis=1).mean()
     return loss, metrics
 
-  def _update_fn(self, state: TrainState, batch: core.TrajectoryBatch):
-    grads, metrics = jax.grad(self._loss, has_aux=True)(state.params, batch)
-    updates, opt_state = self._optimizer.update(grads, state.opt_state, state.params)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
-
-  def update(self, batch: core.TrajectoryBatch) -> dict[str, float]:
-    self.state, metrics = self._update(self.state, batch)
-    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+  return learner_lib.Learner(loss_fn, params=params, optimizer=optimizer)

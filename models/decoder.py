@@ -313,8 +313,8 @@ def left_pad_prompts(prompts: Sequence[Sequence[int]],
 
 def forward_completions(config: DecoderConfig, params: Params,
                         prompt_tokens: jax.Array, prompt_mask: jax.Array,
-                        completion_tokens: jax.Array, completion_mask: jax.Array
-                        ) -> tuple[jax.Array, jax.Array]:
+                        completion_tokens: jax.Array, completion_mask: jax.Array, *,
+                        include_final: bool = False) -> tuple[jax.Array, jax.Array]:
   """Scores completions with one cache-free pass, as the learner needs.
 
   Args:
@@ -324,10 +324,12 @@ def forward_completions(config: DecoderConfig, params: Params,
     prompt_mask: [B, P] bool.
     completion_tokens: [B, T] int32, right padded.
     completion_mask: [B, T] bool.
+    include_final: also return the logits after the last completion position, which
+      soft-Q learners need for V(s_T) of truncated completions.
 
   Returns:
-    logits [B, T, V] float32, where logits[:, t] is the distribution completion token t
-    was drawn from; and values [B, T + 1] float32, where values[:, t] is the value of
+    logits [B, T, V] float32 ([B, T + 1, V] with `include_final`), where logits[:, t] is
+    the distribution completion token t was drawn from; and values [B, T + 1] float32, where values[:, t] is the value of
     the prefix ending just before completion token t (values[:, T], or values[:, n] for
     a completion of n tokens, is the value after the whole completion).
   """
@@ -339,7 +341,7 @@ def forward_completions(config: DecoderConfig, params: Params,
   tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
   output = Decoder(config).apply({'params': params}, tokens, positions_from_mask(mask), mask)
-  logits = output.logits[:, prompt_len - 1:prompt_len - 1 + completion_len]
+  logits = output.logits[:, prompt_len - 1:prompt_len + completion_len - (not include_final)]
   values = output.values[:, prompt_len - 1:]
   return logits, values
 

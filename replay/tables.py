@@ -21,7 +21,9 @@ class ReplayConfig:
     max_size: capacity in trajectories. For 'queue' this bounds the policy lag to about
       max_size / batch_size learner steps.
     min_size_to_sample: 'uniform' only; sampling waits until this many are stored.
-    samples_per_insert: 'uniform' only; learner samples per inserted trajectory.
+    samples_per_insert: 'uniform' only; learner samples per inserted trajectory, or 0 for
+      no ratio at all (offline training from a recorded dataset, where inserts stop once
+      the dataset is in: sampling then only waits for `min_size_to_sample`).
   """
   table: str = 'trajectories'
   kind: str = 'queue'
@@ -32,6 +34,8 @@ class ReplayConfig:
   def __post_init__(self):
     if self.kind not in TABLE_KINDS:
       raise ValueError(f'Unknown replay kind {self.kind!r}; use one of {TABLE_KINDS}.')
+    if self.samples_per_insert < 0:
+      raise ValueError(f'samples_per_insert must be >= 0, got {self.samples_per_insert}.')
 
 
 def trajectory_signature(prompt_len: int, completion_len: int) -> dict[str, tf.TensorSpec]:
@@ -45,6 +49,10 @@ def trajectory_signature(prompt_len: int, completion_len: int) -> dict[str, tf.T
       rewards=tf.TensorSpec([], tf.float32),
       terminated=tf.TensorSpec([], tf.bool),
       param_version=tf.TensorSpec([], tf.int64),
+      reference_logprobs=tf.TensorSpec([completion_len], tf.float32),
+      paired_tokens=tf.TensorSpec([completion_len], tf.int32),
+      paired_mask=tf.TensorSpec([completion_len], tf.bool),
+      win_probability=tf.TensorSpec([], tf.float32),
   )
 
 
@@ -52,16 +60,16 @@ def make_tables(config: ReplayConfig, prompt_len: int, completion_len: int) -> l
   signature = trajectory_signature(prompt_len, completion_len)
   if config.kind == 'queue':
     return [reverb.Table.queue(config.table, config.max_size, signature=signature)]
-  # Uniform replay: a sample-to-insert ratio keeps the learner from overfitting a few items.
-  error_buffer = max(config.min_size_to_sample, 1) * max(config.samples_per_insert, 1.0)
-  return [reverb.Table(
-      name=config.table,
-      sampler=reverb.selectors.Uniform(),
-      remover=reverb.selectors.Fifo(),
-      max_size=config.max_size,
-      rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
-          config.samples_per_insert, config.min_size_to_sample, error_buffer),
-      signature=signature)]
+  if config.samples_per_insert > 0:
+    # Online: a sample-to-insert ratio keeps the learner from overfitting a few items.
+    error_buffer = max(config.min_size_to_sample, 1) * max(config.samples_per_insert, 1.0)
+    rate_limiter = reverb.rate_limiters.SampleToInsertRatio(
+        config.samples_per_insert, config.min_size_to_sample, error_buffer)
+  else:
+    rate_limiter = reverb.rate_limiters.MinSize(config.min_size_to_sample)
+  return [reverb.Table(name=config.table, sampler=reverb.selectors.Uniform(),
+                       remover=reverb.selectors.Fifo(), max_size=config.max_size,
+                       rate_limiter=rate_limiter, signature=signature)]
 
 
 def serve(config: ReplayConfig, prompt_len: int, completion_len: int, port: int,

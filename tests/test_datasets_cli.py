@@ -132,11 +132,13 @@ def test_export_writes_every_field_of_every_episode(run_rlds, tmp_path, capsys):
   assert len(records) == len(written)
   field_names = {field.name for field in dataclasses.fields(core.Trajectory)}
   for record, trajectory in zip(records, written):
-    assert set(record) == field_names | {'prompt_text', 'completion_text'}
+    assert set(record) == field_names | {'prompt_text', 'completion_text',
+                                         'paired_completion_text'}
     assert record['prompt_tokens'] == trajectory.prompt_tokens.tolist()
     assert record['completion_tokens'] == trajectory.completion_tokens.tolist()
     np.testing.assert_array_equal(np.float32(record['behaviour_logprobs']),
                                   trajectory.behaviour_logprobs)
+    assert record['reference_logprobs'] is None and record['paired_completion_text'] is None
     for name in field_names - {'prompt_tokens', 'completion_tokens', 'behaviour_logprobs'}:
       assert record[name] == getattr(trajectory, name), name
     assert record['prompt_text'] == f'rev {trajectory.prompt_id}>'
@@ -177,7 +179,8 @@ def test_merge_puts_every_episode_in_one_directory(run_rlds, tmp_path, capsys):
                              '--output', output)
   assert status == 0
   assert f'Merged {len(written)} episodes of 2 directories' in out
-  assert sorted(os.listdir(output))[-2:] == ['dataset_info.json', 'features.json']
+  assert {'dataset_info.json', 'features.json'} <= set(os.listdir(output))
+  assert os.path.getsize(output / 'episodes.journal') == 0  # Closed: all in closed files.
   _assert_same(read_trajectories(output), written)
 
 

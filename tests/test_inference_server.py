@@ -162,6 +162,12 @@ _BAD_REQUESTS = {
                          grpc.StatusCode.INVALID_ARGUMENT,
                          [f'{CONFIG.max_batch_size + 1} prompts',
                           f'at most {CONFIG.max_batch_size}']),
+    'rows_over_max_batch_size': (dict(prompts=[[1, 2]] * 3, num_samples=3),
+                                 grpc.StatusCode.INVALID_ARGUMENT,
+                                 ['3 prompts x 3 samples = 9 rows',
+                                  f'at most {CONFIG.max_batch_size}']),
+    'negative_num_samples': (dict(prompts=[[1, 2]], num_samples=-1),
+                             grpc.StatusCode.INVALID_ARGUMENT, ['num_samples', 'got -1']),
     'max_new_tokens_over_limit': (dict(prompts=[[1, 2]],
                                        max_new_tokens=CONFIG.max_new_tokens + 1),
                                   grpc.StatusCode.INVALID_ARGUMENT,
@@ -183,6 +189,44 @@ def test_bad_generate_request_gets_a_clear_status_and_the_server_keeps_serving(
   for part in message_parts:
     assert part in str(raised.value)
   _assert_serves(client)
+
+
+def test_num_samples_gives_n_completions_per_prompt_prompt_major_from_one_version(
+    client, publisher, decoder_config, other_params):
+  version = _served_version(client) + 1
+  publisher.publish(other_params, version)
+  prompts, num_samples, temperature = [[1, 5], [1, 13, 14, 15], [1, 20]], 2, 2.0
+  result = client.generate(prompts, num_samples=num_samples, temperature=temperature)
+
+  assert len(result.completions) == len(prompts) * num_samples
+  assert result.param_version == version
+  assert result.mixture_param_version is None
+  # Prompt-major: completion i belongs to prompt i // num_samples. Its log-probs match the
+  # forward pass on that prompt only, which pins the order.
+  row_prompts = [prompt for prompt in prompts for _ in range(num_samples)]
+  steps = CONFIG.max_new_tokens
+  completion_tokens = np.full((len(row_prompts), steps), models.PAD_ID, np.int32)
+  completion_mask = np.zeros((len(row_prompts), steps), bool)
+  for row, completion in enumerate(result.completions):
+    completion_tokens[row, :len(completion.tokens)] = completion.tokens
+    completion_mask[row, :len(completion.tokens)] = True
+  prompt_tokens, prompt_mask = models.left_pad_prompts(row_prompts, CONFIG.max_prompt_len)
+  logits, _ = models.forward_completions(decoder_config, other_params, prompt_tokens,
+                                         prompt_mask, completion_tokens, completion_mask)
+  log_probs = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
+  expected = np.take_along_axis(log_probs, completion_tokens[..., None], axis=-1)[..., 0]
+  for row, completion in enumerate(result.completions):
+    np.testing.assert_allclose(completion.logprobs, expected[row, :len(completion.tokens)],
+                               atol=1e-4)
+  # A prompt's samples are independent draws, not copies.
+  assert any(not np.array_equal(result.completions[2 * i].tokens,
+                                result.completions[2 * i + 1].tokens) for i in range(3))
+
+
+def test_full_request_of_max_batch_size_rows_is_served(client):
+  result = client.generate([[1, 2, 3]] * (CONFIG.max_batch_size // 2), num_samples=2,
+                           max_new_tokens=2)
+  assert len(result.completions) == CONFIG.max_batch_size
 
 
 def test_full_request_of_max_batch_size_prompts_is_served(client):

@@ -84,3 +84,55 @@ def test_cli_lists_configs_and_shows_defaults(capsys):
   assert 'text_vtrace' in capsys.readouterr().out.split()
   assert cli.main(['configs', 'text_vtrace']) == 0
   assert '"max_steps": 600' in capsys.readouterr().out
+
+
+def _roles(config) -> dict[str, list[str]]:
+  roles = {}
+  for node in program.make_program(config):
+    roles.setdefault(node.role, []).append(node.name)
+  return roles
+
+
+@pytest.mark.parametrize('name', configs.CONFIG_NAMES)
+def test_every_config_builds_a_program_and_round_trips(name):
+  config = configs.get_config(name)
+  assert config.name == name
+  assert experiment.from_dict(experiment.ExperimentConfig, experiment.to_dict(config)) == config
+  roles = _roles(config)
+  assert roles['learner'] == ['learner'] and roles['warm_start'] == ['warm_start']
+
+
+def test_learned_reward_model_adds_a_setup_node_before_the_servers():
+  nodes = program.make_program(configs.get_config('text_bond'))
+  assert nodes[1].name == 'reward_model' and nodes[1].kind == program.SETUP
+  programmatic = experiment.apply_overrides(configs.get_config('text_bond'),
+                                            ['reward_model.kind=programmatic'])
+  assert 'reward_model' not in _roles(programmatic)
+
+
+def test_offline_soft_q_replays_the_dataset_instead_of_running_actors():
+  config = experiment.apply_overrides(configs.get_config('text_soft_q'),
+                                      ['replay_dataset=/data/run/rlds'])
+  roles = _roles(config)
+  assert 'actor' not in roles and roles['dataset_replayer'] == ['dataset_replayer']
+  replayer = next(n for n in program.make_program(config) if n.role == 'dataset_replayer')
+  assert not replayer.restart  # A second pass would store every episode twice.
+  assert [a.node for a in replayer.kwargs['replay_addresses']] == ['replay_0']
+
+
+def test_inverse_soft_q_reads_demonstrations_without_replay_or_actors():
+  roles = _roles(configs.get_config('text_irl'))
+  assert 'replay' not in roles and 'actor' not in roles and 'dataset_replayer' not in roles
+  assert roles['demonstrations'] == ['demonstrations']
+  with_dataset = experiment.apply_overrides(configs.get_config('text_irl'),
+                                            ['replay_dataset=/data/demos'])
+  assert 'demonstrations' not in _roles(with_dataset)
+
+
+def test_configs_reject_combinations_that_cannot_train():
+  with pytest.raises(ValueError, match="replay_dataset needs an off-policy learner"):
+    experiment.apply_overrides(configs.get_config('text_vtrace'), ['replay_dataset=/data'])
+  with pytest.raises(ValueError, match='Unknown algorithm'):
+    experiment.apply_overrides(configs.get_config('text_vtrace'), ['algorithm=ppo'])
+  with pytest.raises(ValueError, match='reward_model.kind=programmatic'):
+    experiment.apply_overrides(configs.get_config('text_soft_q'), ['reward_model.kind=learned'])

@@ -45,7 +45,13 @@ def random_trajectories(seed: int, count: int, actor_id: int = 0) -> list[core.T
         seed=int(rng.integers(-2**62, 2**62)),
         # Zero to all terms, in a random order that must survive too.
         reward_components={name: float(rng.normal()) for name in rng.permutation(
-            _COMPONENT_NAMES)[:rng.integers(len(_COMPONENT_NAMES) + 1)]}))
+            _COMPONENT_NAMES)[:rng.integers(len(_COMPONENT_NAMES) + 1)]},
+        # The optional fields of Nash-MD and BOND, each present or absent.
+        reference_logprobs=(-rng.exponential(size=completion_len).astype(np.float32)
+                            if rng.integers(2) else None),
+        paired_completion_tokens=(rng.integers(3, 32000, int(rng.integers(1, 20))).astype(
+            np.int32) if rng.integers(2) else None),
+        win_probability=float(rng.uniform()) if rng.integers(2) else None))
   return trajectories
 
 
@@ -56,10 +62,23 @@ def assert_same_trajectories(got, expected):
       assert getattr(got_one, name) == getattr(expected_one, name), name
     assert list(got_one.reward_components) == list(expected_one.reward_components)
     for name, dtype in (('prompt_tokens', np.int32), ('completion_tokens', np.int32),
-                        ('behaviour_logprobs', np.float32)):
-      got_array = getattr(got_one, name)
+                        ('behaviour_logprobs', np.float32), ('reference_logprobs', np.float32),
+                        ('paired_completion_tokens', np.int32)):
+      got_array, expected_array = getattr(got_one, name), getattr(expected_one, name)
+      if expected_array is None:
+        assert got_array is None, name
+        continue
       assert got_array.dtype == dtype, name
-      np.testing.assert_array_equal(got_array, getattr(expected_one, name), err_msg=name)
+      np.testing.assert_array_equal(got_array, expected_array, err_msg=name)
+    assert got_one.win_probability == expected_one.win_probability
+  assert digest(got) == digest(expected)
+
+
+def digest(trajectories) -> str:
+  result = core.TrajectoryDigest()
+  for trajectory in trajectories:
+    result.update(trajectory)
+  return result.hexdigest()
 
 
 @pytest.fixture(name='two_actor_dirs', scope='module')
@@ -82,6 +101,25 @@ def test_two_writers_read_back_as_one_dataset_with_every_field_exact(two_actor_d
   assert_same_trajectories(got, expected)
   assert {t.terminated for t in expected} == {True, False}
   assert {len(t.reward_components) for t in expected} >= {0, 1, len(_COMPONENT_NAMES)}
+  for name in ('reference_logprobs', 'paired_completion_tokens', 'win_probability'):
+    assert {getattr(t, name) is None for t in expected} == {True, False}, name
+
+
+def test_absent_optional_fields_are_flags_and_an_empty_pair_in_raw_rlds(two_actor_dirs):
+  directory, expected = next(iter(two_actor_dirs.items()))
+  for trajectory, episode in zip(expected, episode_dataset(directory), strict=True):
+    assert bool(episode['has_reference_logprobs']) == (trajectory.reference_logprobs is not None)
+    assert bool(episode['has_win_probability']) == (trajectory.win_probability is not None)
+    paired = episode['paired_completion_tokens'].numpy()
+    if trajectory.paired_completion_tokens is None:
+      assert paired.shape == (0,)
+    else:
+      np.testing.assert_array_equal(paired, trajectory.paired_completion_tokens)
+    steps = next(iter(episode['steps'].batch(1000)))
+    expected_reference = (np.zeros(len(trajectory.completion_tokens), np.float32)
+                          if trajectory.reference_logprobs is None
+                          else trajectory.reference_logprobs)
+    np.testing.assert_array_equal(steps['reference_logprob'].numpy(), expected_reference)
 
 
 def test_a_run_rlds_folder_reads_as_its_actor_directories_in_order(two_actor_dirs):
@@ -208,18 +246,26 @@ def test_episode_dataset_skips_directories_with_nothing_readable_yet(two_actor_d
 
 def test_reading_nothing_readable_names_the_paths(tmp_path):
   EpisodeLogger(tmp_path / 'empty').close()
-  with pytest.raises(FileNotFoundError, match='empty.*never_written.*no closed file yet'):
+  with pytest.raises(FileNotFoundError,
+                     match='empty.*never_written.*neither a closed file nor a journalled'):
     read_trajectories([tmp_path / 'empty', tmp_path / 'never_written'])
 
 
-def test_a_full_file_is_readable_before_the_logger_is_closed(tmp_path):
+def test_every_written_episode_is_readable_before_the_logger_is_closed(tmp_path):
   trajectories = random_trajectories(3, 5)
   logger = EpisodeLogger(tmp_path, max_episodes_per_file=2)
   for trajectory in trajectories:
     logger.write(trajectory)
-  assert_same_trajectories(read_trajectories(tmp_path), trajectories[:4])
+  # Chorus readers take the open file's episode from the journal; plain tfds sees the
+  # two closed files only.
+  result = read_episodes(tmp_path)
+  assert_same_trajectories(result.trajectories, trajectories)
+  assert result.from_journal == {str(tmp_path): 1}
+  assert len(list(episode_dataset(tmp_path))) == 4
   logger.close()
   assert_same_trajectories(read_trajectories(tmp_path), trajectories)
+  assert read_episodes(tmp_path).from_journal == {}
+  assert (tmp_path / 'episodes.journal').stat().st_size == 0
 
 
 def test_logger_rejects_bad_arguments_with_the_fix(tmp_path):
@@ -244,19 +290,22 @@ def _start_writer(directory, count, max_episodes_per_file, *, hang):
       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-def test_sigkill_loses_only_the_open_file(tmp_path):
+def test_sigkill_loses_no_episode_whose_write_returned(tmp_path):
   writer = _start_writer(tmp_path, 7, 3, hang=True)
   lines = [writer.stdout.readline() for _ in range(7)]
   writer.send_signal(signal.SIGKILL)
   writer.wait()
   assert lines[-1] == 'wrote 6\n'
-  expected = random_trajectories(0, 7)
-  # Two closed files of 3; episode 6 was in the open file.
-  assert_same_trajectories(read_trajectories(tmp_path), expected[:6])
-  # A restarted writer appends after the closed files.
+  expected = random_trajectories(0, 8)
+  # Two closed files of 3; episode 6, of the open file, comes from the journal.
+  assert_same_trajectories(read_trajectories(tmp_path), expected[:7])
+  assert len(list(episode_dataset(tmp_path))) == 6
+  # A restarted writer first moves it into a closed file, then appends.
   with EpisodeLogger(tmp_path, max_episodes_per_file=3) as logger:
-    logger.write(expected[6])
+    assert len(list(episode_dataset(tmp_path))) == 7
+    logger.write(expected[7])
   assert_same_trajectories(read_trajectories(tmp_path), expected)
+  assert len(list(episode_dataset(tmp_path))) == 8
 
 
 @pytest.mark.parametrize('emptied', ['dataset_info.json', 'features.json'])
@@ -273,7 +322,7 @@ def test_metadata_emptied_by_a_kill_mid_rewrite_is_repaired_on_reopen(tmp_path, 
   assert_same_trajectories(read_trajectories(tmp_path), expected)
 
 
-def test_sigkills_at_spread_moments_keep_every_acknowledged_closed_file(tmp_path):
+def test_sigkills_at_spread_moments_keep_every_acknowledged_episode(tmp_path):
   # Writer 0 dies right after a write returned; writer 1, which kept writing meanwhile,
   # at an arbitrary point of a write (about 1 time in 5 inside tfds' metadata rewrite,
   # which leaves the directory unreadable until it is repaired).
@@ -288,7 +337,8 @@ def test_sigkills_at_spread_moments_keep_every_acknowledged_closed_file(tmp_path
   for i in range(len(writers)):
     EpisodeLogger(tmp_path / str(i)).close()  # Repairs the metadata if the kill broke it.
     got = read_trajectories(tmp_path / str(i))
-    assert len(got) >= acknowledged // max_episodes_per_file * max_episodes_per_file
+    # Every acknowledged episode, and at most the one in progress at the kill beyond.
+    assert len(got) >= acknowledged
     assert_same_trajectories(got, random_trajectories(0, len(got)))
 
 

@@ -120,3 +120,116 @@ def test_sampler_rejects_non_positive_temperature_and_bad_limits(tiny_setup):
     _sample(sample, params, 1.0, MAX_NEW_TOKENS + 1, seed=0)
   with pytest.raises(ValueError, match='exceeds the model max_seq_len'):
     sampler_lib.make_sampler(models.DecoderConfig.tiny(37), 60, 10)
+
+
+# The geometric mixture of two decoders (Nash-MD's opponent).
+
+
+def _peaked(params, scale):
+  """Tied embeddings: scaling the embedding sharpens the logits."""
+  return dict(params, embedder={'embedding': params['embedder']['embedding'] * scale})
+
+
+def _mixture_log_probs(config, params, mixture_params, coef, temperature, prompt_tokens,
+                       prompt_mask, completion_tokens, completion_mask):
+  """log softmax(((1 - b) * logits + b * mixture_logits) / temperature), from two
+  independent cache-free passes: [B, T, V]."""
+  logits, _ = models.forward_completions(config, params, prompt_tokens, prompt_mask,
+                                         completion_tokens, completion_mask)
+  mixture_logits, _ = models.forward_completions(config, mixture_params, prompt_tokens,
+                                                 prompt_mask, completion_tokens,
+                                                 completion_mask)
+  coef = np.asarray(coef, np.float32)[:, None, None]
+  temperature = np.asarray(temperature, np.float32)[:, None, None]
+  return np.asarray(jax.nn.log_softmax(((1 - coef) * logits + coef * mixture_logits)
+                                       / temperature, axis=-1))
+
+
+@pytest.fixture(scope='module')
+def mixture_setup():
+  config = models.DecoderConfig.tiny(37)
+  params = models.init_params(config, jax.random.PRNGKey(10))
+  mixture_params = models.init_params(config, jax.random.PRNGKey(11))
+  return (config, params, mixture_params,
+          sampler_lib.make_mixture_sampler(config, config, PROMPT_LEN, MAX_NEW_TOKENS))
+
+
+def _sample_mixture(sample, params, mixture_params, coef, temperature, seed, prompts=PROMPTS,
+                    max_new_tokens=MAX_NEW_TOKENS):
+  tokens, mask = models.left_pad_prompts(prompts, PROMPT_LEN)
+  batch = len(prompts)
+  output = sample(params, mixture_params, np.broadcast_to(np.float32(coef), (batch,)).copy(),
+                  tokens, mask, np.broadcast_to(np.float32(temperature), (batch,)).copy(),
+                  np.full(batch, max_new_tokens, np.int32), jax.random.PRNGKey(seed))
+  return tokens, mask, jax.tree_util.tree_map(np.asarray, output)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.6])
+def test_mixture_logprobs_are_the_normalised_geometric_mean_at_every_step(mixture_setup,
+                                                                           temperature):
+  config, params, mixture_params, sample = mixture_setup
+  coef = np.array([0.0, 0.25, 0.5, 0.8, 1.0], np.float32)
+  prompt_tokens, prompt_mask, output = _sample_mixture(sample, params, mixture_params, coef,
+                                                       temperature, seed=12)
+  completion_mask = np.arange(MAX_NEW_TOKENS)[None] < output.lengths[:, None]
+  # Teacher forcing: every sampled token is scored under pi^(1-b) * pi_mixture^b / Z given
+  # the same prefix, computed without the sampler's KV caches.
+  log_probs = _mixture_log_probs(config, params, mixture_params, coef,
+                                 np.full(len(PROMPTS), temperature), prompt_tokens,
+                                 prompt_mask, output.tokens, completion_mask)
+  expected = np.take_along_axis(log_probs, output.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(output.logprobs, np.where(completion_mask, expected, 0.0),
+                             atol=1e-4)
+  # The same tokens under the first model alone score differently where b > 0.
+  alone = _mixture_log_probs(config, params, mixture_params, np.zeros(len(PROMPTS)),
+                             np.full(len(PROMPTS), temperature), prompt_tokens, prompt_mask,
+                             output.tokens, completion_mask)
+  alone = np.take_along_axis(alone, output.tokens[..., None], -1)[..., 0]
+  differs = np.abs(alone - expected).max(axis=1) > 1e-3
+  np.testing.assert_array_equal(differs, coef > 0)
+
+
+def test_mixture_first_token_frequencies_follow_the_normalised_geometric_mean():
+  config = models.DecoderConfig.tiny(8)
+  params = models.init_params(config, jax.random.PRNGKey(20))
+  mixture_params = models.init_params(config, jax.random.PRNGKey(21))
+  sample = sampler_lib.make_mixture_sampler(config, config, PROMPT_LEN, 1)
+  # A high temperature spreads the mass, so the two models and the mixture are far apart.
+  coef, temperature = 0.4, 2.0
+  prompts = [[1, 3, 4, 5]] * 8192
+  prompt_tokens, prompt_mask, output = _sample_mixture(
+      sample, params, mixture_params, coef, temperature, seed=15, prompts=prompts,
+      max_new_tokens=1)
+  first = [np.asarray(jax.nn.softmax(models.forward_completions(
+      config, p, prompt_tokens[:1], prompt_mask[:1], np.zeros((1, 1), np.int32),
+      np.ones((1, 1), bool))[0][0, 0] / temperature)) for p in (params, mixture_params)]
+  geometric_mean = first[0] ** (1 - coef) * first[1] ** coef
+  expected = geometric_mean / geometric_mean.sum()
+  observed = np.bincount(output.tokens[:, 0], minlength=config.vocab_size) / len(prompts)
+  total_variation = lambda p, q: 0.5 * np.abs(p - q).sum()
+  # The test can tell the mixture from either model alone.
+  assert min(total_variation(expected, first[0]), total_variation(expected, first[1])) > 0.08
+  # Expected total variation from sampling noise here is about 0.012.
+  assert total_variation(observed, expected) < 0.04
+
+
+def test_mixture_coef_zero_samples_the_model_and_one_samples_the_mixture_model(mixture_setup):
+  config, params, mixture_params, sample = mixture_setup
+  single = sampler_lib.make_sampler(config, PROMPT_LEN, MAX_NEW_TOKENS)
+  for coef, alone_params in ((0.0, params), (1.0, mixture_params)):
+    mixed = _sample_mixture(sample, params, mixture_params, coef, 0.9, seed=16)[2]
+    alone = _sample(single, alone_params, 0.9, MAX_NEW_TOKENS, seed=16)[2]
+    np.testing.assert_array_equal(mixed.tokens, alone.tokens)
+    np.testing.assert_array_equal(mixed.lengths, alone.lengths)
+    np.testing.assert_allclose(mixed.logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_mixture_sampler_rejects_bad_coefs_and_models_without_a_shared_vocabulary(
+    mixture_setup):
+  _, params, mixture_params, sample = mixture_setup
+  for coef in (-0.1, 1.5, np.nan):
+    with pytest.raises(ValueError, match=r'mixture_coef must hold one value in \[0, 1\]'):
+      _sample_mixture(sample, params, mixture_params, coef, 1.0, seed=0)
+  with pytest.raises(ValueError, match='needs one vocabulary'):
+    sampler_lib.make_mixture_sampler(models.DecoderConfig.tiny(37),
+                                     models.DecoderConfig.tiny(38), PROMPT_LEN, 4)

@@ -1,0 +1,20 @@
+"""J-BOND on digit reversal: Best-of-2 of a moving anchor, judged by a learned reward model.
+
+A setup node trains a reward model on the task's noisy preference pairs; the inference
+server serves the policy, the EMA anchor and the reward model; actors sample y from the
+policy and two anchor samples, and score all three with the reward model.
+"""
+import dataclasses
+
+from chorus.configs import text_vtrace
+from chorus.launch.experiment import ExperimentConfig
+from chorus.learners.bond_learner import BondConfig
+from chorus.learners.preference import RewardModelConfig
+
+
+def get_config() -> ExperimentConfig:
+  base = text_vtrace.get_config()
+  return dataclasses.replace(
+      base, name='text_bond', algorithm='bond',
+      bond=BondConfig(beta=0.5, kl_coef=0.5, anchor_update_rate=0.02),
+      reward_model=RewardModelConfig(kind='learned'))

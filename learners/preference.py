@@ -1,0 +1,333 @@
+"""Training learned reward and preference models on a task's noisy preference pairs.
+
+Losses are pure functions of score arrays; `train_reward_model` and
+`train_preference_model` step them with Adam over `preference_batches`, the way
+`supervised.warm_start` does for demonstrations. The models are `models.Decoder`s read
+through `models.reward_models`, so the inference server serves them like any other.
+"""
+from collections.abc import Iterator
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from chorus import models
+from chorus.models import reward_models
+
+_KINDS = ('programmatic', 'learned')
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+  """Where an experiment's rewards (or preferences) come from.
+
+  Attributes:
+    kind: 'programmatic' uses the task's own reward function (and, for preferences, a
+      comparison of those rewards); no model is trained and these other fields are
+      ignored. 'learned' trains a reward model (Bradley-Terry) or a pairwise preference
+      model on the task's noisy preference pairs before RL starts, and the inference
+      server serves it.
+    steps: Adam steps of that training.
+    batch_size: preference pairs per step.
+    learning_rate: Adam learning rate.
+    num_pairs: 0 draws fresh labelled pairs every step (an unlimited annotator budget);
+      N > 0 draws one fixed dataset of N pairs and cycles through it in reshuffled
+      epochs, as with a finite human-labelled dataset.
+    seed: seeds the pairs and the model's initial parameters.
+  """
+  kind: str = 'programmatic'
+  steps: int = 300
+  batch_size: int = 32
+  learning_rate: float = 3e-3
+  num_pairs: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.kind not in _KINDS:
+      raise ValueError(f'RewardModelConfig.kind must be one of {_KINDS}; got {self.kind!r}.')
+    for name in ('steps', 'num_pairs', 'seed'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'RewardModelConfig.{name} must be >= 0; got {getattr(self, name)}.')
+    if self.batch_size < 1:
+      raise ValueError(f'RewardModelConfig.batch_size must be >= 1; got {self.batch_size}.')
+    if self.num_pairs and self.num_pairs < self.batch_size:
+      raise ValueError(f'num_pairs={self.num_pairs} is smaller than batch_size='
+                       f'{self.batch_size}; use num_pairs=0 for fresh pairs or raise it.')
+
+
+class PreferenceBatch(NamedTuple):
+  """Labelled pairs: the annotator preferred `chosen` over `rejected`.
+
+  Attributes:
+    prompt_tokens: [B, P] int32, left padded.
+    prompt_mask: [B, P] bool.
+    chosen_tokens: [B, T] int32, right padded, ending with EOS.
+    chosen_mask: [B, T] bool.
+    rejected_tokens: [B, T] int32, right padded, ending with EOS.
+    rejected_mask: [B, T] bool.
+    chosen_rewards: [B] float32, the task's programmatic reward of `chosen` (for
+      measuring models against the truth; training never reads it).
+    rejected_rewards: [B] float32, likewise for `rejected`.
+  """
+  prompt_tokens: np.ndarray
+  prompt_mask: np.ndarray
+  chosen_tokens: np.ndarray
+  chosen_mask: np.ndarray
+  rejected_tokens: np.ndarray
+  rejected_mask: np.ndarray
+  chosen_rewards: np.ndarray
+  rejected_rewards: np.ndarray
+
+
+def bradley_terry_loss(chosen_scores: jax.Array,
+                       rejected_scores: jax.Array) -> tuple[jax.Array, dict]:
+  """Reward-model loss -log sigmoid(r_chosen - r_rejected), averaged.
+
+  Args:
+    chosen_scores: [B] scores of the preferred completions.
+    rejected_scores: [B] scores of the others.
+
+  Returns:
+    (loss, metrics): loss = mean softplus(-(chosen - rejected)); metrics 'loss',
+    'accuracy' (share with chosen > rejected) and 'margin' (mean chosen - rejected).
+  """
+  if chosen_scores.shape != rejected_scores.shape or chosen_scores.ndim != 1:
+    raise ValueError(f'chosen_scores {chosen_scores.shape} and rejected_scores '
+                     f'{rejected_scores.shape} must both be [B].')
+  margin = chosen_scores - rejected_scores
+  loss = jnp.mean(jax.nn.softplus(-margin))
+  return loss, {'loss': loss, 'accuracy': jnp.mean(margin > 0), 'margin': jnp.mean(margin)}
+
+
+def pairwise_preference_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
+  """Binary cross-entropy of a preference model's logits of P(first > second).
+
+  Args:
+    logits: [B] logits of P(first preferred).
+    labels: [B] 1 where the first was preferred, 0 where the second was (soft labels
+      in [0, 1] work too).
+
+  Returns:
+    (loss, metrics): loss = mean(labels * softplus(-logits) + (1 - labels) *
+    softplus(logits)); metrics 'loss' and 'accuracy' (sign of the logit agrees with
+    the label).
+  """
+  if logits.shape != labels.shape or logits.ndim != 1:
+    raise ValueError(f'logits {logits.shape} and labels {labels.shape} must both be [B].')
+  labels = labels.astype(logits.dtype)
+  loss = jnp.mean(labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits))
+  accuracy = jnp.mean((logits > 0) == (labels > 0.5))
+  return loss, {'loss': loss, 'accuracy': accuracy}
+
+
+def _right_pad(sequences: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.zeros((len(sequences), length), np.int32)
+  mask = np.zeros((len(sequences), length), bool)
+  for index, sequence in enumerate(sequences):
+    if len(sequence) > length:
+      raise ValueError(f'A completion of {len(sequence)} tokens exceeds completion_len='
+                       f'{length}; use task.max_preference_completion_tokens or more.')
+    tokens[index, :len(sequence)] = sequence
+    mask[index, :len(sequence)] = True
+  return tokens, mask
+
+
+def make_preference_batch(task, pairs, prompt_len: int, completion_len: int) -> PreferenceBatch:
+  """Pads `(prompt, completion_a, completion_b, a_preferred)` tuples into a batch."""
+  prompts, chosen, rejected = [], [], []
+  for prompt, first, second, first_preferred in pairs:
+    prompts.append(prompt)
+    chosen.append(first if first_preferred else second)
+    rejected.append(second if first_preferred else first)
+  prompt_tokens, prompt_mask = models.left_pad_prompts(
+      [task.encode_prompt(p) for p in prompts], prompt_len)
+  chosen_tokens, chosen_mask = _right_pad([task.encode_completion(c) for c in chosen],
+                                          completion_len)
+  rejected_tokens, rejected_mask = _right_pad([task.encode_completion(r) for r in rejected],
+                                              completion_len)
+  rewards = lambda texts: np.array([task.text_reward(p, t) for p, t in zip(prompts, texts)],
+                                   np.float32)
+  return PreferenceBatch(prompt_tokens, prompt_mask, chosen_tokens, chosen_mask,
+                         rejected_tokens, rejected_mask, rewards(chosen), rewards(rejected))
+
+
+def preference_batches(task, rng: np.random.Generator, batch_size: int, prompt_len: int,
+                       completion_len: int, num_pairs: int = 0) -> Iterator[PreferenceBatch]:
+  """Endless batches of the task's noisy preference pairs (`task.preference_pair`).
+
+  Args:
+    task: a task with `preference_pair`, `encode_prompt`, `encode_completion`,
+      `text_reward` (e.g. `ReverseDigitsTask`).
+    rng: the only source of randomness; the stream is a function of it.
+    batch_size: pairs per batch (B).
+    prompt_len: P, at least `task.max_prompt_tokens`.
+    completion_len: T, at least `task.max_preference_completion_tokens`.
+    num_pairs: 0 for fresh pairs in every batch; N > 0 for a fixed set of N pairs,
+      cycled in reshuffled epochs.
+
+  Yields:
+    PreferenceBatch with prompts [B, P] and completions [B, T].
+  """
+  if not num_pairs:
+    while True:
+      pairs = [task.preference_pair(rng) for _ in range(batch_size)]
+      yield make_preference_batch(task, pairs, prompt_len, completion_len)
+  if num_pairs < batch_size:
+    raise ValueError(f'num_pairs={num_pairs} < batch_size={batch_size}; a fixed dataset '
+                     'must hold at least one batch.')
+  dataset = make_preference_batch(task, [task.preference_pair(rng) for _ in range(num_pairs)],
+                                  prompt_len, completion_len)
+  while True:
+    order = rng.permutation(num_pairs)
+    for start in range(0, num_pairs - batch_size + 1, batch_size):
+      rows = order[start:start + batch_size]
+      yield PreferenceBatch(*(field[rows] for field in dataset))
+
+
+def _reward_model_loss(decoder_config, params, batch: PreferenceBatch):
+  # Both sides in one forward pass.
+  scores = reward_models.reward_scores(
+      decoder_config, params,
+      jnp.concatenate([batch.prompt_tokens, batch.prompt_tokens]),
+      jnp.concatenate([batch.prompt_mask, batch.prompt_mask]),
+      jnp.concatenate([batch.chosen_tokens, batch.rejected_tokens]),
+      jnp.concatenate([batch.chosen_mask, batch.rejected_mask]))
+  chosen, rejected = jnp.split(scores, 2)
+  return bradley_terry_loss(chosen, rejected)
+
+
+def _preference_model_loss(decoder_config, params, batch: PreferenceBatch):
+  # The logit is antisymmetric, so (chosen, rejected) with label 1 is the same example as
+  # (rejected, chosen) with label 0: no need to shuffle the order.
+  logits = reward_models.preference_logits(
+      decoder_config, params, batch.prompt_tokens, batch.prompt_mask, batch.chosen_tokens,
+      batch.chosen_mask, batch.rejected_tokens, batch.rejected_mask)
+  return pairwise_preference_loss(logits, jnp.ones_like(logits))
+
+
+def _train(loss_fn, decoder_config, config, pairs_iterator, params):
+  if params is None:
+    params = models.init_params(decoder_config, jax.random.PRNGKey(config.seed))
+  optimizer = optax.adam(config.learning_rate)
+
+  @jax.jit
+  def update(params, opt_state, batch):
+    (_, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(decoder_config, p, batch), has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  opt_state = optimizer.init(params)
+  history = []
+  for step in range(config.steps):
+    batch = next(pairs_iterator)
+    params, opt_state, metrics = update(params, opt_state, batch)
+    history.append({'step': step, **{k: float(v) for k, v in jax.device_get(metrics).items()}})
+  return params, history
+
+
+def train_reward_model(decoder_config: models.DecoderConfig, config: RewardModelConfig,
+                       pairs_iterator: Iterator[PreferenceBatch],
+                       params=None) -> tuple[object, list[dict]]:
+  """Fits a reward model with `bradley_terry_loss`; score = `reward_models.reward_scores`.
+
+  Args:
+    decoder_config: the reward model's size; max_seq_len >= P + T.
+    config: steps, batch size (of the iterator's batches) and learning rate.
+    pairs_iterator: yields PreferenceBatch (see `preference_batches`).
+    params: start from these; None starts from `init_params` seeded by `config.seed`.
+
+  Returns:
+    (params, history): the trained parameters and per-step metrics
+    ('step', 'loss', 'accuracy' against the noisy labels, 'margin').
+  """
+  return _train(_reward_model_loss, decoder_config, config, pairs_iterator, params)
+
+
+def train_preference_model(decoder_config: models.DecoderConfig, config: RewardModelConfig,
+                           pairs_iterator: Iterator[PreferenceBatch],
+                           params=None) -> tuple[object, list[dict]]:
+  """Fits a pairwise preference model with `pairwise_preference_loss`.
+
+  Args:
+    decoder_config: the preference model's size; max_seq_len >= P + 2T.
+    config: steps, batch size (of the iterator's batches) and learning rate.
+    pairs_iterator: yields PreferenceBatch (see `preference_batches`).
+    params: start from these; None starts from `init_params` seeded by `config.seed`.
+
+  Returns:
+    (params, history): the trained parameters and per-step metrics ('step', 'loss',
+    'accuracy' against the noisy labels).
+  """
+  return _train(_preference_model_loss, decoder_config, config, pairs_iterator, params)
+
+
+def _true_order_accuracy(margins: np.ndarray, first_rewards: np.ndarray,
+                         second_rewards: np.ndarray) -> float:
+  """Share of non-tied pairs where sign(margin) agrees with sign(first - second reward)."""
+  truth = np.asarray(first_rewards) - np.asarray(second_rewards)
+  decided = truth != 0
+  if not decided.any():
+    return float('nan')
+  return float(np.mean((np.asarray(margins) > 0)[decided] == (truth > 0)[decided]))
+
+
+def _held_out_accuracy(margin_fn, task, rng: np.random.Generator, prompt_len: int,
+                       completion_len: int, num_prompts: int) -> dict[str, float]:
+  prompts = task.eval_prompts()[:num_prompts]
+  pairs = [task.preference_pair(rng, prompt) for prompt in prompts]
+  batch = make_preference_batch(task, pairs, prompt_len, completion_len)
+  metrics = {'accuracy': _true_order_accuracy(margin_fn(batch), batch.chosen_rewards,
+                                              batch.rejected_rewards)}
+  # The correct answer against each corruption; 'swap' is the sloppy annotator's (and so a
+  # warm-started policy's) mistake, the one RL needs the model to see.
+  correct = [task.corrupted_answer(prompt, 'correct', rng) for prompt in prompts]
+  for kind in task.corruptions:
+    corrupted = [task.corrupted_answer(prompt, kind, rng) for prompt in prompts]
+    batch = make_preference_batch(task, [(p, c, x, True) for p, c, x in
+                                         zip(prompts, correct, corrupted)],
+                                  prompt_len, completion_len)
+    metrics[f'accuracy_correct_vs_{kind}'] = _true_order_accuracy(
+        margin_fn(batch), batch.chosen_rewards, batch.rejected_rewards)
+  return metrics
+
+
+def reward_model_accuracy(decoder_config: models.DecoderConfig, params, task,
+                          rng: np.random.Generator, prompt_len: int, completion_len: int,
+                          num_prompts: int = 256) -> dict[str, float]:
+  """How often a reward model orders held-out pairs like the task's reward does.
+
+  Args:
+    decoder_config: the reward model's config.
+    params: its parameters.
+    task: the task (its `eval_prompts()` are never in the training pairs).
+    rng: draws the candidates.
+    prompt_len: P.
+    completion_len: T >= task.max_preference_completion_tokens.
+    num_prompts: how many held-out prompts to use.
+
+  Returns:
+    'accuracy' on `preference_pair`s of held-out prompts (ties in task reward skipped),
+    and 'accuracy_correct_vs_<kind>' for the correct answer against each of
+    `task.corruptions`.
+  """
+  def margins(batch):
+    scores = lambda tokens, mask: reward_models.reward_scores(
+        decoder_config, params, batch.prompt_tokens, batch.prompt_mask, tokens, mask)
+    return np.asarray(scores(batch.chosen_tokens, batch.chosen_mask)
+                      - scores(batch.rejected_tokens, batch.rejected_mask))
+  return _held_out_accuracy(margins, task, rng, prompt_len, completion_len, num_prompts)
+
+
+def preference_model_accuracy(decoder_config: models.DecoderConfig, params, task,
+                              rng: np.random.Generator, prompt_len: int, completion_len: int,
+                              num_prompts: int = 256) -> dict[str, float]:
+  """As `reward_model_accuracy`, for a pairwise preference model (sign of its logit)."""
+  def margins(batch):
+    return np.asarray(reward_models.preference_logits(
+        decoder_config, params, batch.prompt_tokens, batch.prompt_mask, batch.chosen_tokens,
+        batch.chosen_mask, batch.rejected_tokens, batch.rejected_mask))
+  return _held_out_accuracy(margins, task, rng, prompt_len, completion_len, num_prompts)

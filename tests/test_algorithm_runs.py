@@ -1,0 +1,86 @@
+"""Each algorithm's config as a short run of real processes: the wiring, not the learning.
+
+(Whether each one learns is measured by full runs; see benchmarks/RESULTS.md.)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chorus.datasets import read_trajectories
+from chorus.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+_STEPS = 8
+_SMALL = [
+    '--num-actors', '2', '--max-learner-steps', str(_STEPS), '--seed', '1',
+    '--set', 'warm_start.steps=30', '--set', 'learner.batch_size=8',
+    '--set', 'learner.log_every=4', '--set', 'learner.checkpoint_every=4',
+    '--set', 'inference.max_batch_size=8', '--set', 'task_config.num_eval_prompts=16',
+    '--set', 'evaluation.every_s=0', '--set', 'reward_model.steps=20',
+    '--set', 'reward_model.batch_size=16', '--set', 'num_demonstrations=64',
+    '--set', 'replay.min_size_to_sample=8',
+]
+
+
+def _run(name: str, run_dir: str, *extra: str) -> dict:
+  result = subprocess.run(
+      [sys.executable, '-m', 'chorus.launch.cli', 'run', '--config', name, '--run-dir', run_dir,
+       *_SMALL, *extra], capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    return json.load(file)
+
+
+def _served_versions(run_dir: str) -> dict[str, int]:
+  versions = {}
+  for record in read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='inference_server_0'):
+    versions[record['model']] = record['param_version']
+  return versions
+
+
+@pytest.mark.parametrize('name', ['text_soft_q', 'text_bond', 'text_nash_md'])
+def test_online_algorithm_runs_and_logs_its_fields(name, tmp_path):
+  run_dir = str(tmp_path / name)
+  summary = _run(name, run_dir)
+  assert summary['learner_steps'] == _STEPS
+  assert summary['final_eval']['param_versions'] == [_STEPS]
+  assert 0 <= summary['final_eval']['win_rate'] <= 1
+  assert os.path.getsize(os.path.join(run_dir, 'curves.png')) > 1000
+  episodes = read_trajectories(os.path.join(run_dir, 'rlds'))
+  assert len(episodes) >= _STEPS * 8
+  learner = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
+  assert [r['step'] for r in learner] == [4, 8]
+  if name == 'text_soft_q':
+    assert all(e.reference_logprobs is None and e.win_probability is None for e in episodes)
+    return
+  # BOND and Nash-MD record log-probs under another served model, a paired completion
+  # and a win probability, all from the inference server.
+  for episode in episodes:
+    assert episode.reference_logprobs.shape == episode.completion_tokens.shape
+    assert np.all(episode.reference_logprobs <= 0)
+    assert len(episode.paired_completion_tokens) >= 1
+    assert 0 <= episode.win_probability <= 1
+  if name == 'text_bond':
+    # Two anchor samples: p-hat<= is 0, 1/2 or 1; the anchor follows the learner.
+    assert {e.win_probability for e in episodes} <= {0.0, 0.5, 1.0}
+    assert _served_versions(run_dir)['anchor'] == _STEPS
+  reward_model_eval = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='reward_model')
+  assert any(r.get('kind') == 'reward_model_eval' for r in reward_model_eval)
+
+
+def test_inverse_soft_q_learns_from_a_recorded_demonstrations_dataset(tmp_path):
+  run_dir = str(tmp_path / 'text_irl')
+  summary = _run('text_irl', run_dir)
+  demonstrations = read_trajectories(os.path.join(run_dir, 'demonstrations'))
+  assert len(demonstrations) == 64
+  assert all(d.model_name == 'demonstrator' for d in demonstrations)
+  assert summary['learner_steps'] == _STEPS
+  assert summary['episodes'] == 0  # No actors.
+  assert not os.path.exists(os.path.join(run_dir, 'rlds'))
+  learner = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
+  assert learner[-1]['nll'] < learner[0]['nll']
