@@ -27,7 +27,8 @@ class Trajectory:
     behaviour_logprobs: [T] float32.
     reward: task reward R(x, y) of the whole completion, credited on its last token; the
       total of `reward_components` when the task has several terms.
-    terminated: True if EOS was sampled, False if the length cap truncated it.
+    terminated: True if EOS was sampled (or the task ends every episode at the length
+      cap, as music clips of a fixed number of frames do); False if the cap truncated it.
     param_version: version of the policy parameters that sampled it.
     temperature: sampling temperature used.
     model_name: name of the served model that sampled it.

@@ -56,13 +56,14 @@ class Actor:
     """One request's worth of episodes; each is logged, then offered to replay."""
     prompts = [self.task.train_prompt(self._rng) for _ in range(self.config.prompts_per_request)]
     trajectories = []
-    for prompt, sample in zip(prompts, self._rollout(prompts)):
-      completion = sample.completion
+    for sample in self._rollout(prompts):
+      prompt, completion = sample.prompt, sample.completion
       trajectory = core.Trajectory(
           prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
           completion_tokens=completion.tokens, behaviour_logprobs=completion.logprobs,
           # What task.reward returns, without scoring the completion a second time.
-          reward=sum(sample.reward_components.values()), terminated=completion.terminated,
+          reward=sum(sample.reward_components.values()),
+          terminated=completion.terminated or self.task.ends_at_length_cap,
           param_version=sample.param_version, temperature=self.config.temperature,
           model_name=self.config.model, prompt_id=prompt.prompt_id, actor_id=self.actor_id,
           episode_id=self.episodes, task=self.task.name, seed=self._seed,

@@ -8,6 +8,7 @@ programmatic reward runs in the actor.
 """
 from collections.abc import Sequence
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,8 @@ from chorus.inference_server.client import InferenceClient
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-  """One episode's worth of results for one prompt (see core.Trajectory for the fields)."""
+  """One episode: a prompt and what was sampled for it (see core.Trajectory for the fields)."""
+  prompt: Any
   completion: Completion
   param_version: int
   reward_components: dict[str, float]
@@ -42,7 +44,7 @@ class PolicyRollout:
   def __call__(self, prompts) -> list[Sample]:
     result = _sample_policy(self._client, [self._task.encode_prompt(p) for p in prompts],
                             self._settings)
-    return [Sample(completion, result.param_version,
+    return [Sample(prompt, completion, result.param_version,
                    self._task.reward_components(prompt, completion.tokens))
             for prompt, completion in zip(prompts, result.completions)]
 
@@ -91,7 +93,7 @@ class BestOfAnchorRollout:
     for index, (prompt, completion) in enumerate(zip(prompts, policy.completions)):
       best = anchor.completions[index * num + int(np.argmax(anchor_rewards[index]))]
       samples.append(Sample(
-          completion, policy.param_version,
+          prompt, completion, policy.param_version,
           self._task.reward_components(prompt, completion.tokens),
           reference_logprobs=np.asarray(anchor_logprobs[index], np.float32),
           paired_completion_tokens=best.tokens,
@@ -140,9 +142,32 @@ class MixtureOpponentRollout:
     reference_logprobs = self._client.score_logprobs(
         prompt_tokens, [c.tokens for c in policy.completions],
         model=self._reference_model).logprobs
-    return [Sample(completion, policy.param_version,
+    return [Sample(prompt, completion, policy.param_version,
                    self._task.reward_components(prompt, completion.tokens),
                    reference_logprobs=np.asarray(reference_logprobs[index], np.float32),
                    paired_completion_tokens=opponent.completions[index].tokens,
                    win_probability=float(preferences[index]))
             for index, (prompt, completion) in enumerate(zip(prompts, policy.completions))]
+
+
+class DiversityPairRollout:
+  """Two completions per prompt, both rewarded by their diversity 1 - cos(E(y1), E(y2)).
+
+  For diversity-rewarded CFG distillation: the reward of each sample is the task's
+  `diversity_reward` of the pair (audio embeddings for music), the whole learning signal
+  of the REINFORCE term; quality comes from distilling the CFG teacher.
+  """
+
+  def __init__(self, client: InferenceClient, task, settings: ActorConfig):
+    self._client, self._task, self._settings = client, task, settings
+
+  def __call__(self, prompts) -> list[Sample]:
+    result = _sample_policy(self._client, [self._task.encode_prompt(p) for p in prompts],
+                            self._settings, num_samples=2)
+    samples = []
+    for index, prompt in enumerate(prompts):
+      pair = result.completions[2 * index:2 * index + 2]
+      diversity = self._task.diversity_reward(pair[0].tokens, pair[1].tokens)
+      samples += [Sample(prompt, completion, result.param_version, {'diversity': diversity})
+                  for completion in pair]
+    return samples

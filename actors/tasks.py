@@ -5,6 +5,7 @@ import hashlib
 import numpy as np
 
 from chorus import models
+from chorus.actors import music
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ReverseDigitsTask:
   answer, over the longer of the two (so missing or extra digits cost too).
   """
   name = 'reverse_digits'
+  ends_at_length_cap = False  # A completion cut by the length cap was truncated.
   # Kinds of sloppy answers in preference pairs (see `corrupted_answer`).
   corruptions = ('swap', 'drop', 'extra', 'substitute', 'random')
 
@@ -70,13 +72,14 @@ class ReverseDigitsTask:
 
   @property
   def max_prompt_tokens(self) -> int:
-    return len(self.encode_prompt(self._make_prompt('0' * self.config.max_digits)))
+    return len(self.encode_prompt(self.prompt_from_id('0' * self.config.max_digits)))
 
   @property
   def max_answer_tokens(self) -> int:
     return self.config.max_digits + 1  # Digits and EOS.
 
-  def _make_prompt(self, digits: str) -> Prompt:
+  def prompt_from_id(self, digits: str) -> Prompt:
+    """The prompt whose prompt_id is `digits` (as episode logs record it)."""
     return Prompt(prompt_id=digits, text=f'rev {digits}>', answer=digits[::-1])
 
   def _is_eval(self, digits: str) -> bool:
@@ -92,7 +95,7 @@ class ReverseDigitsTask:
     while True:
       digits = self._random_digits(rng)
       if not self._is_eval(digits):
-        return self._make_prompt(digits)
+        return self.prompt_from_id(digits)
 
   def eval_prompts(self) -> list[Prompt]:
     """The fixed held-out evaluation set (the same in every process and run)."""
@@ -102,7 +105,7 @@ class ReverseDigitsTask:
       digits = self._random_digits(rng)
       if self._is_eval(digits) and digits not in seen:
         seen.add(digits)
-        prompts.append(self._make_prompt(digits))
+        prompts.append(self.prompt_from_id(digits))
     return prompts
 
   def demonstration(self, prompt: Prompt, rng: np.random.Generator) -> str:
@@ -112,6 +115,11 @@ class ReverseDigitsTask:
       i = int(rng.integers(0, len(answer) - 1))
       answer[i], answer[i + 1] = answer[i + 1], answer[i]
     return ''.join(answer)
+
+  def demonstration_prompt_tokens(self, prompt: Prompt, rng: np.random.Generator) -> list[int]:
+    """The prompt tokens a demonstration of `prompt` is trained with (the prompt itself)."""
+    del rng  # Music tasks drop the caption at random here; text prompts stay as they are.
+    return self.encode_prompt(prompt)
 
   def encode_prompt(self, prompt: Prompt) -> list[int]:
     return [models.BOS_ID] + self.tokenizer.encode(prompt.text)
@@ -215,11 +223,18 @@ class ReverseDigitsTask:
 CORRUPTIONS = ('correct',) + ReverseDigitsTask.corruptions
 
 
-TASKS = {ReverseDigitsTask.name: (ReverseDigitsTask, ReverseDigitsConfig)}
+TASKS = {ReverseDigitsTask.name: (ReverseDigitsTask, ReverseDigitsConfig),
+         music.MusicTask.name: (music.MusicTask, music.MusicTaskConfig)}
+TaskConfig = ReverseDigitsConfig | music.MusicTaskConfig
+
+
+def config_class(name: str) -> type:
+  """The options dataclass of the built-in task `name`."""
+  if name not in TASKS:
+    raise ValueError(f'Unknown task {name!r}; built-in tasks: {sorted(TASKS)}.')
+  return TASKS[name][1]
 
 
 def make_task(name: str, config=None):
-  if name not in TASKS:
-    raise ValueError(f'Unknown task {name!r}; built-in tasks: {sorted(TASKS)}.')
-  task_class, config_class = TASKS[name]
-  return task_class(config or config_class())
+  options = config or config_class(name)()
+  return TASKS[name][0](options)

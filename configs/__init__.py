@@ -1,7 +1,8 @@
 """One module per experiment; each has get_config() -> ExperimentConfig."""
 import importlib
 
-CONFIG_NAMES = ('text_vtrace', 'text_soft_q', 'text_irl', 'text_bond', 'text_nash_md')
+CONFIG_NAMES = ('text_vtrace', 'text_soft_q', 'text_irl', 'text_bond', 'text_nash_md',
+                'music_vtrace', 'music_cfg_distill')
 
 
 def get_config(name: str):

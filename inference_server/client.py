@@ -146,7 +146,10 @@ class InferenceClient(_Connection):
 
   def generate(self, prompts: Sequence[Sequence[int]], *, model: str = 'policy',
                max_new_tokens: int = 0, temperature: float = 1.0, num_samples: int = 1,
-               mixture_model: str = '', mixture_coef: float = 0.0) -> GenerateResult:
+               mixture_model: str = '', mixture_coef: float = 0.0,
+               guidance_scale: float = 0.0,
+               unconditional_prompts: Sequence[Sequence[int]] | None = None
+               ) -> GenerateResult:
     """Samples `num_samples` completions per prompt, all from one parameter version.
 
     Args:
@@ -160,6 +163,13 @@ class InferenceClient(_Connection):
         softmax(((1 - b) * logits_model + b * logits_mixture) / temperature), b =
         `mixture_coef` in [0, 1], and the log-probs are of that distribution.
       mixture_coef: b above; only with `mixture_model`.
+      guidance_scale: g of classifier-free guidance; 0 means none, else > 0 (e.g. 3):
+        tokens come from softmax((g * logits(.|prompt) + (1 - g) * logits(.|
+        unconditional prompt)) / temperature), both passes run batched on the server,
+        and the log-probs are of that distribution. Not with `mixture_model`.
+      unconditional_prompts: with `guidance_scale` only, and required there: the
+        unconditional prompts (e.g. [BOS, NULL_CAPTION]), one for all prompts or one
+        per prompt.
 
     Raises:
       InferenceError: the server rejected the request (its `code` says why) or did not
@@ -168,7 +178,9 @@ class InferenceClient(_Connection):
     request = inference_pb2.GenerateRequest(
         model=model, max_new_tokens=max_new_tokens, temperature=temperature,
         actor_run_id=self.actor_run_id, prompts=_token_sequences(prompts),
-        num_samples=num_samples, mixture_model=mixture_model, mixture_coef=mixture_coef)
+        num_samples=num_samples, mixture_model=mixture_model, mixture_coef=mixture_coef,
+        guidance_scale=guidance_scale,
+        unconditional_prompts=_token_sequences(unconditional_prompts or ()))
     response = _call('Generate', self._stub.Generate, request, self.timeout_s, self.address)
     completions = [Completion(np.array(c.tokens, np.int32), np.array(c.logprobs, np.float32),
                               c.terminated) for c in response.completions]

@@ -40,8 +40,9 @@ class InferenceServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Samples completions (num_samples per prompt) from a named decoder, or from the
-        token-level geometric mixture of two served decoders; batched across callers.
+        """Samples completions (num_samples per prompt) from a named decoder, from the
+        token-level geometric mixture of two served decoders, or from one decoder with
+        classifier-free guidance; batched across callers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -7,6 +7,9 @@ updates. Each request kind runs through its own batcher and compiled function:
 * plain generation from one decoder (`ServedModel.submit`);
 * generation from the geometric mixture of two decoders, one batcher per
   (model, mixture_model) pair (`ServedModel.submit_mixture`);
+* generation with classifier-free guidance, one decoder run on the prompts and on
+  unconditional prompts (`ServedModel.submit_guided`): the pair (model, model), whose
+  two passes share one batch of 2B rows;
 * scoring of given completions (`ServedModel.submit_score`).
 """
 from collections.abc import Mapping, Sequence
@@ -43,7 +46,8 @@ class InferenceServerConfig:
 
   Attributes:
     max_batch_size: most rows in one accelerator batch (also the most in one request:
-      prompts times samples per prompt).
+      prompts times samples per prompt). A guided batch runs twice as many decoder rows
+      (conditional and unconditional).
     max_wait_ms: longest a request waits for others to fill its batch.
     max_prompt_len: prompts are left-padded to this many tokens; longer ones are rejected.
     max_new_tokens: completion length cap, for generation and for scored completions.
@@ -82,10 +86,17 @@ class WrongModelKindError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class _Row:
+  """One completion to sample.
+
+  On a paired lane the logits are (1 - coef) * first pass + coef * second pass, the
+  second pass reading `second_prompt` (None: `prompt`). A mixture row has coef = b and no
+  second prompt; a guided row has coef = 1 - g and the unconditional prompt.
+  """
   prompt: list[int]
   max_new_tokens: int
   temperature: float
-  mixture_coef: float = 0.0
+  coef: float = 0.0
+  second_prompt: list[int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +105,7 @@ class _RowResult:
   logprobs: np.ndarray
   terminated: bool
   param_version: int
-  mixture_param_version: int | None = None
+  second_param_version: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,28 +143,31 @@ def _right_pad(sequences: Sequence[Sequence[int]], length: int) -> tuple[np.ndar
 
 
 class _GenerationLane:
-  """A batcher and a compiled sampler: one decoder alone, or mixed with a second one.
+  """A batcher and a compiled sampler: one decoder alone, or paired with a second pass.
 
-  A mixture lane reads both models' current parameters when each batch starts, so the
-  two models' versions move independently.
+  A paired lane samples `sampler_lib.paired_logits`: its rows say the coefficient and
+  the second pass's prompt. With another model as `second` (a geometric mixture) it
+  reads both models' current parameters when each batch starts, so their versions move
+  independently; with `second` the model itself (guidance) both passes run one batch
+  of 2B rows on one read of the parameters.
   """
 
-  def __init__(self, model: 'ServedModel', mixture: 'ServedModel | None' = None):
-    self._model, self._mixture = model, mixture
+  def __init__(self, model: 'ServedModel', second: 'ServedModel | None' = None):
+    self._model, self._second = model, second
     config = model.config
-    if mixture is None:
+    if second is None:
       self._sample = sampler_lib.make_sampler(model.decoder_config, config.max_prompt_len,
                                               config.max_new_tokens)
       self._rng = jax.random.PRNGKey(config.seed)
       name = f'batcher-{model.name}'
     else:
-      self._sample = sampler_lib.make_mixture_sampler(
-          model.decoder_config, mixture.decoder_config, config.max_prompt_len,
-          config.max_new_tokens)
-      # Its own random stream, so mixture traffic does not shift the plain one.
+      self._sample = sampler_lib.make_paired_sampler(
+          model.decoder_config, None if second is model else second.decoder_config,
+          config.max_prompt_len, config.max_new_tokens)
+      # Its own random stream, so paired traffic does not shift the plain one.
       self._rng = jax.random.fold_in(jax.random.PRNGKey(config.seed),
-                                     zlib.crc32(mixture.name.encode()))
-      name = f'batcher-{model.name}+{mixture.name}'
+                                     zlib.crc32(second.name.encode()))
+      name = f'batcher-{model.name}+{second.name}'
     self._num_batches = 0
     self._batcher = DynamicBatcher(self._process_batch, max_batch_size=config.max_batch_size,
                                    max_wait_ms=config.max_wait_ms, name=name)
@@ -180,22 +194,27 @@ class _GenerationLane:
     max_new_tokens = np.array([row.max_new_tokens for row in padded], np.int32)
     rng = jax.random.fold_in(self._rng, self._num_batches)
     self._num_batches += 1
-    if self._mixture is None:
-      mixture_version = None
+    if self._second is None:
+      second_version = None
       output = self._sample(params, prompt_tokens, prompt_mask, temperature, max_new_tokens,
                             rng)
     else:
-      mixture_params, mixture_version = self._mixture.params_and_version()
-      coef = np.array([row.mixture_coef for row in padded], np.float32)
-      output = self._sample(params, mixture_params, coef, prompt_tokens, prompt_mask,
-                            temperature, max_new_tokens, rng)
+      if self._second is self._model:
+        second_params, second_version = None, version  # One read: one version.
+      else:
+        second_params, second_version = self._second.params_and_version()
+      coef = np.array([row.coef for row in padded], np.float32)
+      second_tokens, second_mask = models.left_pad_prompts(
+          [row.second_prompt or row.prompt for row in padded], config.max_prompt_len)
+      output = self._sample(params, second_params, coef, prompt_tokens, prompt_mask,
+                            second_tokens, second_mask, temperature, max_new_tokens, rng)
     output = jax.device_get(output)
     results = []
     for index in range(len(rows)):
       length = int(output.lengths[index])
       results.append(_RowResult(np.asarray(output.tokens[index, :length]),
                                 np.asarray(output.logprobs[index, :length]),
-                                bool(output.terminated[index]), version, mixture_version))
+                                bool(output.terminated[index]), version, second_version))
     if count:
       self._model.count(batches=1, sequences=len(rows),
                         generated_tokens=int(output.lengths[:len(rows)].sum()))
@@ -260,9 +279,10 @@ class ServedModel:
     params: its parameter tree; later updates must match its tree, shapes and dtypes.
     version: the version of `params`.
     config: batching and length limits.
-    kind: 'decoder' (generates, scores per-token log-probs, may be either side of a
-      geometric mixture), 'reward' (scores one reward per completion) or 'preference'
-      (scores P(completion > comparison) per pair).
+    kind: 'decoder' (generates, with or without classifier-free guidance, scores
+      per-token log-probs, may be either side of a geometric mixture), 'reward' (scores
+      one reward per completion) or 'preference' (scores P(completion > comparison) per
+      pair).
   """
 
   def __init__(self, name: str, decoder_config: models.DecoderConfig, params: Any,
@@ -280,7 +300,8 @@ class ServedModel:
                          score_requests=0, scored_sequences=0, score_batches=0)
     self._generation = _GenerationLane(self) if kind == 'decoder' else None
     self._scoring = _ScoringLane(self)
-    self._mixture_lanes: dict[str, _GenerationLane] = {}
+    # Keyed by the second model's name; this model's own name keys its guidance lane.
+    self._paired_lanes: dict[str, _GenerationLane] = {}
 
   @property
   def param_version(self) -> int:
@@ -293,14 +314,15 @@ class ServedModel:
   def warm_up(self, scoring: bool | None = None):
     """Compiles every batch bucket of what this model serves before traffic arrives.
 
-    That is generation (decoders), the mixtures already added with `add_mixture`, and
-    scoring when `scoring` is True; None warms scoring up for reward and preference
-    models only (a decoder's Score compiles on first use). Counters are not touched.
+    That is generation (decoders), the mixtures and guidance already added with
+    `add_mixture` and `add_guidance`, and scoring when `scoring` is True; None warms
+    scoring up for reward and preference models only (a decoder's Score compiles on
+    first use). Counters are not touched.
     """
     if self._generation is not None:
       self._generation.warm_up()
     with self._lock:
-      lanes = list(self._mixture_lanes.values())
+      lanes = list(self._paired_lanes.values())
     for lane in lanes:
       lane.warm_up()
     if scoring or (scoring is None and self.kind != 'decoder'):
@@ -336,10 +358,22 @@ class ServedModel:
           f'{ours.max_seq_len}) with {mixture.name!r} (vocab_size={theirs.vocab_size}, '
           f'max_seq_len={theirs.max_seq_len}): a geometric mixture needs models that share '
           'the vocabulary and max_seq_len.')
+    return self._paired_lane(mixture)
+
+  def add_guidance(self) -> _GenerationLane:
+    """The lane sampling this model with classifier-free guidance; made once.
+
+    Raises:
+      WrongModelKindError: this model is not a decoder.
+    """
+    self.check_generates()
+    return self._paired_lane(self)
+
+  def _paired_lane(self, second: 'ServedModel') -> _GenerationLane:
     with self._lock:
-      lane = self._mixture_lanes.get(mixture.name)
+      lane = self._paired_lanes.get(second.name)
       if lane is None:
-        lane = self._mixture_lanes[mixture.name] = _GenerationLane(self, mixture)
+        lane = self._paired_lanes[second.name] = _GenerationLane(self, second)
       return lane
 
   def submit(self, rows: list[_Row]) -> concurrent.futures.Future:
@@ -352,6 +386,13 @@ class ServedModel:
                      ) -> concurrent.futures.Future:
     """Queues rows for the geometric mixture with `mixture` (see `add_mixture`)."""
     lane = self.add_mixture(mixture)
+    self.count(requests=1)
+    return lane.submit(rows)
+
+  def submit_guided(self, rows: list[_Row]) -> concurrent.futures.Future:
+    """Queues rows for classifier-free guidance (see `add_guidance`): each row's coef
+    is 1 - guidance_scale and its second_prompt the unconditional prompt."""
+    lane = self.add_guidance()
     self.count(requests=1)
     return lane.submit(rows)
 
@@ -388,7 +429,7 @@ class ServedModel:
 
   def close(self):
     with self._lock:
-      lanes = list(self._mixture_lanes.values())
+      lanes = list(self._paired_lanes.values())
     for lane in lanes + [self._generation, self._scoring]:
       if lane is not None:
         lane.close()
@@ -456,6 +497,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'mixture_coef={request.mixture_coef} without a mixture_model; name the '
                     'second decoder (e.g. "reference") or leave mixture_coef at 0.')
+    unconditional_prompts = self._unconditional_prompts(request, context, model)
     if not request.prompts:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     'Empty batch: a GenerateRequest needs at least one prompt.')
@@ -480,20 +522,64 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     for index, prompt in enumerate(request.prompts):
       tokens = list(prompt.tokens)
       self._check_tokens(context, f'Prompt {index}', tokens, config.max_prompt_len, model)
+      coef, second_prompt = request.mixture_coef, None
+      if unconditional_prompts:
+        # Guidance: logits g * cond + (1 - g) * uncond, i.e. coef 1 - g on the second pass.
+        coef = 1.0 - request.guidance_scale
+        second_prompt = unconditional_prompts[index % len(unconditional_prompts)]
       row = _Row(tokens, request.max_new_tokens or config.max_new_tokens, request.temperature,
-                 request.mixture_coef)
+                 coef, second_prompt)
       rows.extend([row] * num_samples)  # Prompt-major: prompt 0's samples, then prompt 1's.
-    future = model.submit(rows) if mixture is None else model.submit_mixture(mixture, rows)
+    if unconditional_prompts:
+      future = model.submit_guided(rows)
+    elif mixture is not None:
+      future = model.submit_mixture(mixture, rows)
+    else:
+      future = model.submit(rows)
     results = self._wait(context, future, config, 'Generation')
     # Every row of one request rides in one batch, hence one version (per model).
     response = inference_pb2.GenerateResponse(model=model.name,
                                               param_version=results[0].param_version)
     if mixture is not None:
-      response.mixture_param_version = results[0].mixture_param_version
+      response.mixture_param_version = results[0].second_param_version
     for result in results:
       response.completions.add(tokens=result.tokens.tolist(), logprobs=result.logprobs.tolist(),
                                terminated=result.terminated)
     return response
+
+  def _unconditional_prompts(self, request, context, model: ServedModel) -> list[list[int]]:
+    """A guided request's unconditional prompts, one or one per prompt; [] without guidance.
+
+    Aborts INVALID_ARGUMENT on a bad guidance_scale, on guidance with a mixture_model,
+    and on missing, surplus or malformed unconditional prompts.
+    """
+    scale = request.guidance_scale
+    unconditional = [list(prompt.tokens) for prompt in request.unconditional_prompts]
+    if not (math.isfinite(scale) and scale >= 0):
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'guidance_scale must be a finite number >= 0 (0 means no guidance), got '
+                    f'{scale}.')
+    if scale == 0:
+      if unconditional:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'{len(unconditional)} unconditional_prompts without a guidance_scale; '
+                      'set guidance_scale > 0 (e.g. 3) or leave the unconditional prompts '
+                      'out.')
+      return []
+    if request.mixture_model:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'guidance_scale={scale} together with mixture_model='
+                    f'{request.mixture_model!r}: a request samples either a geometric mixture '
+                    'or classifier-free guidance. Drop one of them.')
+    if len(unconditional) not in (1, len(request.prompts)):
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f'guidance_scale={scale} needs unconditional_prompts (e.g. [BOS, '
+                    f'NULL_CAPTION]): one for all prompts or one per prompt; got '
+                    f'{len(unconditional)} for {len(request.prompts)} prompts.')
+    for index, tokens in enumerate(unconditional):
+      self._check_tokens(context, f'Unconditional prompt {index}', tokens,
+                         model.config.max_prompt_len, model)
+    return unconditional
 
   def Score(self, request, context):
     model = self._model(request.model, context)
@@ -586,7 +672,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0.0.1:0',
                  num_threads: int = 64,
-                 mixtures: Sequence[tuple[str, str]] = ()) -> tuple[grpc.Server, int]:
+                 mixtures: Sequence[tuple[str, str]] = (),
+                 guided: Sequence[str] = ()) -> tuple[grpc.Server, int]:
   """Starts serving on `address` (loopback unless told otherwise); returns (server, port).
 
   Args:
@@ -595,6 +682,7 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
     num_threads: gRPC worker threads.
     mixtures: (model, mixture_model) pairs to build (and compile, with warm_up) now
       rather than at their first request; other pairs are built on first use.
+    guided: decoders whose guidance lane to build and compile now, likewise.
   """
   for name, mixture_name in mixtures:
     for needed in (name, mixture_name):
@@ -602,6 +690,11 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
         raise ValueError(f'Mixture ({name!r}, {mixture_name!r}) names {needed!r}, which is not '
                          f'among the served models {sorted(served_models)}.')
     served_models[name].add_mixture(served_models[mixture_name]).warm_up()
+  for name in guided:
+    if name not in served_models:
+      raise ValueError(f'Guided model {name!r} is not among the served models '
+                       f'{sorted(served_models)}.')
+    served_models[name].add_guidance().warm_up()
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                        options=GRPC_OPTIONS)
   inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served_models),

@@ -42,6 +42,13 @@ def _run(args) -> int:
   return 0
 
 
+def _evaluate(args) -> int:
+  from chorus.launch import evaluate  # pylint: disable=g-import-not-at-top  (imports JAX)
+  print(json.dumps(evaluate.evaluate_on_dataset(args.run_dir, args.dataset, step=args.step,
+                                                temperature=args.temperature), indent=2))
+  return 0
+
+
 def _configs(args) -> int:
   if args.name is None:
     print('\n'.join(configs.CONFIG_NAMES))
@@ -75,6 +82,15 @@ def main(argv=None) -> int:
                           help='override any config field, e.g. --set learner.batch_size=64; '
                           'see `chorus configs NAME` for fields and defaults')
   run_parser.set_defaults(handler=_run)
+  evaluate_parser = commands.add_parser(
+      'evaluate', help="a run's learner checkpoint on the prompts of a recorded RLDS dataset")
+  evaluate_parser.add_argument('--run-dir', required=True, help='the run whose checkpoint to load')
+  evaluate_parser.add_argument('--dataset', required=True,
+                               help='RLDS dataset directory whose prompts to evaluate on')
+  evaluate_parser.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
+  evaluate_parser.add_argument('--temperature', type=float, default=1.0,
+                               help='sampling temperature (default: 1.0)')
+  evaluate_parser.set_defaults(handler=_evaluate)
   configs_parser = commands.add_parser('configs', help='list experiments or show one with defaults')
   configs_parser.add_argument('name', nargs='?')
   configs_parser.set_defaults(handler=_configs)

@@ -10,6 +10,7 @@ from chorus.actors.actor import ActorConfig
 from chorus.actors import tasks
 from chorus.inference_server.server import InferenceServerConfig
 from chorus.learners.bond_learner import BondConfig
+from chorus.learners.cfg_distill_learner import CFGDistillConfig
 from chorus.learners.loop import LearnerConfig
 from chorus.learners.nash_md_learner import NashMDConfig
 from chorus.learners.preference import RewardModelConfig
@@ -19,7 +20,7 @@ from chorus.learners.supervised import WarmStartConfig
 from chorus.learners.vtrace_learner import VTraceConfig
 
 # Each learner's loss, and what its data needs:
-ALGORITHMS = ('vtrace', 'soft_q', 'inverse_soft_q', 'bond', 'nash_md')
+ALGORITHMS = ('vtrace', 'soft_q', 'inverse_soft_q', 'bond', 'nash_md', 'cfg_distill')
 # Off-policy learners, which may train from a recorded dataset with no actors.
 OFFLINE_ALGORITHMS = ('soft_q', 'inverse_soft_q')
 from chorus.replay.tables import ReplayConfig
@@ -53,7 +54,7 @@ class ExperimentConfig:
     num_replay_servers: Reverb servers, each with the tables of `replay`; actor processes
       are spread over them and the learner reads from all.
     task: built-in task name (actors/tasks.py).
-    task_config: that task's options.
+    task_config: that task's options (the config class registered with the task).
     model: the policy network.
     warm_start: supervised warm start on the task's demonstrations (becomes the reference).
     inference: the inference server.
@@ -68,6 +69,9 @@ class ExperimentConfig:
     inverse_soft_q: the inverse soft-Q loss ('inverse_soft_q').
     bond: the J-BOND loss and anchor ('bond').
     nash_md: the Nash-MD loss and opponent ('nash_md').
+    cfg_distill: diversity-rewarded distillation of the classifier-free-guided warm start
+      ('cfg_distill', music); `guidance_scale` also sets the teacher's guidance when it
+      is evaluated.
     reward_model: programmatic rewards, or a learned reward model (BOND) or pairwise
       preference model (Nash-MD) trained before RL and served by the inference servers.
     replay_dataset: RLDS dataset directory (a run's rlds/ folder, or any directory of
@@ -83,7 +87,7 @@ class ExperimentConfig:
   num_inference_servers: int = 1
   num_replay_servers: int = 1
   task: str = 'reverse_digits'
-  task_config: tasks.ReverseDigitsConfig = tasks.ReverseDigitsConfig()
+  task_config: tasks.TaskConfig = tasks.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
   warm_start: WarmStartConfig = WarmStartConfig()
   inference: InferenceServerConfig = InferenceServerConfig()
@@ -98,6 +102,7 @@ class ExperimentConfig:
   inverse_soft_q: InverseSoftQConfig = InverseSoftQConfig()
   bond: BondConfig = BondConfig()
   nash_md: NashMDConfig = NashMDConfig()
+  cfg_distill: CFGDistillConfig = CFGDistillConfig()
   reward_model: RewardModelConfig = RewardModelConfig()
   replay_dataset: str = ''
   num_demonstrations: int = 4096
@@ -107,8 +112,14 @@ class ExperimentConfig:
                  'num_replay_servers'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
+    if not isinstance(self.task_config, tasks.config_class(self.task)):
+      raise ValueError(f'Task {self.task!r} takes a {tasks.config_class(self.task).__name__} as '
+                       f'task_config, not a {type(self.task_config).__name__}.')
     if self.algorithm not in ALGORITHMS:
       raise ValueError(f'Unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}.')
+    if self.algorithm == 'cfg_distill' and not self.guided_task:
+      raise ValueError(f'cfg_distill distils classifier-free guidance, which task {self.task!r} '
+                       'has no unconditional prompt for; use a music task.')
     if self.replay_dataset and self.algorithm not in OFFLINE_ALGORITHMS:
       raise ValueError(f'replay_dataset needs an off-policy learner ({OFFLINE_ALGORITHMS}); '
                        f'{self.algorithm!r} learns from its own current samples.')
@@ -116,6 +127,11 @@ class ExperimentConfig:
       raise ValueError(f'A learned reward model serves BOND (reward) and Nash-MD (preference); '
                        f'{self.algorithm!r} uses the task reward: set reward_model.kind='
                        'programmatic.')
+
+  @property
+  def guided_task(self) -> bool:
+    """The task has an unconditional prompt, so its model can sample with CFG (music)."""
+    return hasattr(tasks.TASKS[self.task][0], 'unconditional_prompt_tokens')
 
   @property
   def offline(self) -> bool:
@@ -140,6 +156,8 @@ def from_dict(cls, data: dict):
   values = {}
   for name, value in data.items():
     hint = hints[name]
+    if name == 'task_config' and 'task' in data:  # Its class depends on the task.
+      hint = tasks.config_class(data['task'])
     if dataclasses.is_dataclass(hint):
       values[name] = from_dict(hint, value)
     elif isinstance(value, list):

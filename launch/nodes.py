@@ -5,6 +5,7 @@ This is Acme's builder: roles know only their own configs and clients; the wirin
 (config, run_dir, should_stop, **handles) and returns when done or told to stop.
 """
 from collections.abc import Callable
+import dataclasses
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners import bond_learner
+from chorus.learners import cfg_distill_learner
 from chorus.learners import learner as learner_lib
 from chorus.learners import loop
 from chorus.learners import nash_md_learner
@@ -106,7 +108,7 @@ def demonstrations(config: ExperimentConfig, task, seed_offset: int = 7):
     prompt = task.train_prompt(rng)
     completion = task.encode_completion(task.demonstration(prompt, rng))
     yield core.Trajectory(
-        prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
+        prompt_tokens=np.asarray(task.demonstration_prompt_tokens(prompt, rng), np.int32),
         completion_tokens=np.asarray(completion, np.int32),
         behaviour_logprobs=np.zeros(len(completion), np.float32),
         reward=task.reward(prompt, completion), terminated=True, param_version=0,
@@ -126,14 +128,20 @@ def demonstration_batches(config: ExperimentConfig, task, batch_size: int):
 
 
 def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
-  """Supervised warm start on demonstrations; its params are version 0 and the reference."""
+  """Supervised warm start on demonstrations; its params are version 0 and the reference.
+
+  The demonstrations are the task's own, or the episodes of `warm_start.dataset` (RLDS).
+  """
   metrics = MetricsWriter(metrics_path(run_dir), 'warm_start')
-  task = config.make_task()
+  if config.warm_start.dataset:
+    batches = datasets.trajectory_batches(
+        config.warm_start.dataset, config.warm_start.batch_size, config.inference.max_prompt_len,
+        config.inference.max_new_tokens, seed=config.seed)
+  else:
+    batches = demonstration_batches(config, config.make_task(), config.warm_start.batch_size)
   start = time.monotonic()
-  params, history = supervised.warm_start(
-      config.model, config.warm_start,
-      demonstration_batches(config, task, config.warm_start.batch_size),
-      _initial_params(config))
+  params, history = supervised.warm_start(config.model, config.warm_start, batches,
+                                          _initial_params(config))
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     metrics.write(kind='warm_start', **record)
   Checkpointer(warm_start_dir(run_dir)).save(0, params)
@@ -182,7 +190,12 @@ def demonstrations_dataset(config: ExperimentConfig, run_dir: str, should_stop: 
 def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port: int,
            host: str = '127.0.0.1'):
   del run_dir, host  # Reverb 0.14 cannot bind to one address (see replay/tables.py).
-  tables.serve(config.replay, config.inference.max_prompt_len, config.inference.max_new_tokens,
+  replay_config = config.replay
+  if config.replay_dataset:
+    # Offline, inserts stop once the dataset is in: a sample-to-insert ratio would then
+    # block the learner for good.
+    replay_config = dataclasses.replace(replay_config, samples_per_insert=0.0)
+  tables.serve(replay_config, config.inference.max_prompt_len, config.inference.max_new_tokens,
                port, should_stop)
 
 
@@ -211,8 +224,10 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
     model.warm_up(scoring=(name in (REFERENCE_MODEL, ANCHOR_MODEL)
                            and config.algorithm in ('bond', 'nash_md')) or None)
   mixtures = [('policy', REFERENCE_MODEL)] if config.algorithm == 'nash_md' else []
+  # Music runs evaluate the frozen reference with classifier-free guidance (the CFG teacher).
+  guided = [REFERENCE_MODEL] if config.guided_task else []
   grpc_server, _ = server_lib.start_server(served, f'{host}:{port}', config.inference.num_threads,
-                                           mixtures=mixtures)
+                                           mixtures=mixtures, guided=guided)
   logging.info('Inference server on %s:%d serving %s', host, port, sorted(served))
   metrics = MetricsWriter(metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():
@@ -238,6 +253,8 @@ def _make_rollout(config: ExperimentConfig, client: InferenceClient):
         client, task, config.actor, reference_model=REFERENCE_MODEL,
         mixture_coef=config.nash_md.mixture_coef, preference_model=learned_model_name(config),
         preference_temperature=config.nash_md.preference_temperature)
+  if config.algorithm == 'cfg_distill':
+    return rollouts.DiversityPairRollout(client, task, config.actor)
   return rollouts.PolicyRollout(client, task, config.actor)
 
 
@@ -324,6 +341,12 @@ def make_learner(config: ExperimentConfig, reference_params) -> learner_lib.Lear
   if config.algorithm == 'bond':
     return bond_learner.make_bond_learner(config.model, config.bond, params=reference_params,
                                           optimizer=optimizer)
+  if config.algorithm == 'cfg_distill':
+    return cfg_distill_learner.make_cfg_distill_learner(
+        config.model, config.cfg_distill, params=reference_params,
+        teacher_params=reference_params,
+        unconditional_prompt=config.make_task().unconditional_prompt_tokens(),
+        optimizer=optimizer)
   return nash_md_learner.make_nash_md_learner(config.model, config.nash_md,
                                               params=reference_params, optimizer=optimizer)
 

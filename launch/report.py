@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np
 
 from chorus.metrics import read_metrics
+from chorus.models import codec
 
 
 def _latest_per_node(records: list[dict], kind: str) -> dict[str, dict]:
@@ -96,7 +97,8 @@ def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_ev
   learner = [r for r in records if r.get('kind') == 'learner']
   steps = [r['step'] for r in learner]
   fig, (ax_reward, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-  ax_reward.plot(steps, [r['task_reward'] for r in learner], label='training batch reward')
+  if learner and 'task_reward' in learner[-1]:
+    ax_reward.plot(steps, [r['task_reward'] for r in learner], label='training batch reward')
   evals = [r for r in records if r.get('kind') == 'eval']
   if evals:
     ax_reward.plot([r['param_version'] for r in evals], [r['reward'] for r in evals], 's-',
@@ -118,5 +120,22 @@ def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_ev
   fig.tight_layout()
   path = os.path.join(run_dir, 'curves.png')
   fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_spectrograms(wav_paths: list[str], path: str) -> str:
+  """One spectrogram per WAV file, titled with its name; returns the plot's path."""
+  fig, axes = plt.subplots(1, len(wav_paths), figsize=(4 * len(wav_paths), 3.2), squeeze=False)
+  for ax, wav_path in zip(axes[0], wav_paths):
+    waveform, sample_rate = codec.read_wav(wav_path)
+    if waveform.size:
+      with np.errstate(divide='ignore'):  # Silent frames have zero power: -inf dB.
+        ax.specgram(waveform, NFFT=512, Fs=sample_rate, noverlap=256, cmap='magma')
+    ax.set_title(os.path.basename(wav_path)[:-4], fontsize=8)
+    ax.set_xlabel('s')
+    ax.set_ylabel('Hz')
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
   plt.close(fig)
   return path

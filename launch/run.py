@@ -46,14 +46,40 @@ def _evaluate(config: experiment.ExperimentConfig, address: str, min_version: in
         raise TimeoutError(f'Inference server never reached version {min_version}.')
       time.sleep(0.2)
     task = config.make_task()
+    settings = dict(batch_size=config.inference.max_batch_size)
     result = evaluate(client.generate, task, temperature=config.evaluation.temperature,
-                      batch_size=config.inference.max_batch_size,
-                      opponent_model=nodes_lib.REFERENCE_MODEL)
+                      opponent_model=nodes_lib.REFERENCE_MODEL,
+                      with_diversity=config.guided_task, **settings)
     greedy = evaluate(client.generate, task, temperature=config.evaluation.greedy_temperature,
-                      batch_size=config.inference.max_batch_size)
+                      **settings)
+    if config.guided_task:
+      # The frozen warm start with classifier-free guidance: the teacher of CFG
+      # distillation, and what guidance buys on any music run.
+      result['cfg_teacher'] = evaluate(
+          client.generate, task, temperature=config.evaluation.temperature,
+          model=nodes_lib.REFERENCE_MODEL, guidance_scale=config.cfg_distill.guidance_scale,
+          with_diversity=True, **settings)
   result['greedy_reward'] = greedy['reward']
   result['greedy_exact_match'] = greedy['exact_match']
   return result
+
+
+def _write_audio_samples(config: experiment.ExperimentConfig, address: str, run_dir: str,
+                         tag: str, num_captions: int = 4) -> list[str]:
+  """WAV files of the served policy on fixed captions (held-out ones first), and a plot."""
+  task = config.make_task()
+  prompts = list({p.prompt_id: p for p in task.eval_prompts()}.values())[:num_captions]
+  with InferenceClient(address) as client:
+    result = client.generate([task.encode_prompt(p) for p in prompts],
+                             temperature=config.evaluation.temperature)
+  os.makedirs(os.path.join(run_dir, 'samples'), exist_ok=True)
+  paths = []
+  for prompt, completion in zip(prompts, result.completions):
+    path = os.path.join(run_dir, 'samples', f'{tag}_{prompt.prompt_id.replace(" ", "_")}.wav')
+    task.write_audio(path, completion.tokens)
+    paths.append(path)
+  report.plot_spectrograms(paths, os.path.join(run_dir, 'samples', f'{tag}_spectrograms.png'))
+  return paths
 
 
 LAUNCHERS = ('local', 'ray')
@@ -96,6 +122,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     with InferenceClient(inference_address) as client:
       client.wait_until_ready(timeout_s=300)
     initial_eval = _evaluate(config, inference_address, min_version=0)
+    if config.guided_task:
+      _write_audio_samples(config, inference_address, run_dir, 'before')
     print_fn(f'[{time.monotonic() - start:6.0f}s] initial eval: reward '
              f'{initial_eval["reward"]:.3f}, exact match {initial_eval["exact_match"]:.3f}')
     if stop():
@@ -114,6 +142,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     rl_seconds = time.monotonic() - rl_start
     launcher.stop((program_lib.WORKER,))
     final_eval = _evaluate(config, inference_address, min_version=config.learner.max_steps)
+    if config.guided_task:
+      _write_audio_samples(config, inference_address, run_dir, 'after')
     print_fn(f'[{time.monotonic() - start:6.0f}s] final eval: reward {final_eval["reward"]:.3f}, '
              f'exact match {final_eval["exact_match"]:.3f}')
   finally:

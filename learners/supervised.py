@@ -19,10 +19,14 @@ class WarmStartConfig:
     steps: optimiser steps (0 skips the warm start: RL starts from random weights).
     batch_size: demonstrations per step.
     learning_rate: Adam learning rate.
+    dataset: RLDS dataset directory to learn from instead of the task's demonstrations
+      (e.g. a run's rlds/ folder after `chorus datasets filter --min-reward 1`); empty
+      uses the task's.
   """
   steps: int = 400
   batch_size: int = 64
   learning_rate: float = 3e-3
+  dataset: str = ''
 
 
 def token_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:

@@ -1,5 +1,6 @@
-"""One inference server, several named models: geometric-mixture generation, scoring with
-decoders, reward and preference models, independent versions. Real gRPC on loopback."""
+"""One inference server, several named models: geometric-mixture and classifier-free-guidance
+generation, scoring with decoders, reward and preference models, independent versions. Real
+gRPC on loopback."""
 import concurrent.futures
 import math
 
@@ -25,6 +26,7 @@ MODELS = {'policy': ('decoder', VOCAB_SIZE, 0), 'reference': ('decoder', VOCAB_S
           'anchor': ('decoder', VOCAB_SIZE, 2), 'reward': ('reward', VOCAB_SIZE, 3),
           'preference': ('preference', VOCAB_SIZE, 4), 'wide': ('decoder', VOCAB_SIZE + 1, 5)}
 PROMPTS = [[1, 5], [1, 6, 7, 8, 9, 10, 11, 12], [1, 13, 14], [1], [1, 20, 21, 22, 23]]
+NULL_CAPTION = 30
 _TIMEOUT_S = 60.0
 
 
@@ -103,6 +105,25 @@ def _geometric_mixture_logprobs(prompts, completions, params, mixture_params, co
   return _token_logprobs(prompts, completions, log_probs)
 
 
+def _guided_logprobs(prompts, unconditional, completions, params, guidance_scale,
+                     temperature):
+  """Per-completion log-probs under log softmax((g * l(.|prompt) + (1 - g) *
+  l(.|unconditional)) / T), from two cache-free passes of the policy."""
+  config = _config('policy')
+  unconditional_batch = models.left_pad_prompts(unconditional, CONFIG.max_prompt_len)
+
+  def log_probs(prompt_tokens, prompt_mask, tokens, mask):
+    conditional, _ = models.forward_completions(config, params, prompt_tokens, prompt_mask,
+                                                tokens, mask)
+    unconditional_logits, _ = models.forward_completions(config, params, *unconditional_batch,
+                                                         tokens, mask)
+    return jax.nn.log_softmax((guidance_scale * conditional
+                               + (1 - guidance_scale) * unconditional_logits) / temperature,
+                              axis=-1)
+
+  return _token_logprobs(prompts, completions, log_probs)
+
+
 def _assert_serves(client):
   """Good requests of each kind succeed (the server survived what came before)."""
   assert len(client.generate([[1, 4]], max_new_tokens=2).completions) == 1
@@ -164,6 +185,35 @@ def test_plain_and_mixture_requests_in_flight_together_each_get_their_own_distri
                                            policy_params, reference_params, coef, 1.0)
     for completion, logprobs in zip(result.completions, expected):
       np.testing.assert_allclose(completion.logprobs, logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize('guidance_scale,temperature,per_prompt', [
+    (3.0, 1.0, False), (1.5, 0.7, True)], ids=['one_unconditional_prompt', 'one_per_prompt'])
+def test_guided_generation_returns_num_samples_per_prompt_from_the_guided_distribution(
+    address, client, guidance_scale, temperature, per_prompt):
+  params = _params('policy', 600)
+  version = _publish(address, client, 'policy', params)
+  prompts, num_samples = PROMPTS[1:4], 2
+  unconditional = ([[1, NULL_CAPTION], [1, NULL_CAPTION, 31], [1, 29]] if per_prompt
+                   else [[1, NULL_CAPTION]])
+  result = client.generate(prompts, num_samples=num_samples, temperature=temperature,
+                           guidance_scale=guidance_scale, unconditional_prompts=unconditional)
+
+  assert (result.param_version, result.mixture_param_version) == (version, None)
+  assert len(result.completions) == len(prompts) * num_samples
+  rows = [index for index in range(len(prompts)) for _ in range(num_samples)]
+  row_prompts = [prompts[index] for index in rows]
+  row_unconditional = [unconditional[index % len(unconditional)] for index in rows]
+  completions = [c.tokens for c in result.completions]
+  expected = _guided_logprobs(row_prompts, row_unconditional, completions, params,
+                              guidance_scale, temperature)
+  unguided = _guided_logprobs(row_prompts, row_unconditional, completions, params, 1.0,
+                              temperature)
+  for completion, guided, plain in zip(result.completions, expected, unguided):
+    assert 1 <= len(completion.tokens) <= CONFIG.max_new_tokens
+    np.testing.assert_allclose(completion.logprobs, guided, atol=1e-4)
+    assert np.abs(guided - plain).max() > 1e-3  # Not the unguided log-probs.
+  _assert_serves(client)
 
 
 def test_score_logprobs_equal_forward_completions_and_what_generate_returned(address, client):
@@ -288,6 +338,48 @@ _BAD_REQUESTS = {
     'mixture_rows_over_max_batch_size': (
         lambda c: c.generate([[1, 2]] * 3, num_samples=3, mixture_model='reference',
                              mixture_coef=0.5),
+        grpc.StatusCode.INVALID_ARGUMENT, ['9 rows', 'at most 8']),
+    'guidance_scale_negative': (
+        lambda c: c.generate([[1, 2]], guidance_scale=-1.0, unconditional_prompts=[[1, 30]]),
+        grpc.StatusCode.INVALID_ARGUMENT, ['guidance_scale must be a finite number >= 0',
+                                           'got -1.0']),
+    'guidance_scale_nan': (
+        lambda c: c.generate([[1, 2]], guidance_scale=math.nan,
+                             unconditional_prompts=[[1, 30]]),
+        grpc.StatusCode.INVALID_ARGUMENT, ['guidance_scale must be a finite number >= 0']),
+    'guidance_without_unconditional_prompts': (
+        lambda c: c.generate([[1, 2]], guidance_scale=3.0), grpc.StatusCode.INVALID_ARGUMENT,
+        ['guidance_scale=3.0 needs unconditional_prompts', 'got 0 for 1 prompts']),
+    'unconditional_prompts_count_mismatch': (
+        lambda c: c.generate([[1, 2], [1, 3], [1, 4]], guidance_scale=3.0,
+                             unconditional_prompts=[[1, 30], [1, 30]]),
+        grpc.StatusCode.INVALID_ARGUMENT, ['one per prompt', 'got 2 for 3 prompts']),
+    'unconditional_prompts_without_guidance': (
+        lambda c: c.generate([[1, 2]], unconditional_prompts=[[1, 30]]),
+        grpc.StatusCode.INVALID_ARGUMENT, ['1 unconditional_prompts without a guidance_scale']),
+    'guidance_with_mixture': (
+        lambda c: c.generate([[1, 2]], guidance_scale=3.0, unconditional_prompts=[[1, 30]],
+                             mixture_model='reference', mixture_coef=0.5),
+        grpc.StatusCode.INVALID_ARGUMENT, ["together with mixture_model='reference'",
+                                           'Drop one']),
+    'unconditional_prompt_over_max_prompt_len': (
+        lambda c: c.generate([[1, 2]], guidance_scale=3.0,
+                             unconditional_prompts=[[1] * (CONFIG.max_prompt_len + 1)]),
+        grpc.StatusCode.INVALID_ARGUMENT, [f'Unconditional prompt 0 has '
+                                           f'{CONFIG.max_prompt_len + 1} tokens',
+                                           f'1 to {CONFIG.max_prompt_len}']),
+    'unconditional_prompt_token_outside_vocabulary': (
+        lambda c: c.generate([[1, 2]], guidance_scale=3.0,
+                             unconditional_prompts=[[1, VOCAB_SIZE + 3]]),
+        grpc.StatusCode.INVALID_ARGUMENT, ['Unconditional prompt 0', f'[{VOCAB_SIZE + 3}]',
+                                           'outside the vocabulary']),
+    'guidance_on_reward_model': (
+        lambda c: c.generate([[1, 2]], model='reward', guidance_scale=3.0,
+                             unconditional_prompts=[[1, 30]]),
+        grpc.StatusCode.FAILED_PRECONDITION, ["'reward'", 'cannot generate']),
+    'guided_rows_over_max_batch_size': (
+        lambda c: c.generate([[1, 2]] * 3, num_samples=3, guidance_scale=3.0,
+                             unconditional_prompts=[[1, 30]]),
         grpc.StatusCode.INVALID_ARGUMENT, ['9 rows', 'at most 8']),
     'score_more_completions_than_prompts': (
         lambda c: c.score_logprobs([[1, 2]], [[3], [4]]), grpc.StatusCode.INVALID_ARGUMENT,

@@ -233,3 +233,87 @@ def test_mixture_sampler_rejects_bad_coefs_and_models_without_a_shared_vocabular
   with pytest.raises(ValueError, match='needs one vocabulary'):
     sampler_lib.make_mixture_sampler(models.DecoderConfig.tiny(37),
                                      models.DecoderConfig.tiny(38), PROMPT_LEN, 4)
+
+
+# Classifier-free guidance: one model, the prompt and an unconditional prompt.
+
+NULL_CAPTION = 30
+# Unconditional prompts of other lengths than the prompts, so positions differ per pass.
+UNCONDITIONAL = [[1, NULL_CAPTION], [1, NULL_CAPTION], [1, NULL_CAPTION, 31, 32], [1, 33],
+                 [1, NULL_CAPTION]]
+
+
+@pytest.fixture(scope='module')
+def guided_setup():
+  config = models.DecoderConfig.tiny(37)
+  params = models.init_params(config, jax.random.PRNGKey(30))
+  return config, params, sampler_lib.make_guided_sampler(config, PROMPT_LEN, MAX_NEW_TOKENS)
+
+
+def _sample_guided(sample, params, guidance_scale, temperature, seed, prompts=PROMPTS,
+                   unconditional=UNCONDITIONAL):
+  tokens, mask = models.left_pad_prompts(prompts, PROMPT_LEN)
+  unconditional_tokens, unconditional_mask = models.left_pad_prompts(unconditional, PROMPT_LEN)
+  batch = len(prompts)
+  output = sample(params, np.broadcast_to(np.float32(guidance_scale), (batch,)).copy(), tokens,
+                  mask, unconditional_tokens, unconditional_mask,
+                  np.full(batch, temperature, np.float32), np.full(batch, MAX_NEW_TOKENS, np.int32),
+                  jax.random.PRNGKey(seed))
+  return tokens, mask, jax.tree_util.tree_map(np.asarray, output)
+
+
+def _guided_token_logprobs(config, params, guidance_scale, temperature, prompts, unconditional,
+                           completion_tokens, completion_mask):
+  """log softmax((g * l(.|cond) + (1 - g) * l(.|uncond)) / T) at the given tokens [B, T],
+  from two independent cache-free passes (teacher forcing)."""
+  logits = [models.forward_completions(
+      config, params, *models.left_pad_prompts(conditioning, PROMPT_LEN), completion_tokens,
+      completion_mask)[0] for conditioning in (prompts, unconditional)]
+  scale = np.asarray(guidance_scale, np.float32)[:, None, None]
+  log_probs = jax.nn.log_softmax((scale * logits[0] + (1 - scale) * logits[1]) / temperature,
+                                 axis=-1)
+  token_logprobs = np.take_along_axis(np.asarray(log_probs), completion_tokens[..., None],
+                                      -1)[..., 0]
+  return np.where(completion_mask, token_logprobs, 0.0)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.6])
+def test_guided_logprobs_are_the_guided_distribution_at_every_step(guided_setup, temperature):
+  config, params, sample = guided_setup
+  guidance_scale = np.array([1.0, 3.0, 3.0, 3.0, 1.0], np.float32)
+  _, _, output = _sample_guided(sample, params, guidance_scale, temperature, seed=31)
+  completion_mask = np.arange(MAX_NEW_TOKENS)[None] < output.lengths[:, None]
+  expected = _guided_token_logprobs(config, params, guidance_scale, temperature, PROMPTS,
+                                    UNCONDITIONAL, output.tokens, completion_mask)
+  np.testing.assert_allclose(output.logprobs, expected, atol=1e-4)
+  # The same tokens without guidance score differently exactly where g != 1.
+  unguided = _guided_token_logprobs(config, params, np.ones(len(PROMPTS)), temperature,
+                                    PROMPTS, UNCONDITIONAL, output.tokens, completion_mask)
+  differs = np.abs(unguided - expected).max(axis=1) > 1e-3
+  np.testing.assert_array_equal(differs, guidance_scale != 1)
+
+
+def test_guidance_scale_one_samples_what_the_plain_sampler_samples(guided_setup):
+  config, params, sample = guided_setup
+  plain = sampler_lib.make_sampler(config, PROMPT_LEN, MAX_NEW_TOKENS)
+  guided = _sample_guided(sample, params, 1.0, 0.9, seed=32)[2]
+  alone = _sample(plain, params, 0.9, MAX_NEW_TOKENS, seed=32)[2]
+  np.testing.assert_array_equal(guided.tokens, alone.tokens)
+  np.testing.assert_array_equal(guided.lengths, alone.lengths)
+  np.testing.assert_allclose(guided.logprobs, alone.logprobs, atol=1e-5)
+  # A scale that matters changes what is drawn with the same rng.
+  assert not np.array_equal(_sample_guided(sample, params, 3.0, 0.9, seed=32)[2].tokens,
+                            alone.tokens)
+
+
+def test_guided_sampler_rejects_bad_scales_and_unconditional_prompts_of_another_shape(
+    guided_setup):
+  _, params, sample = guided_setup
+  for scale in (-0.5, np.nan, np.inf):
+    with pytest.raises(ValueError, match='guidance_scale must hold one finite value >= 0'):
+      _sample_guided(sample, params, scale, 1.0, seed=0)
+  tokens, mask = models.left_pad_prompts(PROMPTS, PROMPT_LEN)
+  with pytest.raises(ValueError, match="must have the prompts' shape"):
+    sample(params, np.full(len(PROMPTS), 3.0, np.float32), tokens, mask, tokens[:2], mask[:2],
+           np.ones(len(PROMPTS), np.float32), np.full(len(PROMPTS), 2, np.int32),
+           jax.random.PRNGKey(0))
