@@ -12,13 +12,11 @@ from chorus.configs import music_vtrace
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.cfg_distill_learner import CFGDistillConfig
 from chorus.learners.loop import LearnerConfig
-from chorus.learners.supervised import WarmStartConfig
 
 
 def get_config() -> ExperimentConfig:
   base = music_vtrace.get_config()
   return dataclasses.replace(
       base, name='music_cfg_distill', algorithm='cfg_distill',
-      warm_start=WarmStartConfig(steps=400, batch_size=64, learning_rate=3e-3),
       cfg_distill=CFGDistillConfig(guidance_scale=3.0, diversity_coef=0.5),
       learner=LearnerConfig(batch_size=32, learning_rate=5e-4, max_steps=400))

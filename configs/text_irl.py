@@ -20,5 +20,5 @@ def get_config() -> ExperimentConfig:
       base, name='text_irl', algorithm='inverse_soft_q',
       warm_start=WarmStartConfig(steps=0),
       inverse_soft_q=InverseSoftQConfig(td_coef=0.1),
-      learner=LearnerConfig(batch_size=64, learning_rate=3e-3, max_steps=500, log_every=10,
+      learner=LearnerConfig(batch_size=64, learning_rate=3e-3, max_steps=1000, log_every=10,
                             publish_every=10))

@@ -49,6 +49,14 @@ def _evaluate(args) -> int:
   return 0
 
 
+def _interpolate(args) -> int:
+  from chorus.launch import evaluate  # pylint: disable=g-import-not-at-top  (imports JAX)
+  weights = [float(w) for w in args.weights.split(',')]
+  print(json.dumps(evaluate.interpolate_runs(args.run_a, args.run_b, weights,
+                                             temperature=args.temperature), indent=2))
+  return 0
+
+
 def _configs(args) -> int:
   if args.name is None:
     print('\n'.join(configs.CONFIG_NAMES))
@@ -91,6 +99,15 @@ def main(argv=None) -> int:
   evaluate_parser.add_argument('--temperature', type=float, default=1.0,
                                help='sampling temperature (default: 1.0)')
   evaluate_parser.set_defaults(handler=_evaluate)
+  interpolate_parser = commands.add_parser(
+      'interpolate', help="evaluate interpolations (1-w)*A + w*B of two runs' final weights")
+  interpolate_parser.add_argument('--run-a', required=True, help='run directory of weight 0')
+  interpolate_parser.add_argument('--run-b', required=True, help='run directory of weight 1')
+  interpolate_parser.add_argument('--weights', default='0,0.25,0.5,0.75,1',
+                                  help='comma-separated w values (default: 0,0.25,0.5,0.75,1)')
+  interpolate_parser.add_argument('--temperature', type=float, default=1.0,
+                                  help='sampling temperature (default: 1.0)')
+  interpolate_parser.set_defaults(handler=_interpolate)
   configs_parser = commands.add_parser('configs', help='list experiments or show one with defaults')
   configs_parser.add_argument('name', nargs='?')
   configs_parser.set_defaults(handler=_configs)

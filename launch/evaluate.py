@@ -1,4 +1,9 @@
-"""`chorus evaluate`: a run's learner checkpoint on the prompts of a recorded dataset."""
+"""Offline evaluation of learner checkpoints, each served in-process on 127.0.0.1.
+
+`chorus evaluate`: a run's checkpoint on the prompts of a recorded dataset.
+`chorus interpolate`: linear interpolations of two runs' final weights (say, a quality-only
+and a diversity-rewarded CFG distillation), each evaluated on the task's held-out prompts.
+"""
 import json
 import os
 
@@ -24,6 +29,32 @@ def load_config(run_dir: str) -> experiment.ExperimentConfig:
     return experiment.from_dict(experiment.ExperimentConfig, json.load(file))
 
 
+def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | None = None):
+  """(policy params, step) of a run's learner checkpoint; the latest unless `step`."""
+  checkpointer = Checkpointer(nodes.learner_checkpoint_dir(run_dir))
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'No learner checkpoint in {nodes.learner_checkpoint_dir(run_dir)}.')
+  template = nodes.make_learner(config, models.init_params(config.model, jax.random.PRNGKey(0)))
+  params = checkpointer.restore(template.state, step=step).params
+  checkpointer.close()
+  return params, step
+
+
+def _evaluate_served(config: experiment.ExperimentConfig, params, version: int, **options) -> dict:
+  """`evaluate` of `params` served as 'policy' by an in-process server on loopback."""
+  served = server_lib.ServedModel('policy', config.model, params, version=version,
+                                  config=config.inference)
+  server, port = server_lib.start_server({'policy': served}, '127.0.0.1:0')
+  try:
+    with InferenceClient(f'127.0.0.1:{port}') as client:
+      return evaluate(client.generate, config.make_task(),
+                      batch_size=config.inference.max_batch_size, **options)
+  finally:
+    server.stop(grace=1).wait()
+    served.close()
+
+
 def evaluate_on_dataset(run_dir: str, dataset: str, *, step: int | None = None,
                         temperature: float = 1.0) -> dict:
   """Samples the checkpointed policy once per distinct prompt of `dataset`; scores with the task.
@@ -33,27 +64,38 @@ def evaluate_on_dataset(run_dir: str, dataset: str, *, step: int | None = None,
   """
   config = load_config(run_dir)
   task = config.make_task()
-  checkpointer = Checkpointer(nodes.learner_checkpoint_dir(run_dir))
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No learner checkpoint in {nodes.learner_checkpoint_dir(run_dir)}.')
-  template = nodes.make_learner(config, models.init_params(config.model, jax.random.PRNGKey(0)))
-  params = checkpointer.restore(template.state, step=step).params
-  checkpointer.close()
+  params, step = load_params(run_dir, config, step)
   prompts = datasets.dataset_prompts(dataset)
-  served = server_lib.ServedModel('policy', config.model, params, version=step,
-                                  config=config.inference)
-  server, port = server_lib.start_server({'policy': served}, '127.0.0.1:0')
-  try:
-    with InferenceClient(f'127.0.0.1:{port}') as client:
-      result = evaluate(client.generate, task, temperature=temperature,
-                        batch_size=config.inference.max_batch_size,
-                        prompts=[task.prompt_from_id(p.prompt_id) for p in prompts])
-  finally:
-    server.stop(grace=1).wait()
-    served.close()
+  result = _evaluate_served(config, params, step, temperature=temperature,
+                            prompts=[task.prompt_from_id(p.prompt_id) for p in prompts])
   recorded = datasets.read_trajectories(dataset)
   return dict(step=step, num_prompts=len(prompts), temperature=temperature,
               checkpoint_reward=result['reward'], checkpoint_exact_match=result['exact_match'],
               dataset_reward=float(np.mean([t.reward for t in recorded])),
               dataset_episodes=len(recorded))
+
+
+def interpolate_runs(run_a: str, run_b: str, weights: list[float], *,
+                     temperature: float = 1.0) -> list[dict]:
+  """Evaluates (1 - w) * theta_a + w * theta_b for each w on the held-out prompts.
+
+  Both runs must share the model; each result has the weight, the reward and its
+  components, and for music tasks the diversity of two samples per prompt: the
+  quality/diversity knob of weight interpolation, set at deploy time without training.
+  """
+  config, config_b = load_config(run_a), load_config(run_b)
+  if config.model != config_b.model:
+    raise ValueError(f'{run_a} and {run_b} train different models ({config.model} vs '
+                     f'{config_b.model}); weights interpolate only within one architecture.')
+  params_a, _ = load_params(run_a, config)
+  params_b, _ = load_params(run_b, config_b)
+  results = []
+  for weight in weights:
+    params = jax.tree_util.tree_map(lambda a, b: (1 - weight) * a + weight * b, params_a,
+                                    params_b)
+    result = _evaluate_served(config, params, 0, temperature=temperature,
+                              with_diversity=config.guided_task)
+    results.append(dict(weight=weight, reward=result['reward'],
+                        reward_components=result['reward_components'],
+                        diversity=result.get('diversity')))
+  return results

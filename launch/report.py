@@ -23,7 +23,8 @@ def _latest_per_node(records: list[dict], kind: str) -> dict[str, dict]:
 PROGRESS_METRICS = (('task_reward', 'reward'), ('policy_lag', 'lag'), ('loss', 'loss'),
                     ('kl_to_reference', 'kl'), ('kl_to_anchor', 'kl anchor'),
                     ('win_rate_vs_anchor', 'win vs anchor'), ('preference', 'P(y>y\')'),
-                    ('td_error', 'td error'), ('nll', 'nll'))
+                    ('td_error', 'td error'), ('nll', 'nll'),
+                    ('reverse_kl', 'kl to CFG teacher'), ('diversity', 'diversity'))
 
 
 class Progress:
@@ -110,7 +111,7 @@ def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_ev
   ax_reward.set_ylabel('reward')
   ax_reward.legend()
   ax_reward.grid(alpha=0.3)
-  for name in ('loss', 'value_loss', 'td_error', 'nll', 'kl_to_anchor'):
+  for name in ('loss', 'value_loss', 'td_error', 'nll', 'kl_to_anchor', 'reverse_kl'):
     if learner and name in learner[-1]:
       ax_loss.plot(steps, [r[name] for r in learner], label=name.replace('_', ' '))
   ax_loss.set_xlabel('learner step')

@@ -23,26 +23,6 @@ def _check_rank(name: str, array: jax.Array, rank: int, shape_doc: str):
         f'{name} must have rank {rank} ({shape_doc}) but has shape {jnp.shape(array)}.')
 
 
-def _check_inputs(batch_time: dict[str, jax.Array], values_name: str,
-                  values: jax.Array, per_row: dict[str, jax.Array]):
-  """Raises ValueError unless the arrays are [B, T], values [B, T + 1], per-row [B]."""
-  for name, array in batch_time.items():
-    _check_rank(name, array, 2, '[B, T]')
-  shapes = {name: jnp.shape(array) for name, array in batch_time.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f'These must all have the same shape [B, T]; got {shapes}.')
-  batch_size, num_steps = next(iter(shapes.values()))
-  if jnp.shape(values) != (batch_size, num_steps + 1):
-    raise ValueError(
-        f'{values_name} must be [B, T + 1] = {(batch_size, num_steps + 1)} (V(s_0) .. '
-        f'V(s_T), the last one bootstraps) but has shape {jnp.shape(values)}.')
-  for name, array in per_row.items():
-    if jnp.shape(array) != (batch_size,):
-      raise ValueError(
-          f'{name} must be [B] = {(batch_size,)}, one entry per completion, but has '
-          f'shape {jnp.shape(array)}.')
-
-
 def _check_discount(discount: float):
   if not 0.0 <= discount <= 1.0:
     raise ValueError(f'discount must be in [0, 1] (1 for text); got {discount}.')
@@ -110,7 +90,7 @@ def inverse_soft_q_loss(
     (-log pi), `td_error` (|implied reward|), `implied_reward`, and
     `num_real_tokens`.
   """
-  _check_inputs({'q_taken': q_taken, 'mask': mask}, 'values', values,
+  token_mdp.check_shapes({'q_taken': q_taken, 'mask': mask}, 'values', values,
                 {'terminated': terminated})
   _check_discount(discount)
   if not td_coef >= 0:
@@ -202,7 +182,7 @@ def path_consistency_loss(
   batch_time = {'logprobs': logprobs, 'mask': mask}
   if token_rewards is not None:
     batch_time['token_rewards'] = token_rewards
-  _check_inputs(batch_time, 'target_values', target_values,
+  token_mdp.check_shapes(batch_time, 'target_values', target_values,
                 {'rewards': rewards, 'terminated': terminated})
   _check_discount(discount)
   dtype = jnp.promote_types(jnp.result_type(logprobs, target_values), jnp.float32)
@@ -221,7 +201,7 @@ def path_consistency_loss(
   residuals = jnp.where(
       mask, logprobs + target_values[:, :-1] - step_rewards - discount * next_values, 0.0)
   if values is not None:
-    _check_inputs(batch_time, 'values', values, {})
+    token_mdp.check_shapes(batch_time, 'values', values, {})
     # V_target(s_t) - gamma V_target(s_{t+1}) telescopes over a path: swapping the first
     # V_target(s_t) of each path for the learner's is one correction per start token.
     online_correction = jnp.where(mask, jnp.asarray(values, dtype)[:, :-1] - target_values[:, :-1],

@@ -121,3 +121,27 @@ def token_discounts(
   terminated = jnp.asarray(terminated).astype(bool)
   ends_episode = _is_last_token(mask) & terminated[:, None]
   return jnp.where(mask & ~ends_episode, jnp.float32(gamma), jnp.float32(0.0))
+
+
+def check_shapes(batch_time: dict[str, jax.Array], values_name: str, values: jax.Array,
+                 per_row: dict[str, jax.Array]):
+  """Raises ValueError unless `batch_time` arrays are [B, T], values [B, T + 1], per-row [B].
+
+  The shared argument check of the token-level losses (vtrace, soft_q).
+  """
+  for name, array in batch_time.items():
+    if jnp.ndim(array) != 2:
+      raise ValueError(f'{name} must be [B, T] (rank 2) but has shape {jnp.shape(array)}.')
+  shapes = {name: jnp.shape(array) for name, array in batch_time.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f'These must all have the same shape [B, T]; got {shapes}.')
+  batch_size, num_steps = next(iter(shapes.values()))
+  if jnp.shape(values) != (batch_size, num_steps + 1):
+    raise ValueError(
+        f'{values_name} must be [B, T + 1] = {(batch_size, num_steps + 1)} (V(s_0) .. '
+        f'V(s_T), the last one bootstraps) but has shape {jnp.shape(values)}.')
+  for name, array in per_row.items():
+    if jnp.shape(array) != (batch_size,):
+      raise ValueError(
+          f'{name} must be [B] = {(batch_size,)}, one entry per completion, but has '
+          f'shape {jnp.shape(array)}.')

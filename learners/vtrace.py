@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from chorus.learners import token_mdp
+
 
 class VTraceOutput(NamedTuple):
   """V-trace targets, all [B, T] and stop-gradiented.
@@ -24,21 +26,6 @@ class VTraceOutput(NamedTuple):
   vs: jax.Array
   pg_advantages: jax.Array
   rhos: jax.Array
-
-
-def _check_shapes(batch_time: dict[str, jax.Array], values: jax.Array):
-  """Raises ValueError unless every array is [B, T] and `values` is [B, T + 1]."""
-  for name, array in batch_time.items():
-    if jnp.ndim(array) != 2:
-      raise ValueError(f'{name} must be [B, T] (rank 2) but has shape {jnp.shape(array)}.')
-  shapes = {name: jnp.shape(array) for name, array in batch_time.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f'These must all have the same shape [B, T]; got {shapes}.')
-  batch_size, num_steps = next(iter(shapes.values()))
-  if jnp.shape(values) != (batch_size, num_steps + 1):
-    raise ValueError(
-        f'values must be [B, T + 1] = {(batch_size, num_steps + 1)} (V(s_0) .. V(s_T), '
-        f'the last one bootstraps) but has shape {jnp.shape(values)}.')
 
 
 def _check_clips(rho_clip: float, pg_rho_clip: float, c_clip: float, lambda_: float):
@@ -96,9 +83,9 @@ def vtrace_targets(
   Returns:
     A VTraceOutput of [B, T] arrays, stop-gradiented, at least float32.
   """
-  _check_shapes(
+  token_mdp.check_shapes(
       {'rewards': rewards, 'discounts': discounts, 'log_rhos': log_rhos, 'mask': mask},
-      values)
+      'values', values, {})
   _check_clips(rho_clip, pg_rho_clip, c_clip, lambda_)
   # Long sums over thousands of tokens lose too much in bfloat16.
   dtype = jnp.promote_types(
@@ -179,10 +166,10 @@ def vtrace_loss(
     tokens with pi/mu > rho_clip), `mean_advantage`, `mean_vs`, `mean_abs_log_rho`
     (policy lag: 0 when pi = mu on the sampled tokens) and `num_real_tokens`.
   """
-  _check_shapes(
+  token_mdp.check_shapes(
       {'target_logprobs': target_logprobs, 'behaviour_logprobs': behaviour_logprobs,
        'entropy': entropy, 'rewards': rewards, 'discounts': discounts, 'mask': mask},
-      values)
+      'values', values, {})
   mask = jnp.asarray(mask).astype(bool)
   log_rhos = target_logprobs - behaviour_logprobs
   # vtrace_targets stop-gradients its outputs, so the weights and targets are constants.

@@ -10,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from chorus.actors import music
 from chorus.datasets import read_trajectories
 from chorus.metrics import read_metrics
+from chorus.models import codec
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +86,47 @@ def test_inverse_soft_q_learns_from_a_recorded_demonstrations_dataset(tmp_path):
   assert not os.path.exists(os.path.join(run_dir, 'rlds'))
   learner = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
   assert learner[-1]['nll'] < learner[0]['nll']
+
+
+_SMALL_MUSIC = [
+    '--num-actors', '2', '--max-learner-steps', str(_STEPS), '--seed', '1',
+    '--set', 'warm_start.steps=20', '--set', 'learner.batch_size=8',
+    '--set', 'learner.log_every=4', '--set', 'learner.checkpoint_every=4',
+    '--set', 'inference.max_batch_size=8', '--set', 'task_config.eval_samples_per_caption=2',
+    '--set', 'evaluation.every_s=0',
+]
+
+
+@pytest.mark.parametrize('name', ['music_vtrace', 'music_cfg_distill'])
+def test_music_run_writes_rlds_episodes_and_wav_samples_that_read_back(name, tmp_path):
+  run_dir = str(tmp_path / name)
+  result = subprocess.run(
+      [sys.executable, '-m', 'chorus.launch.cli', 'run', '--config', name, '--run-dir', run_dir,
+       *_SMALL_MUSIC], capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    summary = json.load(file)
+  assert summary['learner_steps'] == _STEPS
+  for evaluation in (summary['initial_eval'], summary['final_eval']):
+    assert set(evaluation['reward_components']) == {'caption_adherence', 'quality'}
+    assert 0 <= evaluation['diversity'] <= 2
+  teacher = summary['initial_eval']['cfg_teacher']
+  assert teacher['tokens_per_second'] > 0 and 0 <= teacher['diversity'] <= 2
+
+  task = music.MusicTask(music.MusicTaskConfig(eval_samples_per_caption=2))
+  episodes = read_trajectories(os.path.join(run_dir, 'rlds'))
+  assert len(episodes) >= _STEPS * 8
+  for episode in episodes[:50]:
+    assert episode.task == 'music_captions' and episode.terminated
+    assert list(episode.prompt_tokens) == task.encode_prompt(task.prompt_from_id(episode.prompt_id))
+    if name == 'music_cfg_distill':
+      assert set(episode.reward_components) == {'diversity'}
+  samples = os.path.join(run_dir, 'samples')
+  wavs = sorted(f for f in os.listdir(samples) if f.endswith('.wav'))
+  assert [f for f in wavs if f.startswith('before_')] and len(wavs) % 2 == 0
+  for wav in wavs:
+    waveform, sample_rate = codec.read_wav(os.path.join(samples, wav))
+    assert sample_rate == codec.STANDARD_SAMPLE_RATE
+    # Up to the first EOS: at most the cap of num_frames + 1 tokens.
+    assert 0 < waveform.size <= (task.config.num_frames + 1) * task.codec.frame_samples
+  assert os.path.getsize(os.path.join(samples, 'after_spectrograms.png')) > 1000

@@ -110,6 +110,24 @@ def test_zero_max_new_tokens_means_the_server_limit(client):
       assert len(completion.tokens) == CONFIG.max_new_tokens
 
 
+def _assert_logprobs_are_the_models(decoder_config, params, prompts, result, temperature):
+  """Each returned log-prob equals log_softmax(logits / T) of one forward pass per row."""
+  steps = CONFIG.max_new_tokens
+  completion_tokens = np.full((len(prompts), steps), models.PAD_ID, np.int32)
+  completion_mask = np.zeros((len(prompts), steps), bool)
+  for row, completion in enumerate(result.completions):
+    completion_tokens[row, :len(completion.tokens)] = completion.tokens
+    completion_mask[row, :len(completion.tokens)] = True
+  prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, CONFIG.max_prompt_len)
+  logits, _ = models.forward_completions(decoder_config, params, prompt_tokens, prompt_mask,
+                                         completion_tokens, completion_mask)
+  log_probs = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
+  expected = np.take_along_axis(log_probs, completion_tokens[..., None], axis=-1)[..., 0]
+  for row, completion in enumerate(result.completions):
+    np.testing.assert_allclose(completion.logprobs, expected[row, :len(completion.tokens)],
+                               atol=1e-4)
+
+
 def test_logprobs_equal_tempered_log_softmax_of_forward_completions(client, publisher,
                                                                     decoder_config,
                                                                     other_params):
@@ -121,20 +139,7 @@ def test_logprobs_equal_tempered_log_softmax_of_forward_completions(client, publ
                            temperature=temperature)
   assert result.param_version == version
 
-  steps = CONFIG.max_new_tokens
-  completion_tokens = np.full((len(PROMPTS), steps), models.PAD_ID, np.int32)
-  completion_mask = np.zeros((len(PROMPTS), steps), bool)
-  for row, completion in enumerate(result.completions):
-    completion_tokens[row, :len(completion.tokens)] = completion.tokens
-    completion_mask[row, :len(completion.tokens)] = True
-  prompt_tokens, prompt_mask = models.left_pad_prompts(PROMPTS, CONFIG.max_prompt_len)
-  logits, _ = models.forward_completions(decoder_config, other_params, prompt_tokens,
-                                         prompt_mask, completion_tokens, completion_mask)
-  log_probs = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
-  expected = np.take_along_axis(log_probs, completion_tokens[..., None], axis=-1)[..., 0]
-  for row, completion in enumerate(result.completions):
-    np.testing.assert_allclose(completion.logprobs, expected[row, :len(completion.tokens)],
-                               atol=1e-4)
+  _assert_logprobs_are_the_models(decoder_config, other_params, PROMPTS, result, temperature)
 
 
 # (generate kwargs, status code, substrings the message must contain)
@@ -204,20 +209,8 @@ def test_num_samples_gives_n_completions_per_prompt_prompt_major_from_one_versio
   # Prompt-major: completion i belongs to prompt i // num_samples. Its log-probs match the
   # forward pass on that prompt only, which pins the order.
   row_prompts = [prompt for prompt in prompts for _ in range(num_samples)]
-  steps = CONFIG.max_new_tokens
-  completion_tokens = np.full((len(row_prompts), steps), models.PAD_ID, np.int32)
-  completion_mask = np.zeros((len(row_prompts), steps), bool)
-  for row, completion in enumerate(result.completions):
-    completion_tokens[row, :len(completion.tokens)] = completion.tokens
-    completion_mask[row, :len(completion.tokens)] = True
-  prompt_tokens, prompt_mask = models.left_pad_prompts(row_prompts, CONFIG.max_prompt_len)
-  logits, _ = models.forward_completions(decoder_config, other_params, prompt_tokens,
-                                         prompt_mask, completion_tokens, completion_mask)
-  log_probs = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
-  expected = np.take_along_axis(log_probs, completion_tokens[..., None], axis=-1)[..., 0]
-  for row, completion in enumerate(result.completions):
-    np.testing.assert_allclose(completion.logprobs, expected[row, :len(completion.tokens)],
-                               atol=1e-4)
+  _assert_logprobs_are_the_models(decoder_config, other_params, row_prompts, result,
+                                  temperature)
   # A prompt's samples are independent draws, not copies.
   assert any(not np.array_equal(result.completions[2 * i].tokens,
                                 result.completions[2 * i + 1].tokens) for i in range(3))

@@ -48,7 +48,7 @@ def test_offline_soft_q_beats_the_behaviour_policy_that_recorded_the_dataset(tmp
 
   offline = str(tmp_path / 'offline')
   _chorus('run', '--config', 'text_soft_q', '--run-dir', offline, '--replay-dataset', dataset,
-          '--max-learner-steps', '200', *_COMMON)
+          '--max-learner-steps', '600', *_COMMON)
   summary = _summary(offline)
   assert summary['episodes'] == 0  # No actors: every trajectory came from the dataset.
   replayed = read_metrics(os.path.join(offline, 'metrics.jsonl'), node='dataset_replayer')
@@ -58,6 +58,6 @@ def test_offline_soft_q_beats_the_behaviour_policy_that_recorded_the_dataset(tmp
   assert summary['final_eval_reward'] > behaviour_reward + 0.05
 
   result = json.loads(_chorus('evaluate', '--run-dir', offline, '--dataset', dataset))
-  assert result['step'] == 200
+  assert result['step'] == 600
   assert result['dataset_episodes'] == len(episodes)
   assert result['checkpoint_reward'] > result['dataset_reward'] + 0.05
