@@ -45,10 +45,13 @@ def _served_versions(run_dir: str) -> dict[str, int]:
   return versions
 
 
-@pytest.mark.parametrize('name', ['text_soft_q', 'text_bond', 'text_nash_md'])
-def test_online_algorithm_runs_and_logs_its_fields(name, tmp_path):
+@pytest.mark.parametrize('name, extra', [
+    ('text_soft_q', ()), ('text_bond', ()), ('text_nash_md', ()),
+    ('text_nash_md', ('--set', 'reward_model.kind=learned')),  # The served preference model.
+])
+def test_online_algorithm_runs_and_logs_its_fields(name, extra, tmp_path):
   run_dir = str(tmp_path / name)
-  summary = _run(name, run_dir)
+  summary = _run(name, run_dir, *extra)
   assert summary['learner_steps'] == _STEPS
   assert summary['final_eval']['param_versions'] == [_STEPS]
   assert 0 <= summary['final_eval']['win_rate'] <= 1
@@ -68,11 +71,18 @@ def test_online_algorithm_runs_and_logs_its_fields(name, tmp_path):
     assert len(episode.paired_completion_tokens) >= 1
     assert 0 <= episode.win_probability <= 1
   if name == 'text_bond':
-    # Two anchor samples: p-hat<= is 0, 1/2 or 1; the anchor follows the learner.
+    # Two anchor samples: p-hat<= is 0, 1/2 or 1; the anchor follows the learner; the
+    # samples were judged by the learned reward model trained in the setup node.
     assert {e.win_probability for e in episodes} <= {0.0, 0.5, 1.0}
     assert _served_versions(run_dir)['anchor'] == _STEPS
-  reward_model_eval = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='reward_model')
-  assert any(r.get('kind') == 'reward_model_eval' for r in reward_model_eval)
+    reward_model = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='reward_model')
+    assert any(r.get('kind') == 'reward_model_eval' for r in reward_model)
+  else:
+    # Nash-MD: the opponent came from the policy/reference mixture, judged by the task
+    # reward (the default, no model trained) or by the learned preference model.
+    learned = 'reward_model.log' in os.listdir(os.path.join(run_dir, 'logs'))
+    assert learned == ('reward_model.kind=learned' in extra)
+    assert ('preference' in _served_versions(run_dir)) == learned
 
 
 def test_inverse_soft_q_learns_from_a_recorded_demonstrations_dataset(tmp_path):

@@ -84,7 +84,7 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
   assert not [p for p in started if _alive(p['pid'])]
   requests = {}
   for record in read_metrics(metrics_path):
-    if record.get('kind') == 'inference':
+    if record.get('kind') == 'inference' and record['model'] == 'policy':
       requests[record['node']] = record['requests']
   assert sorted(requests) == ['inference_server_0', 'inference_server_1']
   assert all(count > 0 for count in requests.values()), requests
