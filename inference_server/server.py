@@ -132,16 +132,6 @@ def _shape_and_dtype(array) -> tuple:
   return np.shape(array), np.asarray(array).dtype.name
 
 
-def _right_pad(sequences: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-  """[B, length] int32 tokens (PAD on the right) and their bool mask."""
-  tokens = np.full((len(sequences), length), models.PAD_ID, np.int32)
-  mask = np.zeros((len(sequences), length), bool)
-  for index, sequence in enumerate(sequences):
-    tokens[index, :len(sequence)] = sequence
-    mask[index, :len(sequence)] = True
-  return tokens, mask
-
-
 class _GenerationLane:
   """A batcher and a compiled sampler: one decoder alone, or paired with a second pass.
 
@@ -249,9 +239,9 @@ class _ScoringLane:
     padded = rows + [_PADDING_SCORE_ROW] * (config.bucket_for(len(rows)) - len(rows))
     prompt_tokens, prompt_mask = models.left_pad_prompts([row.prompt for row in padded],
                                                          config.max_prompt_len)
-    completion_tokens, completion_mask = _right_pad([row.completion for row in padded],
+    completion_tokens, completion_mask = models.right_pad_completions([row.completion for row in padded],
                                                     config.max_new_tokens)
-    comparison_tokens, comparison_mask = _right_pad(
+    comparison_tokens, comparison_mask = models.right_pad_completions(
         [row.comparison or [models.EOS_ID] for row in padded], config.max_new_tokens)
     temperature = np.array([row.temperature for row in padded], np.float32)
     scores = np.asarray(jax.device_get(self._score(

@@ -123,18 +123,6 @@ def pairwise_preference_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.
   return loss, {'loss': loss, 'accuracy': accuracy}
 
 
-def _right_pad(sequences: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.zeros((len(sequences), length), np.int32)
-  mask = np.zeros((len(sequences), length), bool)
-  for index, sequence in enumerate(sequences):
-    if len(sequence) > length:
-      raise ValueError(f'A completion of {len(sequence)} tokens exceeds completion_len='
-                       f'{length}; use task.max_preference_completion_tokens or more.')
-    tokens[index, :len(sequence)] = sequence
-    mask[index, :len(sequence)] = True
-  return tokens, mask
-
-
 def make_preference_batch(task, pairs, prompt_len: int, completion_len: int) -> PreferenceBatch:
   """Pads `(prompt, completion_a, completion_b, a_preferred)` tuples into a batch."""
   prompts, chosen, rejected = [], [], []
@@ -144,9 +132,9 @@ def make_preference_batch(task, pairs, prompt_len: int, completion_len: int) -> 
     rejected.append(second if first_preferred else first)
   prompt_tokens, prompt_mask = models.left_pad_prompts(
       [task.encode_prompt(p) for p in prompts], prompt_len)
-  chosen_tokens, chosen_mask = _right_pad([task.encode_completion(c) for c in chosen],
+  chosen_tokens, chosen_mask = models.right_pad_completions([task.encode_completion(c) for c in chosen],
                                           completion_len)
-  rejected_tokens, rejected_mask = _right_pad([task.encode_completion(r) for r in rejected],
+  rejected_tokens, rejected_mask = models.right_pad_completions([task.encode_completion(r) for r in rejected],
                                               completion_len)
   rewards = lambda texts: np.array([task.text_reward(p, t) for p, t in zip(prompts, texts)],
                                    np.float32)

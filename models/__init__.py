@@ -10,6 +10,7 @@ from chorus.models.decoder import left_pad_prompts
 from chorus.models.decoder import params_from_bytes
 from chorus.models.decoder import params_to_bytes
 from chorus.models.decoder import positions_from_mask
+from chorus.models.decoder import right_pad_completions
 from chorus.models.tokenizer import BOS_ID
 from chorus.models.tokenizer import CharTokenizer
 from chorus.models.tokenizer import EOS_ID

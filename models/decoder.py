@@ -311,6 +311,25 @@ def left_pad_prompts(prompts: Sequence[Sequence[int]],
   return tokens, mask
 
 
+def right_pad_completions(completions: Sequence[Sequence[int]],
+                          completion_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right pads token-id completions to `completion_len`.
+
+  Returns:
+    tokens [B, completion_len] int32 (PAD = 0 on the right) and mask [B, completion_len]
+    bool, True on real tokens (a prefix of each row).
+  """
+  tokens = np.zeros((len(completions), completion_len), np.int32)
+  mask = np.zeros((len(completions), completion_len), bool)
+  for index, completion in enumerate(completions):
+    if len(completion) > completion_len:
+      raise ValueError(f'Completion {index} has {len(completion)} tokens; at most '
+                       f'completion_len={completion_len}. Raise completion_len.')
+    tokens[index, :len(completion)] = completion
+    mask[index, :len(completion)] = True
+  return tokens, mask
+
+
 def forward_completions(config: DecoderConfig, params: Params,
                         prompt_tokens: jax.Array, prompt_mask: jax.Array,
                         completion_tokens: jax.Array, completion_mask: jax.Array, *,

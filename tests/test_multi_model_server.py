@@ -71,19 +71,10 @@ def _publish(address, client, name, params) -> int:
   return version
 
 
-def _right_pad(sequences, length=CONFIG.max_new_tokens):
-  tokens = np.full((len(sequences), length), models.PAD_ID, np.int32)
-  mask = np.zeros((len(sequences), length), bool)
-  for row, sequence in enumerate(sequences):
-    tokens[row, :len(sequence)] = sequence
-    mask[row, :len(sequence)] = True
-  return tokens, mask
-
-
 def _token_logprobs(prompts, completions, log_probs_fn):
   """Per-completion log-probs of its tokens under log_probs_fn(prompt batch) [B, T, V]."""
   prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, CONFIG.max_prompt_len)
-  tokens, mask = _right_pad(completions)
+  tokens, mask = models.right_pad_completions(completions, CONFIG.max_new_tokens)
   log_probs = np.asarray(log_probs_fn(prompt_tokens, prompt_mask, tokens, mask))
   gathered = np.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]
   return [gathered[row, :len(c)] for row, c in enumerate(completions)]
@@ -247,7 +238,7 @@ def test_reward_scores_equal_the_reward_model_function(client, served_models):
   assert result.param_version == version
   expected = reward_models.reward_scores(
       _config('reward'), params, *models.left_pad_prompts(PROMPTS, CONFIG.max_prompt_len),
-      *_right_pad(completions))
+      *models.right_pad_completions(completions, CONFIG.max_new_tokens))
   np.testing.assert_allclose(result.rewards, expected, atol=1e-5)
 
 
@@ -262,8 +253,9 @@ def test_preferences_equal_the_preference_function_and_are_antisymmetric(client,
   assert forward.param_version == backward.param_version == version
   expected = reward_models.preference_probabilities(
       _config('preference'), params,
-      *models.left_pad_prompts(PROMPTS, CONFIG.max_prompt_len), *_right_pad(first),
-      *_right_pad(second))
+      *models.left_pad_prompts(PROMPTS, CONFIG.max_prompt_len),
+      *models.right_pad_completions(first, CONFIG.max_new_tokens),
+      *models.right_pad_completions(second, CONFIG.max_new_tokens))
   np.testing.assert_allclose(forward.probabilities, expected, atol=1e-5)
   np.testing.assert_allclose(forward.probabilities + backward.probabilities, 1.0, atol=1e-5)
   np.testing.assert_allclose(forward.probabilities[2], 0.5, atol=1e-6)  # Same completion.
@@ -286,7 +278,8 @@ def test_models_update_independently_reward_models_included(address, client):
   assert result.param_version == reward_version
   expected = reward_models.reward_scores(
       _config('reward'), new_params,
-      *models.left_pad_prompts(prompts, CONFIG.max_prompt_len), *_right_pad(completions))
+      *models.left_pad_prompts(prompts, CONFIG.max_prompt_len),
+      *models.right_pad_completions(completions, CONFIG.max_new_tokens))
   np.testing.assert_allclose(result.rewards, expected, atol=1e-5)
   assert not np.allclose(result.rewards, old_rewards)
   status = client.status()

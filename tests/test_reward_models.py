@@ -1,6 +1,5 @@
 """Learned reward and preference models, the noisy annotator, and their training."""
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +20,9 @@ def tiny():
   return config, models.init_params(config, jax.random.PRNGKey(3))
 
 
-def _right_pad(rows, length):
-  tokens = np.zeros((len(rows), length), np.int32)
-  for index, row in enumerate(rows):
-    tokens[index, :len(row)] = row
-  return jnp.asarray(tokens), jnp.asarray(tokens > 0)
-
-
 def test_pack_pair_puts_real_tokens_back_to_back_then_padding():
-  first, first_mask = _right_pad([[5, 6, 7], [8], [9, 10, 11, 12]], 4)
-  second, second_mask = _right_pad([[20, 21], [22, 23, 24, 25], [26]], 4)
+  first, first_mask = models.right_pad_completions([[5, 6, 7], [8], [9, 10, 11, 12]], 4)
+  second, second_mask = models.right_pad_completions([[20, 21], [22, 23, 24, 25], [26]], 4)
   tokens, mask = jax.jit(reward_models.pack_pair)(first, first_mask, second, second_mask)
   np.testing.assert_array_equal(tokens, [[5, 6, 7, 20, 21, 0, 0, 0],
                                          [8, 22, 23, 24, 25, 0, 0, 0],
@@ -41,8 +33,8 @@ def test_pack_pair_puts_real_tokens_back_to_back_then_padding():
 def test_preference_probabilities_are_antisymmetric_and_match_packed_scores(tiny):
   config, params = tiny
   prompt, prompt_mask = models.left_pad_prompts([[1, 10, 11], [1, 12], [1, 13, 14, 15]], 5)
-  first, first_mask = _right_pad([[5, 6, 2], [7, 2], [8, 9, 10, 2]], 4)
-  second, second_mask = _right_pad([[11, 2], [12, 13, 14, 2], [8, 9, 10, 2]], 4)
+  first, first_mask = models.right_pad_completions([[5, 6, 2], [7, 2], [8, 9, 10, 2]], 4)
+  second, second_mask = models.right_pad_completions([[11, 2], [12, 13, 14, 2], [8, 9, 10, 2]], 4)
   forward = reward_models.preference_probabilities(
       config, params, prompt, prompt_mask, first, first_mask, second, second_mask)
   backward = reward_models.preference_probabilities(
@@ -63,7 +55,7 @@ def test_preference_model_names_max_seq_len_when_the_pair_does_not_fit(tiny):
   config, params = tiny
   short = dataclasses.replace(config, max_seq_len=20)
   prompt, prompt_mask = models.left_pad_prompts([[1, 5]], 6)
-  first, first_mask = _right_pad([[5, 2]], 8)
+  first, first_mask = models.right_pad_completions([[5, 2]], 8)
   with pytest.raises(ValueError, match=r'max_seq_len >= 22'):
     reward_models.preference_logits(short, params, prompt, prompt_mask, first, first_mask,
                                     first, first_mask)
@@ -74,7 +66,7 @@ def test_reward_scores_read_the_value_after_each_last_real_token(tiny):
   prompt, prompt_mask = models.left_pad_prompts([[1, 10, 11], [1, 12], [1, 13, 14, 15]], 5)
   lengths = [1, 4, 6]
   rng = np.random.default_rng(0)
-  completion, completion_mask = _right_pad(
+  completion, completion_mask = models.right_pad_completions(
       [list(rng.integers(3, VOCAB, n)) for n in lengths], 6)
   # Junk in the padding must not matter.
   completion = jnp.where(completion_mask, completion, 7)
@@ -174,13 +166,10 @@ def test_tiny_model_trained_on_noisy_pairs_ranks_correct_answers_above_corrupted
   train, accuracy = ((preference.train_reward_model, preference.reward_model_accuracy)
                      if kind == 'reward' else
                      (preference.train_preference_model, preference.preference_model_accuracy))
-  start = time.monotonic()
   params, history = train(decoder_config, config, preference.preference_batches(
       task, np.random.default_rng(0), config.batch_size, prompt_len, completion_len))
-  elapsed = time.monotonic() - start
   metrics = accuracy(decoder_config, params, task, np.random.default_rng(1), prompt_len,
                      completion_len, num_prompts=128)
-  print(f'{kind} model: {config.steps} steps in {elapsed:.1f} s; held out {metrics}')
   assert len(history) == config.steps and np.isfinite(history[-1]['loss'])
   assert history[-1]['loss'] < history[0]['loss']
   corrupted = [metrics[f'accuracy_correct_vs_{k}'] for k in task.corruptions]

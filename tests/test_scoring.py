@@ -15,22 +15,13 @@ COMPLETIONS = [[3, 4, 5], [7], [8, 9, 10, 11, 12, 2], [6, 6]]
 COMPARISONS = [[4, 4], [7, 8, 9], [8, 9, 10, 11, 12, 2], [2]]
 
 
-def _right_pad(sequences, length):
-  tokens = np.zeros((len(sequences), length), np.int32)
-  mask = np.zeros((len(sequences), length), bool)
-  for row, sequence in enumerate(sequences):
-    tokens[row, :len(sequence)] = sequence
-    mask[row, :len(sequence)] = True
-  return tokens, mask
-
-
 @pytest.fixture(scope='module')
 def setup():
   config = models.DecoderConfig.tiny(VOCAB_SIZE)
   params = models.init_params(config, jax.random.PRNGKey(0))
   prompt_tokens, prompt_mask = models.left_pad_prompts(PROMPTS, PROMPT_LEN)
-  completion_tokens, completion_mask = _right_pad(COMPLETIONS, COMPLETION_LEN)
-  comparison_tokens, comparison_mask = _right_pad(COMPARISONS, COMPLETION_LEN)
+  completion_tokens, completion_mask = models.right_pad_completions(COMPLETIONS, COMPLETION_LEN)
+  comparison_tokens, comparison_mask = models.right_pad_completions(COMPARISONS, COMPLETION_LEN)
   return config, params, (prompt_tokens, prompt_mask, completion_tokens, completion_mask,
                           comparison_tokens, comparison_mask)
 
