@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast proto benchmark clean
+.PHONY: run test test-fast test-fresh proto benchmark clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# The whole suite as a machine that never ran it sees it: a clone of what is committed, a new
+# venv, and new empty TMPDIR and RAY_TMPDIR (nothing left behind by earlier runs is found).
+test-fresh:
+	set -e; fresh=$$(mktemp -d); git clone --quiet . $$fresh/chorus; \
+	cd $$fresh/chorus && TMPDIR=$$(mktemp -d) RAY_TMPDIR=$$(mktemp -d) $(MAKE) test PYTHON=$(PYTHON)
 
 # Regenerates the committed gRPC stubs after editing inference_server/inference.proto.
 # The stubs import `chorus.inference_server`, so protoc sees the root through a `chorus` link.

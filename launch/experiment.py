@@ -18,6 +18,7 @@ from chorus.learners.soft_q_learner import InverseSoftQConfig
 from chorus.learners.soft_q_learner import SoftQConfig
 from chorus.learners.supervised import WarmStartConfig
 from chorus.learners.vtrace_learner import VTraceConfig
+from chorus.launch.launcher_config import LauncherConfig
 
 # Each learner's loss, and what its data needs:
 ALGORITHMS = ('vtrace', 'soft_q', 'inverse_soft_q', 'bond', 'nash_md', 'cfg_distill')
@@ -79,6 +80,8 @@ class ExperimentConfig:
       a Reverb table (offline RL), 'inverse_soft_q' reads it as demonstrations. Empty:
       actors generate the data ('inverse_soft_q' records the task's demonstrations).
     num_demonstrations: demonstrations recorded for 'inverse_soft_q' without a dataset.
+    launcher: restarts and stop timeout of every launcher, and the Ray launcher's
+      resource requests (where this experiment runs, not what it trains).
   """
   name: str = 'text_vtrace'
   seed: int = 0
@@ -106,6 +109,7 @@ class ExperimentConfig:
   reward_model: RewardModelConfig = RewardModelConfig()
   replay_dataset: str = ''
   num_demonstrations: int = 4096
+  launcher: LauncherConfig = LauncherConfig()
 
   def __post_init__(self):
     for name in ('num_actors', 'actors_per_process', 'num_inference_servers',

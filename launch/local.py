@@ -18,6 +18,7 @@ import time
 
 from chorus.launch import program as program_lib
 from chorus.launch import worker
+from chorus.launch.launcher_config import LauncherConfig
 
 _PR_SET_PDEATHSIG = 1
 
@@ -87,17 +88,14 @@ class LauncherBase:
 
   Args:
     run_dir: the run directory (holds config.json; logs/ and nodes/ are made here).
-    max_restarts: restarts allowed per restartable node before the run fails.
-    restart_backoff_s: first restart delay; doubles with each restart of that node.
-    stop_timeout_s: grace period after SIGTERM before SIGKILL.
+    config: restart limit, backoff and stop timeout.
   """
 
-  def __init__(self, run_dir: str, *, max_restarts: int = 3, restart_backoff_s: float = 1.0,
-               stop_timeout_s: float = 30.0):
+  def __init__(self, run_dir: str, config: LauncherConfig = LauncherConfig()):
     self.run_dir = run_dir
-    self.max_restarts = max_restarts
-    self.restart_backoff_s = restart_backoff_s
-    self.stop_timeout_s = stop_timeout_s
+    self.max_restarts = config.max_restarts
+    self.restart_backoff_s = config.restart_backoff_s
+    self.stop_timeout_s = config.stop_timeout_s
     self.addresses: dict[str, str] = {}
     self.restarts: dict[str, int] = {}
     self._running: dict = {}
@@ -122,8 +120,9 @@ class LocalLauncher(LauncherBase):
   Args: those of LauncherBase, and `host`, the address serving nodes bind to.
   """
 
-  def __init__(self, run_dir: str, *, host: str = '127.0.0.1', **kwargs):
-    super().__init__(run_dir, **kwargs)
+  def __init__(self, run_dir: str, config: LauncherConfig = LauncherConfig(), *,
+               host: str = '127.0.0.1'):
+    super().__init__(run_dir, config)
     self.host = host
 
   @property

@@ -66,6 +66,11 @@ def resolve(value, addresses: dict[str, str]):
   return value
 
 
+def max_nodes_at_once(program: list[Node]) -> int:
+  """How many nodes run at the same time: setup nodes one by one, then all the others."""
+  return max(1, sum(node.kind != SETUP for node in program))
+
+
 def inference_server_name(index: int) -> str:
   return f'inference_server_{index}'
 

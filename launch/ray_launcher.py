@@ -35,33 +35,25 @@ from ray._private import ray_constants
 
 from chorus.launch import local as local_lib
 from chorus.launch import program as program_lib
+from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch.local import NodeFailed
-
-# Resource requests, as JSON objects: Ray's 'CPU' and 'GPU' or any custom resource.
-ACCELERATOR_RESOURCES_ENV = 'CHORUS_RAY_ACCELERATOR_RESOURCES'
-CPU_RESOURCES_ENV = 'CHORUS_RAY_CPU_RESOURCES'
-DEFAULT_ACCELERATOR_RESOURCES = {'GPU': 1}
-DEFAULT_CPU_RESOURCES = {'CPU': 1}
 
 # Nothing large goes through Ray's object store: only exit codes and placements.
 _LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+DEFAULT_CPU_RESOURCES = {'CPU': 1}
+# Where to change the requests, for error messages.
+_ACCELERATOR_SETTING = '--set launcher.ray_accelerator_resources'
+_CPU_SETTING = '--set launcher.ray_cpu_resources'
 
 
-def resources_from_env(variable: str, default: dict[str, float]) -> dict[str, float]:
-  """The resource mapping in environment variable `variable` (a JSON object), or `default`."""
-  text = os.environ.get(variable)
-  if not text:
-    return dict(default)
-  try:
-    resources = json.loads(text)
-  except json.JSONDecodeError as error:
-    raise ValueError(f'{variable}={text!r} is not JSON ({error}); write e.g. '
-                     f'{variable}=\'{{"GPU": 1}}\'.') from error
+def check_resources(resources: dict[str, float], setting: str) -> dict[str, float]:
+  """`resources` if it maps resource names to non-negative numbers; else a ValueError."""
   if not isinstance(resources, dict) or not all(
-      isinstance(amount, (int, float)) and amount >= 0 for amount in resources.values()):
-    raise ValueError(f'{variable}={text!r} must map resource names to non-negative amounts, '
-                     'e.g. {"GPU": 1} or {"accelerator": 1, "CPU": 2}.')
-  return resources
+      isinstance(name, str) and isinstance(amount, (int, float)) and amount >= 0
+      for name, amount in resources.items()):
+    raise ValueError(f'{setting}={resources!r} must map Ray resource names to non-negative '
+                     'amounts, e.g. \'{"GPU": 1}\' or \'{"accelerator": 1, "CPU": 2}\'.')
+  return dict(resources)
 
 
 def _actor_options(resources: dict[str, float]) -> dict:
@@ -99,8 +91,11 @@ def _ray_single_machine_mode():
     ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def _init_ray(address: str | None):
-  """Connects this driver to the Ray cluster at `address`, or starts Ray on this machine."""
+def _init_ray(address: str | None, local_num_cpus: int):
+  """Connects this driver to the Ray cluster at `address`, or starts Ray on this machine.
+
+  Ray's own instance gets `local_num_cpus` logical CPUs: placement slots, not cores.
+  """
   # ray.init installs a SIGTERM handler that exits the driver at once; the caller's
   # (run.py: a clean stop of every node) must stay.
   sigterm_handler = signal.getsignal(signal.SIGTERM)
@@ -108,7 +103,8 @@ def _init_ray(address: str | None):
   if address is None:
     with _ray_single_machine_mode():
       ray.init(address='local', _node_ip_address='127.0.0.1', include_dashboard=False,
-               object_store_memory=_LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
+               num_cpus=local_num_cpus, object_store_memory=_LOCAL_OBJECT_STORE_BYTES,
+               log_to_driver=False)
   elif _is_loopback(address):
     with _ray_single_machine_mode():
       ray.init(address=address, log_to_driver=False)
@@ -229,52 +225,48 @@ class RayLauncher(local_lib.LauncherBase):
   Args:
     run_dir: the run directory (holds config.json; logs/ and nodes/ are made here); on
       storage that every Ray node sees at this same path.
+    config: restarts, stop timeout and the Ray resource requests (`launcher.*` of the
+      experiment config).
     address: the Ray cluster, e.g. "10.0.0.5:6379"; default RAY_ADDRESS, else a new Ray
       instance on this machine, bound to 127.0.0.1.
-    accelerator_resources: what a node with `accelerator=True` asks Ray for; default
-      CHORUS_RAY_ACCELERATOR_RESOURCES (JSON) or {'GPU': 1}.
-    cpu_resources: what the other nodes ask for; default CHORUS_RAY_CPU_RESOURCES (JSON)
-      or {'CPU': 1}.
-    max_restarts: restarts allowed per restartable node before the run fails.
-    restart_backoff_s: first restart delay; doubles with each restart of that node.
-    stop_timeout_s: grace period after SIGTERM before SIGKILL.
-    placement_timeout_s: how long Ray may take to place a node (an autoscaling cluster
-      may first have to start a machine) before the run fails.
+    num_nodes: how many nodes of the program run at once; a Ray instance started here
+      gets at least that many logical CPUs (`config.ray_local_num_cpus` overrides).
   """
 
-  def __init__(self, run_dir: str, *, address: str | None = None,
-               accelerator_resources: dict[str, float] | None = None,
-               cpu_resources: dict[str, float] | None = None, max_restarts: int = 3,
-               restart_backoff_s: float = 1.0, stop_timeout_s: float = 30.0,
-               placement_timeout_s: float = 600.0):
-    super().__init__(run_dir, max_restarts=max_restarts, restart_backoff_s=restart_backoff_s,
-                     stop_timeout_s=stop_timeout_s)
-    self.accelerator_resources = (
-        resources_from_env(ACCELERATOR_RESOURCES_ENV, DEFAULT_ACCELERATOR_RESOURCES)
-        if accelerator_resources is None else dict(accelerator_resources))
-    self.cpu_resources = (resources_from_env(CPU_RESOURCES_ENV, DEFAULT_CPU_RESOURCES)
-                          if cpu_resources is None else dict(cpu_resources))
-    self.placement_timeout_s = placement_timeout_s
+  def __init__(self, run_dir: str, config: LauncherConfig = LauncherConfig(), *,
+               address: str | None = None, num_nodes: int = 1):
+    super().__init__(run_dir, config)
+    self.cpu_resources = check_resources(config.ray_cpu_resources or DEFAULT_CPU_RESOURCES,
+                                         _CPU_SETTING)
+    self.placement_timeout_s = config.ray_placement_timeout_s
     # A driver already connected to Ray (a notebook, a test) keeps its connection.
     self._owns_ray_connection = not ray.is_initialized()
     address = address or os.environ.get('RAY_ADDRESS')
     if self._owns_ray_connection:
-      _init_ray(address)
+      _init_ray(address, config.ray_local_num_cpus or max(os.cpu_count() or 1, num_nodes))
     # Ray only on this machine, started here: no autoscaler will ever add resources.
     self._single_machine = self._owns_ray_connection and address is None
+    self.accelerator_resources = check_resources(
+        config.ray_accelerator_resources or self._default_accelerator_resources(),
+        _ACCELERATOR_SETTING)
     self._check_resources_exist()
+
+  @staticmethod
+  def _default_accelerator_resources() -> dict[str, float]:
+    """A GPU where the cluster has GPUs; else a CPU slot (a machine without accelerators)."""
+    return {'GPU': 1} if _cluster_resources().get('GPU', 0) >= 1 else {'CPU': 1}
 
   def _check_resources_exist(self):
     """Fails early where nodes ask for a resource that no Ray node has enough of."""
     cluster = _cluster_resources()
-    for what, resources, variable in (
-        ('accelerator', self.accelerator_resources, ACCELERATOR_RESOURCES_ENV),
-        ('CPU', self.cpu_resources, CPU_RESOURCES_ENV)):
+    for what, resources, setting in (
+        ('accelerator', self.accelerator_resources, _ACCELERATOR_SETTING),
+        ('CPU', self.cpu_resources, _CPU_SETTING)):
       if all(cluster.get(name, 0) >= amount for name, amount in resources.items()):
         continue
       message = (f'{what} nodes each ask Ray for {resources}, more than the whole cluster '
-                 f'has: {cluster}. Set {variable} (JSON) to resources it has, '
-                 f'e.g. {variable}=\'{{"CPU": 1}}\', or add machines that have them.')
+                 f'has: {cluster}. Ask for resources it has, e.g. '
+                 f'{setting}=\'{{"CPU": 1}}\', or add machines that have them.')
       if self._single_machine:
         self.close()
         raise ValueError(message)
@@ -298,8 +290,8 @@ class RayLauncher(local_lib.LauncherBase):
       raise NodeFailed(
           f'Nodes {[node.name for node in nodes]} and those running need {demand} in all, '
           f'more than the Ray instance of this machine has ({cluster}). Ask for less with '
-          f'{CPU_RESOURCES_ENV} and {ACCELERATOR_RESOURCES_ENV} (e.g. \'{{"CPU": 0.25}}\'), '
-          'or use the local launcher.')
+          f'{_CPU_SETTING} and {_ACCELERATOR_SETTING} (e.g. \'{{"CPU": 0.25}}\'), give it '
+          'more slots with --set launcher.ray_local_num_cpus=N, or use the local launcher.')
 
   def start(self, nodes: list[program_lib.Node]):
     """Places every node's host actor, gives serving nodes addresses, then runs the nodes."""
@@ -321,7 +313,7 @@ class RayLauncher(local_lib.LauncherBase):
           f'Ray placed no host for nodes {names} within {self.placement_timeout_s:.0f} s; they '
           f'ask for {[self._resources(n) for n in nodes if n.name in names]} and the cluster '
           f'has {ray.available_resources()} free of {ray.cluster_resources()}. Add machines '
-          f'with those resources or change {ACCELERATOR_RESOURCES_ENV} / {CPU_RESOURCES_ENV}.')
+          f'with those resources or change {_ACCELERATOR_SETTING} / {_CPU_SETTING}.')
     for node in nodes:
       placement = ray.get(places[node.name])
       if node.serves and node.name not in self.addresses:

@@ -16,6 +16,7 @@ from chorus.launch import experiment
 from chorus.launch import nodes as nodes_lib
 from chorus.launch import program as program_lib
 from chorus.launch import report
+from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch.local import LocalLauncher
 
 
@@ -85,13 +86,18 @@ def _write_audio_samples(config: experiment.ExperimentConfig, address: str, run_
 LAUNCHERS = ('local', 'ray')
 
 
-def make_launcher(name: str, run_dir: str, *, ray_address: str | None = None):
-  """The launcher that decides where nodes run: this machine's processes, or a Ray cluster."""
+def make_launcher(name: str, run_dir: str, config: LauncherConfig, *,
+                  ray_address: str | None = None, num_nodes: int = 1):
+  """The launcher that decides where nodes run: this machine's processes, or a Ray cluster.
+
+  `num_nodes` is how many nodes run at once, so that a Ray instance the launcher starts
+  has a placement slot for each.
+  """
   if name == 'local':
-    return LocalLauncher(run_dir)
+    return LocalLauncher(run_dir, config)
   if name == 'ray':
     from chorus.launch.ray_launcher import RayLauncher  # pylint: disable=g-import-not-at-top
-    return RayLauncher(run_dir, address=ray_address)
+    return RayLauncher(run_dir, config, address=ray_address, num_nodes=num_nodes)
   raise ValueError(f'Unknown launcher {name!r}; use one of {LAUNCHERS}.')
 
 
@@ -109,7 +115,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   stop = _StopRequested()
   program = program_lib.make_program(config)
   by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}
-  launcher = make_launcher(launcher, run_dir, ray_address=ray_address)
+  launcher = make_launcher(launcher, run_dir, config.launcher, ray_address=ray_address,
+                           num_nodes=program_lib.max_nodes_at_once(program))
   print_fn(f'Run directory: {run_dir} (logs in {run_dir}/logs)')
   try:
     for node in by_kind[program_lib.SETUP]:

@@ -1,16 +1,16 @@
 """The program on a real two-node Ray cluster on loopback: placement, restarts, the run's files.
 
 The head node stands for an accelerator machine (a custom resource 'accelerator', no
-CPUs to place actors on); the second node is a CPU machine.
+CPUs to place actors on); the second node is a CPU machine. Every Ray instance of the
+suite keeps its files in a folder of its own and uses a token of its own (conftest.py),
+so the tests neither need nor touch what other Ray users left in /tmp/ray or ~/.ray.
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -20,6 +20,7 @@ from ray import cluster_utils
 from chorus.datasets import read_trajectories
 from chorus.launch import experiment
 from chorus.launch import local
+from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch import program as program_lib
 from chorus.launch import ray_launcher
 from chorus.metrics import read_metrics
@@ -35,8 +36,9 @@ class _TwoNodeCluster:
   """A head node with 2 'accelerator' and no CPUs, and a CPU node with 4 CPUs."""
 
   def __init__(self):
-    # Short: Ray's socket paths under it must fit in 107 bytes.
-    self.temp_dir = tempfile.mkdtemp(prefix='chorus-ray-')
+    # conftest.py gave this session's Ray a private RAY_TMPDIR: a short path, as Ray's
+    # socket paths under it must fit in 107 bytes.
+    self.temp_dir = os.environ['RAY_TMPDIR']
     common = dict(node_ip_address='127.0.0.1', object_store_memory=100 * _MB)
     self._cluster = cluster_utils.Cluster(
         initialize_head=True,
@@ -59,19 +61,18 @@ def fixture_cluster():
   cluster = _TwoNodeCluster()
   yield cluster
   cluster.shutdown()
-  shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope='module', name='ray_run')
 def fixture_ray_run(cluster, tmp_path_factory):
   """The local run test's experiment, through the CLI on the Ray cluster."""
   run_dir = str(tmp_path_factory.mktemp('ray_run') / 'text_vtrace')
-  env = dict(os.environ, CHORUS_RAY_ACCELERATOR_RESOURCES=json.dumps(_ACCELERATOR),
-             CHORUS_RAY_CPU_RESOURCES=json.dumps({'CPU': 1}))
   result = subprocess.run(
       [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir,
-       '--launcher', 'ray', '--ray-address', cluster.address] + test_local_run._SMALL_RUN,
-      capture_output=True, text=True, timeout=600, check=False, env=env)
+       '--launcher', 'ray', '--ray-address', cluster.address,
+       '--set', f'launcher.ray_accelerator_resources={json.dumps(_ACCELERATOR)}',
+       '--set', 'launcher.ray_cpu_resources={"CPU": 1}'] + test_local_run._SMALL_RUN,
+      capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return run_dir
 
@@ -145,8 +146,10 @@ def _write_config(run_dir: str):
 @pytest.fixture(name='launcher')
 def fixture_launcher(cluster, tmp_path):
   launcher = ray_launcher.RayLauncher(
-      str(tmp_path / 'run'), address=cluster.address, accelerator_resources=_ACCELERATOR,
-      max_restarts=1, restart_backoff_s=0.1, stop_timeout_s=20, placement_timeout_s=20)
+      str(tmp_path / 'run'),
+      LauncherConfig(max_restarts=1, restart_backoff_s=0.1, stop_timeout_s=20,
+                     ray_accelerator_resources=_ACCELERATOR, ray_placement_timeout_s=20),
+      address=cluster.address)
   yield launcher
   launcher.close()
 
@@ -172,9 +175,10 @@ def test_crashing_restartable_node_is_restarted_until_its_limit(launcher):
 
 
 def test_node_asking_for_more_than_any_ray_node_has_fails_to_be_placed(cluster, tmp_path):
-  launcher = ray_launcher.RayLauncher(str(tmp_path / 'run'), address=cluster.address,
-                                      accelerator_resources={'accelerator': 3},
-                                      placement_timeout_s=3)
+  launcher = ray_launcher.RayLauncher(
+      str(tmp_path / 'run'),
+      LauncherConfig(ray_accelerator_resources={'accelerator': 3}, ray_placement_timeout_s=3),
+      address=cluster.address)
   try:
     with pytest.raises(local.NodeFailed,
                        match=r"no host for nodes \['learner'\].*'accelerator': 3"):
@@ -233,18 +237,47 @@ def _wait_for_placement(run_dir: str, node: str, previous: dict | None) -> dict:
   raise TimeoutError(f'{node} wrote no new placement in 60 s')
 
 
-def test_launcher_without_an_address_starts_and_ends_its_own_ray_on_loopback(tmp_path,
-                                                                              monkeypatch):
-  monkeypatch.delenv('RAY_ADDRESS', raising=False)
-  with pytest.raises(ValueError, match='CHORUS_RAY_ACCELERATOR_RESOURCES'):
-    ray_launcher.RayLauncher(str(tmp_path / 'a'), accelerator_resources={'tpu_v9': 1})
+def test_launcher_without_an_address_starts_and_ends_its_own_ray_on_loopback(tmp_path):
+  with pytest.raises(ValueError, match=r"\{'tpu_v9': 1\}.*launcher\.ray_accelerator_resources"):
+    ray_launcher.RayLauncher(str(tmp_path / 'a'),
+                             LauncherConfig(ray_accelerator_resources={'tpu_v9': 1}))
   assert not ray.is_initialized()
-  launcher = ray_launcher.RayLauncher(str(tmp_path / 'b'), accelerator_resources={'CPU': 1})
+  launcher = ray_launcher.RayLauncher(str(tmp_path / 'b'))
   try:
     assert [node['NodeManagerAddress'] for node in ray.nodes()] == ['127.0.0.1']
   finally:
     launcher.close()
   assert not ray.is_initialized()
+
+
+def test_default_resources_fit_the_default_program_on_this_machines_own_ray(tmp_path):
+  # No GPU and 2 cores here: accelerator nodes ask for what this Ray has, and it gets a
+  # placement slot per node however few cores the machine has.
+  program = program_lib.make_program(experiment.ExperimentConfig())
+  launcher = ray_launcher.RayLauncher(str(tmp_path / 'run'),
+                                      num_nodes=program_lib.max_nodes_at_once(program))
+  try:
+    cluster = ray.cluster_resources()
+    assert all(cluster.get(name, 0) >= amount
+               for name, amount in launcher.accelerator_resources.items())
+    assert cluster['CPU'] >= len(program) - 1  # Every node but the warm start at once.
+    launcher._check_fits([node for node in program if node.kind != program_lib.SETUP])
+  finally:
+    launcher.close()
+
+
+def test_ray_run_on_this_machine_needs_no_address_and_no_environment(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  env = {name: value for name, value in os.environ.items()
+         if not name.startswith(('CHORUS_', 'RAY_ADDRESS'))}
+  result = subprocess.run(
+      [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir,
+       '--launcher', 'ray'] + test_local_run._SMALL_RUN,
+      capture_output=True, text=True, timeout=600, check=False, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    assert json.load(file)['learner_steps'] == 12
+  assert test_local_run._processes_mentioning(run_dir) == []
 
 
 def _alive(pid: int) -> bool:
