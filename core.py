@@ -1,15 +1,116 @@
-"""Small types shared by every role: what an actor sends to replay and RLDS.
+"""Small types shared by every role: sequence lengths, tasks, and what an actor sends to
+replay and RLDS.
 
 Roles import this module and `models/`, never each other's internals.
 """
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
 import hashlib
 import json
+from typing import Protocol, runtime_checkable
 
 import jax
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSpec:
+  """The fixed token lengths of one experiment, read by server, replay, RLDS and learner.
+
+  Attributes:
+    prompt_len: P, prompts are left-padded to it (BOS included); longer ones are rejected.
+    completion_len: T, the completion length cap: generation stops there, replay and the
+      learner pad completions (and any second completion) to it.
+  """
+  prompt_len: int = 16
+  completion_len: int = 16
+
+  def __post_init__(self):
+    for name in ('prompt_len', 'completion_len'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'SequenceSpec.{name} must be an int >= 1; got {value!r}.')
+
+  @property
+  def total_len(self) -> int:
+    """P + T: the longest sequence a model sees."""
+    return self.prompt_len + self.completion_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """One prompt of a task.
+
+  Attributes:
+    prompt_id: the task's stable id of the prompt (recorded in every episode, so
+      `Task.prompt_from_id` can rebuild it).
+    text: the prompt as text (a caption for music tasks).
+    answer: the reference answer where the task has one ('' otherwise).
+  """
+  prompt_id: str
+  text: str
+  answer: str = ''
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """Text <-> token ids. Ids `pad_id`, `bos_id` and `eos_id` are special."""
+  pad_id: int
+  bos_id: int
+  eos_id: int
+
+  @property
+  def vocab_size(self) -> int:
+    ...
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, without BOS or EOS."""
+
+  def decode(self, ids) -> str:
+    """Text of `ids`, stopping at the first EOS and skipping PAD and BOS."""
+
+
+@runtime_checkable
+class Task(Protocol):
+  """What actors, evaluators and the warm start need of a task; tasks implement it.
+
+  Attributes:
+    name: recorded in every episode.
+    tokenizer: encodes prompts and completions (the policy's tokenizer).
+    ends_at_length_cap: True when reaching the completion length cap ends the episode (a
+      music clip has a fixed number of frames) rather than cutting it short.
+  """
+  name: str
+  tokenizer: Tokenizer
+  ends_at_length_cap: bool
+
+  def train_prompt(self, rng: np.random.Generator) -> Prompt:
+    """A random training prompt; never one of `eval_prompts()`."""
+
+  def eval_prompts(self) -> Sequence[Prompt]:
+    """The fixed held-out evaluation set, the same in every process and run."""
+
+  def prompt_from_id(self, prompt_id: str) -> Prompt:
+    """The prompt whose `prompt_id` is given (as episode logs record it)."""
+
+  def encode_prompt(self, prompt: Prompt) -> list[int]:
+    """The prompt's token ids as fed to the model, BOS first."""
+
+  def demonstration(self, prompt: Prompt, rng: np.random.Generator) -> list[int] | None:
+    """A demonstrated completion of `prompt` as token ids (EOS last), or None if none."""
+
+  def demonstration_prompt_tokens(self, prompt: Prompt, rng: np.random.Generator) -> list[int]:
+    """The prompt tokens a demonstration of `prompt` is trained with (usually
+    `encode_prompt(prompt)`; music drops the caption at random for guidance)."""
+
+  def reward_components(self, prompt: Prompt, completion_tokens) -> dict[str, float]:
+    """Every term of the reward of a completion, by name; the reward is their sum."""
+
+
+def task_reward(task: Task, prompt: Prompt, completion_tokens) -> float:
+  """The total reward of a completion: the sum of the task's `reward_components`."""
+  return float(sum(task.reward_components(prompt, completion_tokens).values()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import itertools
 import numpy as np
 
 from chorus import models
-from chorus.actors import tasks  # Imported by tasks.TASKS too: use tasks.Prompt lazily.
+from chorus.core import Prompt
 from chorus.models import codec as codec_lib
 
 # (attribute, its values); a caption names one value of each, in this order.
@@ -568,21 +568,21 @@ class MusicTask:
     return self.config.num_frames + 1  # Frames and EOS.
 
   @staticmethod
-  def prompt_from_id(caption: str) -> 'tasks.Prompt':
+  def prompt_from_id(caption: str) -> Prompt:
     """The Prompt of a caption such as 'fast high minor bright loud' (checked)."""
     parse_caption(caption)
-    return tasks.Prompt(prompt_id=caption, text=caption, answer='')
+    return Prompt(prompt_id=caption, text=caption, answer='')
 
-  def train_prompt(self, rng: np.random.Generator) -> 'tasks.Prompt':
+  def train_prompt(self, rng: np.random.Generator) -> Prompt:
     """A random training caption; never a held-out one."""
     return self.prompt_from_id(self.train_captions[int(rng.integers(len(self.train_captions)))])
 
-  def eval_prompts(self) -> list['tasks.Prompt']:
+  def eval_prompts(self) -> list[Prompt]:
     """The held-out captions, each `eval_samples_per_caption` times (fixed everywhere)."""
     return [self.prompt_from_id(caption) for caption in self.eval_captions
             for _ in range(self.config.eval_samples_per_caption)]
 
-  def encode_prompt(self, prompt: 'tasks.Prompt') -> list[int]:
+  def encode_prompt(self, prompt: Prompt) -> list[int]:
     """[BOS, caption words...]; [BOS, NULL_CAPTION] for an empty caption."""
     words = self.tokenizer.encode(prompt.text)
     return [models.BOS_ID] + (words or [NULL_CAPTION_ID])
@@ -591,7 +591,7 @@ class MusicTask:
     """[BOS, NULL_CAPTION]: the prompt of pi(.|null) for classifier-free guidance."""
     return [models.BOS_ID, NULL_CAPTION_ID]
 
-  def demonstration_prompt_tokens(self, prompt: 'tasks.Prompt',
+  def demonstration_prompt_tokens(self, prompt: Prompt,
                                   rng: np.random.Generator) -> list[int]:
     """The corpus prompt of a demonstration: condition dropout for CFG.
 
@@ -602,7 +602,11 @@ class MusicTask:
       return self.unconditional_prompt_tokens()
     return self.encode_prompt(prompt)
 
-  def demonstration(self, prompt: 'tasks.Prompt', rng: np.random.Generator) -> list[int]:
+  def demonstration(self, prompt: Prompt, rng: np.random.Generator) -> list[int]:
+    """A composition that fits the caption as completion tokens (EOS last)."""
+    return self.encode_completion(self.demonstration_codes(prompt, rng))
+
+  def demonstration_codes(self, prompt: Prompt, rng: np.random.Generator) -> list[int]:
     """A composition that fits the caption, as `num_frames` codec codes.
 
     Notes come from the caption's register and mode (C E G A or C Eb G Ab), a melody
@@ -676,7 +680,7 @@ class MusicTask:
     """`audio_features` of the completion's decoded audio."""
     return audio_features(self.audio(completion_tokens), self.codec.sample_rate)
 
-  def reward_components(self, prompt: 'tasks.Prompt', completion_tokens) -> dict[str, float]:
+  def reward_components(self, prompt: Prompt, completion_tokens) -> dict[str, float]:
     """Weighted reward terms, measured on the decoded audio; they sum to `reward`.
 
     'caption_adherence': adherence_weight * mean over the caption's attributes of how
@@ -690,7 +694,7 @@ class MusicTask:
         'quality': self.config.quality_weight * audio_quality(features),
     }
 
-  def reward(self, prompt: 'tasks.Prompt', completion_tokens) -> float:
+  def reward(self, prompt: Prompt, completion_tokens) -> float:
     """The total reward: the sum of `reward_components`."""
     return sum(self.reward_components(prompt, completion_tokens).values())
 

@@ -6,13 +6,7 @@ import numpy as np
 
 from chorus import models
 from chorus.actors import music
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-  prompt_id: str
-  text: str
-  answer: str
+from chorus.core import Prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +102,11 @@ class ReverseDigitsTask:
         prompts.append(self.prompt_from_id(digits))
     return prompts
 
-  def demonstration(self, prompt: Prompt, rng: np.random.Generator) -> str:
+  def demonstration(self, prompt: Prompt, rng: np.random.Generator) -> list[int]:
+    """The sloppy annotator's answer as completion tokens (EOS last)."""
+    return self.encode_completion(self.demonstration_text(prompt, rng))
+
+  def demonstration_text(self, prompt: Prompt, rng: np.random.Generator) -> str:
     """The sloppy annotator's answer."""
     answer = list(prompt.answer)
     if len(answer) > 1 and rng.random() < self.config.demo_error_rate:

@@ -106,7 +106,7 @@ def demonstrations(config: ExperimentConfig, task, seed_offset: int = 7):
   episode_id = 0
   while True:
     prompt = task.train_prompt(rng)
-    completion = task.encode_completion(task.demonstration(prompt, rng))
+    completion = task.demonstration(prompt, rng)
     yield core.Trajectory(
         prompt_tokens=np.asarray(task.demonstration_prompt_tokens(prompt, rng), np.int32),
         completion_tokens=np.asarray(completion, np.int32),

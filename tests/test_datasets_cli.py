@@ -28,7 +28,7 @@ def _trajectories(actor_id: int, count: int) -> list[core.Trajectory]:
   trajectories = []
   for episode_id in range(count):
     prompt = _TASK.train_prompt(rng)
-    completion = _TASK.encode_completion(_TASK.demonstration(prompt, rng))
+    completion = _TASK.demonstration(prompt, rng)
     terminated = bool(rng.integers(3))
     if not terminated:
       completion = completion[:int(rng.integers(1, len(completion)))]

@@ -86,7 +86,7 @@ def test_rlds_episodes_read_back_exactly_what_each_actor_sent(run_dir):
       assert episode.actor_id == actor_id
       assert np.all(episode.behaviour_logprobs <= 0)
       assert 0 <= episode.param_version <= 12
-      prompt = tasks.Prompt(episode.prompt_id, f'rev {episode.prompt_id}>',
+      prompt = core.Prompt(episode.prompt_id, f'rev {episode.prompt_id}>',
                             episode.prompt_id[::-1])
       assert list(episode.prompt_tokens) == task.encode_prompt(prompt)
       assert episode.reward == pytest.approx(task.reward(prompt, episode.completion_tokens))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from chorus import core
 from chorus import models
 from chorus.actors import music
 from chorus.actors import tasks
@@ -26,7 +27,7 @@ def _caption_with(word: str, base: str = BASE_CAPTION) -> str:
 
 def _demo_tokens(task, caption, seed=0):
   rng = np.random.default_rng(seed)
-  return task.encode_completion(task.demonstration(task.prompt_from_id(caption), rng))
+  return task.demonstration(task.prompt_from_id(caption), rng)
 
 
 def _demo_features(task, caption, seeds=range(4)):
@@ -119,7 +120,7 @@ def test_demonstrations_fit_their_caption_and_not_the_opposite(task):
     prompt = task.prompt_from_id(caption)
     flipped = task.prompt_from_id(' '.join(OPPOSITE[w] for w in caption.split()))
     for _ in range(2):
-      completion = task.encode_completion(task.demonstration(prompt, rng))
+      completion = task.demonstration(prompt, rng)
       own.append(task.reward_components(prompt, completion)['caption_adherence'])
       opposite.append(task.reward_components(flipped, completion)['caption_adherence'])
   assert np.mean(own) > 0.9 and min(own) > 0.8
@@ -213,7 +214,7 @@ def test_vocabulary_layout_and_readable_decoding(task):
   assert tokenizer.decode(task.encode_prompt(prompt) + completion) == (
       'fast high minor bright loud | <audio 24 frames>')
   assert tokenizer.decode(task.unconditional_prompt_tokens()) == '<null>'
-  assert task.encode_prompt(tasks.Prompt('', '', '')) == [models.BOS_ID, music.NULL_CAPTION_ID]
+  assert task.encode_prompt(core.Prompt('', '', '')) == [models.BOS_ID, music.NULL_CAPTION_ID]
   with pytest.raises(ValueError, match='not in the vocabulary'):
     tokenizer.encode('fast funky')
   with pytest.raises(ValueError, match='names tempo twice'):
@@ -237,6 +238,6 @@ def test_music_task_is_registered_and_fits_the_demonstration_pipeline():
   task = tasks.make_task('music_captions')
   rng = np.random.default_rng(9)
   prompt = task.train_prompt(rng)
-  completion = task.encode_completion(task.demonstration(prompt, rng))
+  completion = task.demonstration(prompt, rng)
   assert task.reward(prompt, completion) > 0.9
   assert max(completion) < task.vocab_size
