@@ -7,6 +7,7 @@ from typing import Any
 
 from chorus import models
 from chorus.actors.actor import ActorConfig
+from chorus.actors import reverse_digits
 from chorus.actors import tasks
 from chorus.inference_server.server import InferenceServerConfig
 from chorus.learners.bond_learner import BondConfig
@@ -90,7 +91,7 @@ class ExperimentConfig:
   num_inference_servers: int = 1
   num_replay_servers: int = 1
   task: str = 'reverse_digits'
-  task_config: tasks.TaskConfig = tasks.ReverseDigitsConfig()
+  task_config: tasks.TaskConfig = reverse_digits.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
   warm_start: WarmStartConfig = WarmStartConfig()
   inference: InferenceServerConfig = InferenceServerConfig()

@@ -12,12 +12,12 @@ import pytest
 
 from chorus import core
 from chorus import models
-from chorus.actors import tasks
+from chorus.actors import reverse_digits
 from chorus.datasets import EpisodeLogger
 from chorus.datasets import read_trajectories
 from chorus.launch import cli
 
-_TASK = tasks.ReverseDigitsTask()
+_TASK = reverse_digits.ReverseDigitsTask()
 _TOKENIZER = models.CharTokenizer()
 _EPISODES_PER_ACTOR = {0: 8, 1: 7}
 

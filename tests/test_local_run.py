@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chorus import core
-from chorus.actors import tasks
+from chorus.actors import reverse_digits
 from chorus.datasets import read_trajectories
 from chorus.metrics import read_metrics
 
@@ -72,7 +72,7 @@ def test_rlds_episodes_read_back_exactly_what_each_actor_sent(run_dir):
   finals = {r['node']: r for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
             if r.get('kind') == 'actor_final'}
   assert sorted(finals) == ['actor_0', 'actor_1']
-  task = tasks.ReverseDigitsTask()
+  task = reverse_digits.ReverseDigitsTask()
   for actor_id in (0, 1):
     episodes = read_trajectories(os.path.join(run_dir, 'rlds', f'actor_{actor_id:03d}'))
     sent = finals[f'actor_{actor_id}']

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from chorus import models
-from chorus.actors import tasks
+from chorus.actors import reverse_digits
 from chorus.learners import preference
 from chorus.models import reward_models
 
@@ -91,8 +91,8 @@ def test_bradley_terry_and_pairwise_losses_on_literal_arrays():
 
 
 def _task(temperature):
-  return tasks.ReverseDigitsTask(
-      tasks.ReverseDigitsConfig(preference_noise_temperature=temperature))
+  return reverse_digits.ReverseDigitsTask(
+      reverse_digits.ReverseDigitsConfig(preference_noise_temperature=temperature))
 
 
 def test_noiseless_annotator_always_prefers_the_higher_reward():

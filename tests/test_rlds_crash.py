@@ -262,8 +262,8 @@ def _run_actor(actor_id: int, rlds: str, replay_address: str, inference_address:
                max_episodes: int):
   """An actor wired as launch/nodes.py's `actor` entry point wires one."""
   # pylint: disable=g-import-not-at-top
+  from chorus.actors import reverse_digits
   from chorus.actors import rollouts
-  from chorus.actors import tasks
   from chorus.actors.actor import Actor
   from chorus.actors.actor import ActorConfig
   from chorus.inference_server.client import InferenceClient
@@ -271,7 +271,7 @@ def _run_actor(actor_id: int, rlds: str, replay_address: str, inference_address:
   client = InferenceClient(inference_address)
   client.wait_until_ready()
   writer = TrajectoryWriter(replay_address, 'trajectories', _P, _T)
-  task = tasks.ReverseDigitsTask()
+  task = reverse_digits.ReverseDigitsTask()
   config = ActorConfig(prompts_per_request=_PROMPTS_PER_REQUEST, max_new_tokens=_T)
   with EpisodeLogger(os.path.join(rlds, f'actor_{actor_id:03d}'),
                      max_episodes_per_file=_BIG_FILES) as logger:
