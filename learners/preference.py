@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import dataclasses
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,9 +95,8 @@ def bradley_terry_loss(chosen_scores: jax.Array,
     (loss, metrics): loss = mean softplus(-(chosen - rejected)); metrics 'loss',
     'accuracy' (share with chosen > rejected) and 'margin' (mean chosen - rejected).
   """
-  if chosen_scores.shape != rejected_scores.shape or chosen_scores.ndim != 1:
-    raise ValueError(f'chosen_scores {chosen_scores.shape} and rejected_scores '
-                     f'{rejected_scores.shape} must both be [B].')
+  chex.assert_rank([chosen_scores, rejected_scores], 1)
+  chex.assert_equal_shape([chosen_scores, rejected_scores])
   margin = chosen_scores - rejected_scores
   loss = jnp.mean(jax.nn.softplus(-margin))
   return loss, {'loss': loss, 'accuracy': jnp.mean(margin > 0), 'margin': jnp.mean(margin)}
@@ -115,8 +115,8 @@ def pairwise_preference_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.
     softplus(logits)); metrics 'loss' and 'accuracy' (sign of the logit agrees with
     the label).
   """
-  if logits.shape != labels.shape or logits.ndim != 1:
-    raise ValueError(f'logits {logits.shape} and labels {labels.shape} must both be [B].')
+  chex.assert_rank([logits, labels], 1)
+  chex.assert_equal_shape([logits, labels])
   labels = labels.astype(logits.dtype)
   loss = jnp.mean(labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits))
   accuracy = jnp.mean((logits > 0) == (labels > 0.5))

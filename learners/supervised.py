@@ -2,6 +2,7 @@
 from collections.abc import Iterator
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,8 +39,8 @@ def token_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
   Returns:
     (loss, metrics) with loss = -sum(mask * logprobs) / max(sum(mask), 1).
   """
-  if logprobs.shape != mask.shape or logprobs.ndim != 2:
-    raise ValueError(f'logprobs {logprobs.shape} and mask {mask.shape} must both be [B, T].')
+  chex.assert_rank([logprobs, mask], 2)
+  chex.assert_equal_shape([logprobs, mask])
   mask = mask.astype(logprobs.dtype)
   loss = -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return loss, {'nll': loss}
