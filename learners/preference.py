@@ -7,6 +7,7 @@ through `models.reward_models`, so the inference server serves them like any oth
 """
 from collections.abc import Iterator
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import chex
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 
 from chorus import models
+from chorus.learners import optimization
 from chorus.models import reward_models
 
 _KINDS = ('programmatic', 'learned')
@@ -200,14 +202,8 @@ def _train(loss_fn, decoder_config, config, pairs_iterator, params):
   if params is None:
     params = models.init_params(decoder_config, jax.random.PRNGKey(config.seed))
   optimizer = optax.adam(config.learning_rate)
-
-  @jax.jit
-  def update(params, opt_state, batch):
-    (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(decoder_config, p, batch), has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
-
+  update = jax.jit(functools.partial(optimization.optimizer_step,
+                                     functools.partial(loss_fn, decoder_config), optimizer))
   opt_state = optimizer.init(params)
   history = []
   for step in range(config.steps):
@@ -230,7 +226,7 @@ def train_reward_model(decoder_config: models.DecoderConfig, config: RewardModel
 
   Returns:
     (params, history): the trained parameters and per-step metrics
-    ('step', 'loss', 'accuracy' against the noisy labels, 'margin').
+    ('step', 'loss', 'accuracy' against the noisy labels, 'margin', 'grad_norm').
   """
   return _train(_reward_model_loss, decoder_config, config, pairs_iterator, params)
 
@@ -248,7 +244,7 @@ def train_preference_model(decoder_config: models.DecoderConfig, config: RewardM
 
   Returns:
     (params, history): the trained parameters and per-step metrics ('step', 'loss',
-    'accuracy' against the noisy labels).
+    'accuracy' against the noisy labels, 'grad_norm').
   """
   return _train(_preference_model_loss, decoder_config, config, pairs_iterator, params)
 
