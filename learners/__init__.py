@@ -4,11 +4,11 @@ from chorus.learners.bond_learner import make_bond_learner
 from chorus.learners.cfg_distill_learner import CFGDistillConfig
 from chorus.learners.cfg_distill_learner import make_cfg_distill_learner
 from chorus.learners.learner import Learner
-from chorus.learners.learner import make_optimizer
 from chorus.learners.loop import LearnerConfig
 from chorus.learners.loop import run_learner
 from chorus.learners.nash_md_learner import make_nash_md_learner
 from chorus.learners.nash_md_learner import NashMDConfig
+from chorus.learners.optimization import make_optimizer
 from chorus.learners.soft_q_learner import InverseSoftQConfig
 from chorus.learners.soft_q_learner import make_inverse_soft_q_learner
 from chorus.learners.soft_q_learner import make_soft_q_learner

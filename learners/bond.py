@@ -8,6 +8,7 @@ entries may hold anything, NaN included; they reach neither loss nor gradients.
 """
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -34,13 +35,8 @@ def best_of_n_distribution(reference_probs: jax.Array, rewards: jax.Array,
   Returns:
     [K] pi_BoN, summing to 1.
   """
-  for name, array in (('reference_probs', reference_probs), ('rewards', rewards)):
-    if jnp.ndim(array) != 1:
-      raise ValueError(f'{name} must be [K] (rank 1) but has shape {jnp.shape(array)}.')
-  if jnp.shape(reference_probs) != jnp.shape(rewards):
-    raise ValueError(
-        f'reference_probs {jnp.shape(reference_probs)} and rewards {jnp.shape(rewards)} '
-        'must both be [K], one entry per answer.')
+  chex.assert_rank([reference_probs, rewards], 1)
+  chex.assert_equal_shape([reference_probs, rewards])
   if int(n) != n or n < 1:
     raise ValueError(f'n must be a positive integer number of draws; got {n}.')
   dtype = jnp.promote_types(jnp.result_type(reference_probs), jnp.float32)
@@ -65,9 +61,7 @@ def jbond_binary_reward(win_probability: jax.Array) -> jax.Array:
   Returns:
     [B] r_J(y) in {-log 16, 0}.
   """
-  if jnp.ndim(win_probability) != 1:
-    raise ValueError(f'win_probability must be [B] (rank 1) but has shape '
-                     f'{jnp.shape(win_probability)}.')
+  chex.assert_rank(win_probability, 1)
   dtype = jnp.promote_types(jnp.result_type(win_probability), jnp.float32)
   return jnp.where(jnp.asarray(win_probability) > 0, jnp.asarray(0.0, dtype),
                    jnp.asarray(-math.log(16.0), dtype))
@@ -145,27 +139,14 @@ def jbond_loss(
     r_J = 0, i.e. not worse than both anchor samples), `policy_length` and
     `best_anchor_length` (mean real tokens).
   """
-  batch_time = {'policy_logprobs': policy_logprobs, 'anchor_logprobs': anchor_logprobs,
-                'mask': mask}
-  for name, array in {**batch_time, 'best_anchor_logprobs': best_anchor_logprobs,
-                      'best_anchor_mask': best_anchor_mask}.items():
-    if jnp.ndim(array) != 2:
-      raise ValueError(f'{name} must be [B, T] (rank 2) but has shape {jnp.shape(array)}.')
-  shapes = {name: jnp.shape(array) for name, array in batch_time.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f'These must all have the same shape [B, T]; got {shapes}.')
+  chex.assert_rank([policy_logprobs, anchor_logprobs, best_anchor_logprobs, mask,
+                    best_anchor_mask, binary_reward], [2, 2, 2, 2, 2, 1])
+  chex.assert_equal_shape([policy_logprobs, anchor_logprobs, mask])
+  chex.assert_equal_shape([best_anchor_logprobs, best_anchor_mask])
+  # Every prompt has one better anchor sample, of its own length T2.
   batch_size = jnp.shape(mask)[0]
-  if jnp.shape(best_anchor_logprobs) != jnp.shape(best_anchor_mask):
-    raise ValueError(
-        f'best_anchor_logprobs {jnp.shape(best_anchor_logprobs)} and best_anchor_mask '
-        f'{jnp.shape(best_anchor_mask)} must both be [B, T2].')
-  if jnp.shape(best_anchor_mask)[0] != batch_size:
-    raise ValueError(
-        f'best_anchor_mask has {jnp.shape(best_anchor_mask)[0]} rows but mask has '
-        f'{batch_size}; give the better anchor sample of every prompt.')
-  if jnp.shape(binary_reward) != (batch_size,):
-    raise ValueError(f'binary_reward must be [B] = {(batch_size,)} but has shape '
-                     f'{jnp.shape(binary_reward)}.')
+  chex.assert_shape(best_anchor_mask, (batch_size, None))
+  chex.assert_shape(binary_reward, (batch_size,))
   if not 0.0 <= beta <= 1.0:
     raise ValueError(f'beta must be in [0, 1] (0.5 in the paper); got {beta}.')
   if not kl_coef >= 0:

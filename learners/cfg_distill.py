@@ -12,6 +12,7 @@ beta = 0 run and a beta > 0 run gives a deploy-time quality/diversity knob.
 Row b is one completion, step t its t-th token; real tokens form a prefix of the row.
 Padding entries may hold anything, NaN included; they reach neither loss nor gradients.
 """
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -32,19 +33,10 @@ def cfg_logits(cond_logits: jax.Array, uncond_logits: jax.Array,
   Returns:
     [..., V] guided logits (not normalised).
   """
-  if jnp.ndim(cond_logits) < 1:
-    raise ValueError('cond_logits must be [..., V] with a vocabulary axis; got a scalar.')
-  if jnp.shape(cond_logits) != jnp.shape(uncond_logits):
-    raise ValueError(f'cond_logits {jnp.shape(cond_logits)} and uncond_logits '
-                     f'{jnp.shape(uncond_logits)} must have the same shape [..., V].')
+  chex.assert_shape(cond_logits, (..., None))
+  chex.assert_equal_shape([cond_logits, uncond_logits])
   return (guidance_scale * jnp.asarray(cond_logits)
           + (1.0 - guidance_scale) * jnp.asarray(uncond_logits))
-
-
-def _check_token_mask(name: str, array: jax.Array, mask_shape: tuple) -> None:
-  if jnp.shape(array)[:2] != tuple(mask_shape):
-    raise ValueError(f'{name} has shape {jnp.shape(array)}; its leading axes must be mask\'s '
-                     f'[B, T] = {tuple(mask_shape)}.')
 
 
 def cfg_distillation_loss(
@@ -76,21 +68,11 @@ def cfg_distillation_loss(
     `argmax_agreement` (share of real tokens where both pick the same token) and
     `num_tokens`.
   """
-  if jnp.ndim(mask) != 2:
-    raise ValueError(f'mask must be [B, T] (rank 2) but has shape {jnp.shape(mask)}.')
-  for name, array in (('student_logits', student_logits),
-                      ('teacher_cond_logits', teacher_cond_logits),
-                      ('teacher_uncond_logits', teacher_uncond_logits)):
-    if jnp.ndim(array) != 3:
-      raise ValueError(f'{name} must be [B, T, V] (rank 3) but has shape {jnp.shape(array)}.')
-    _check_token_mask(name, array, jnp.shape(mask))
-  if not (jnp.shape(student_logits) == jnp.shape(teacher_cond_logits)
-          == jnp.shape(teacher_uncond_logits)):
-    raise ValueError(
-        f'student_logits {jnp.shape(student_logits)}, teacher_cond_logits '
-        f'{jnp.shape(teacher_cond_logits)} and teacher_uncond_logits '
-        f'{jnp.shape(teacher_uncond_logits)} must share one shape [B, T, V]; the student '
-        'and teacher need the same vocabulary.')
+  chex.assert_rank([student_logits, teacher_cond_logits, teacher_uncond_logits, mask],
+                   [3, 3, 3, 2])
+  # One shape: the student and the teacher share a vocabulary.
+  chex.assert_equal_shape([student_logits, teacher_cond_logits, teacher_uncond_logits])
+  chex.assert_shape(student_logits, (*jnp.shape(mask), None))
 
   dtype = jnp.promote_types(jnp.result_type(student_logits, teacher_cond_logits,
                                             teacher_uncond_logits), jnp.float32)
@@ -149,16 +131,9 @@ def diversity_reinforce_loss(
     (loss, metrics), scalars: `loss`, `diversity_reward` (batch mean), `advantage_std`
     and `completion_length` (mean real tokens per row).
   """
-  for name, array in (('logprobs', logprobs), ('mask', mask)):
-    if jnp.ndim(array) != 2:
-      raise ValueError(f'{name} must be [B, T] (rank 2) but has shape {jnp.shape(array)}.')
-  if jnp.shape(logprobs) != jnp.shape(mask):
-    raise ValueError(f'logprobs {jnp.shape(logprobs)} and mask {jnp.shape(mask)} must have '
-                     'the same shape [B, T].')
-  batch_size = jnp.shape(mask)[0]
-  if jnp.shape(diversity_rewards) != (batch_size,):
-    raise ValueError(f'diversity_rewards must be [B] = {(batch_size,)}, one per completion, '
-                     f'but has shape {jnp.shape(diversity_rewards)}.')
+  chex.assert_rank([logprobs, mask, diversity_rewards], [2, 2, 1])
+  chex.assert_equal_shape([logprobs, mask])
+  chex.assert_shape(diversity_rewards, (jnp.shape(mask)[0],))
   if baseline not in ('mean', 'none'):
     raise ValueError(f"baseline must be 'mean' or 'none'; got {baseline!r}.")
 

@@ -1,4 +1,4 @@
-"""One learner for every algorithm: a pure loss, an optax step, and the extra networks.
+"""One learner for every algorithm: a pure loss, the shared optimiser step, extra networks.
 
 An algorithm is a loss `loss_fn(params, aux, batch) -> (loss, metrics)` plus, where it
 needs them, auxiliary parameter trees that follow the policy after every step (soft-Q's
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from chorus import core
+from chorus.learners import optimization
 
 LossFn = Callable[[Any, Mapping[str, Any], core.TrajectoryBatch], tuple[jax.Array, dict]]
 AuxUpdate = Callable[[Mapping[str, Any], Any], dict[str, Any]]
@@ -26,8 +27,8 @@ class TrainState(NamedTuple):
   aux: dict[str, Any]
 
 
-def make_optimizer(learning_rate: float, max_grad_norm: float) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+# Re-exported: callers build the learner's optimizer as `learner_lib.make_optimizer`.
+make_optimizer = optimization.make_optimizer
 
 
 def polyak_update(rate: float, name: str) -> AuxUpdate:
@@ -75,11 +76,9 @@ class Learner:
             **{name: self.state.aux[name] for name in self._published_aux}}
 
   def _update_fn(self, state: TrainState, batch: core.TrajectoryBatch):
-    grads, metrics = jax.grad(self._loss_fn, has_aux=True)(state.params, state.aux, batch)
-    updates, opt_state = self._optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, metrics = optimization.optimizer_step(
+        self._loss_fn, self._optimizer, state.params, state.opt_state, state.aux, batch)
     aux = self._update_aux(state.aux, params) if self._update_aux else state.aux
-    metrics['grad_norm'] = optax.global_norm(grads)
     return TrainState(params, opt_state, state.step + 1, aux), metrics
 
   def update(self, batch: core.TrajectoryBatch) -> dict[str, float]:

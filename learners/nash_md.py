@@ -6,6 +6,7 @@ prefix of the row; y' was sampled from the geometric mixture of pi_theta and pi_
 (`geometric_mixture_logits`) and `preferences[b]` = P(y > y' | x). Padding entries
 may hold anything, NaN included; they reach neither loss nor gradients.
 """
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -27,12 +28,8 @@ def geometric_mixture_logits(policy_logits: jax.Array, reference_logits: jax.Arr
   Returns:
     [..., V] log pi^beta(.|s), normalised over the last axis.
   """
-  if jnp.ndim(policy_logits) < 1:
-    raise ValueError('policy_logits must be [..., V] with a vocabulary axis; got a scalar.')
-  if jnp.shape(policy_logits) != jnp.shape(reference_logits):
-    raise ValueError(
-        f'policy_logits {jnp.shape(policy_logits)} and reference_logits '
-        f'{jnp.shape(reference_logits)} must have the same shape [..., V].')
+  chex.assert_shape(policy_logits, (..., None))
+  chex.assert_equal_shape([policy_logits, reference_logits])
   if not 0.0 <= mixture_coef <= 1.0:
     raise ValueError(f'mixture_coef must be in [0, 1]; got {mixture_coef}.')
   dtype = jnp.promote_types(jnp.result_type(policy_logits, reference_logits), jnp.float32)
@@ -72,18 +69,9 @@ def nash_md_loss(
     `pg_loss` (the preference term), `kl_loss` (the surrogate of the KL term) and
     `completion_length`.
   """
-  for name, array in (('logprobs', logprobs), ('reference_logprobs', reference_logprobs),
-                      ('mask', mask)):
-    if jnp.ndim(array) != 2:
-      raise ValueError(f'{name} must be [B, T] (rank 2) but has shape {jnp.shape(array)}.')
-  shapes = {'logprobs': jnp.shape(logprobs),
-            'reference_logprobs': jnp.shape(reference_logprobs), 'mask': jnp.shape(mask)}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f'These must all have the same shape [B, T]; got {shapes}.')
-  batch_size = jnp.shape(mask)[0]
-  if jnp.shape(preferences) != (batch_size,):
-    raise ValueError(f'preferences must be [B] = {(batch_size,)}, one P(y > y\') per '
-                     f'completion, but has shape {jnp.shape(preferences)}.')
+  chex.assert_rank([logprobs, reference_logprobs, mask, preferences], [2, 2, 2, 1])
+  chex.assert_equal_shape([logprobs, reference_logprobs, mask])
+  chex.assert_shape(preferences, (jnp.shape(mask)[0],))
   if not kl_coef >= 0:
     raise ValueError(f'kl_coef (tau) must be >= 0; got {kl_coef}.')
 

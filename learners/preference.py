@@ -7,14 +7,17 @@ through `models.reward_models`, so the inference server serves them like any oth
 """
 from collections.abc import Iterator
 import dataclasses
+import functools
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from chorus import models
+from chorus.learners import optimization
 from chorus.models import reward_models
 
 _KINDS = ('programmatic', 'learned')
@@ -94,9 +97,8 @@ def bradley_terry_loss(chosen_scores: jax.Array,
     (loss, metrics): loss = mean softplus(-(chosen - rejected)); metrics 'loss',
     'accuracy' (share with chosen > rejected) and 'margin' (mean chosen - rejected).
   """
-  if chosen_scores.shape != rejected_scores.shape or chosen_scores.ndim != 1:
-    raise ValueError(f'chosen_scores {chosen_scores.shape} and rejected_scores '
-                     f'{rejected_scores.shape} must both be [B].')
+  chex.assert_rank([chosen_scores, rejected_scores], 1)
+  chex.assert_equal_shape([chosen_scores, rejected_scores])
   margin = chosen_scores - rejected_scores
   loss = jnp.mean(jax.nn.softplus(-margin))
   return loss, {'loss': loss, 'accuracy': jnp.mean(margin > 0), 'margin': jnp.mean(margin)}
@@ -115,8 +117,8 @@ def pairwise_preference_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.
     softplus(logits)); metrics 'loss' and 'accuracy' (sign of the logit agrees with
     the label).
   """
-  if logits.shape != labels.shape or logits.ndim != 1:
-    raise ValueError(f'logits {logits.shape} and labels {labels.shape} must both be [B].')
+  chex.assert_rank([logits, labels], 1)
+  chex.assert_equal_shape([logits, labels])
   labels = labels.astype(logits.dtype)
   loss = jnp.mean(labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits))
   accuracy = jnp.mean((logits > 0) == (labels > 0.5))
@@ -200,14 +202,8 @@ def _train(loss_fn, decoder_config, config, pairs_iterator, params):
   if params is None:
     params = models.init_params(decoder_config, jax.random.PRNGKey(config.seed))
   optimizer = optax.adam(config.learning_rate)
-
-  @jax.jit
-  def update(params, opt_state, batch):
-    (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(decoder_config, p, batch), has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
-
+  update = jax.jit(functools.partial(optimization.optimizer_step,
+                                     functools.partial(loss_fn, decoder_config), optimizer))
   opt_state = optimizer.init(params)
   history = []
   for step in range(config.steps):
@@ -230,7 +226,7 @@ def train_reward_model(decoder_config: models.DecoderConfig, config: RewardModel
 
   Returns:
     (params, history): the trained parameters and per-step metrics
-    ('step', 'loss', 'accuracy' against the noisy labels, 'margin').
+    ('step', 'loss', 'accuracy' against the noisy labels, 'margin', 'grad_norm').
   """
   return _train(_reward_model_loss, decoder_config, config, pairs_iterator, params)
 
@@ -248,7 +244,7 @@ def train_preference_model(decoder_config: models.DecoderConfig, config: RewardM
 
   Returns:
     (params, history): the trained parameters and per-step metrics ('step', 'loss',
-    'accuracy' against the noisy labels).
+    'accuracy' against the noisy labels, 'grad_norm').
   """
   return _train(_preference_model_loss, decoder_config, config, pairs_iterator, params)
 

@@ -11,16 +11,14 @@ and `values[:, T]` the value after the last step. A row of length n bootstraps f
 entries of every input may hold anything, NaN included; they reach neither the loss
 nor its gradients.
 """
+import chex
 import jax
 import jax.numpy as jnp
 
 from chorus.learners import token_mdp
 
-
-def _check_rank(name: str, array: jax.Array, rank: int, shape_doc: str):
-  if jnp.ndim(array) != rank:
-    raise ValueError(
-        f'{name} must have rank {rank} ({shape_doc}) but has shape {jnp.shape(array)}.')
+# The common mistake is leaving out V(s_T), which truncated rows bootstrap from.
+_VALUES_SHAPE = 'must be [B, T + 1]: V(s_0) .. V(s_T), the last one bootstraps truncated rows.'
 
 
 def _check_discount(discount: float):
@@ -49,7 +47,7 @@ def soft_values(logits: jax.Array) -> jax.Array:
   Returns:
     [B, T + 1] V(s_t), in the logits' dtype promoted to at least float32.
   """
-  _check_rank('logits', logits, 3, '[B, T + 1, V]')
+  chex.assert_rank(logits, 3)
   dtype = jnp.promote_types(jnp.result_type(logits), jnp.float32)
   return jax.nn.logsumexp(jnp.asarray(logits, dtype), axis=-1)
 
@@ -82,16 +80,18 @@ def inverse_soft_q_loss(
     terminated: [B] bool, True if the row ends with EOS, False if truncated.
     td_coef: lambda >= 0, weight of the squared implied reward (about 0.1).
     discount: gamma in [0, 1].
-    values: [B, T + 1] V_theta(s_t) of the learner (e.g. `soft_values` of its logits),
-      or None to use the target's values at the start of each path too.
 
   Returns:
     (loss, metrics), metrics holding scalar means over real tokens: `loss`, `nll`
     (-log pi), `td_error` (|implied reward|), `implied_reward`, and
     `num_real_tokens`.
   """
-  token_mdp.check_shapes({'q_taken': q_taken, 'mask': mask}, 'values', values,
-                {'terminated': terminated})
+  chex.assert_rank([q_taken, values, mask, terminated], [2, 2, 2, 1])
+  chex.assert_equal_shape([q_taken, mask])
+  batch_size, num_steps = jnp.shape(mask)
+  chex.assert_shape(values, (batch_size, num_steps + 1),
+                    custom_message=f'values {_VALUES_SHAPE}')
+  chex.assert_shape(terminated, (batch_size,))
   _check_discount(discount)
   if not td_coef >= 0:
     raise ValueError(f'td_coef must be >= 0 (0 is plain maximum likelihood); got {td_coef}.')
@@ -179,11 +179,17 @@ def path_consistency_loss(
     (loss, metrics), metrics holding scalar means over real tokens: `loss`,
     `td_error` (|residual|), `mean_logprob`, and `num_real_tokens`.
   """
-  batch_time = {'logprobs': logprobs, 'mask': mask}
+  chex.assert_rank([logprobs, target_values, mask, rewards, terminated], [2, 2, 2, 1, 1])
+  chex.assert_equal_shape([logprobs, mask])
+  batch_size, num_steps = jnp.shape(mask)
+  chex.assert_shape(target_values, (batch_size, num_steps + 1),
+                    custom_message=f'target_values {_VALUES_SHAPE}')
+  chex.assert_shape([rewards, terminated], (batch_size,))
   if token_rewards is not None:
-    batch_time['token_rewards'] = token_rewards
-  token_mdp.check_shapes(batch_time, 'target_values', target_values,
-                {'rewards': rewards, 'terminated': terminated})
+    chex.assert_shape(token_rewards, (batch_size, num_steps))
+  if values is not None:
+    chex.assert_shape(values, (batch_size, num_steps + 1),
+                      custom_message=f'values {_VALUES_SHAPE}')
   _check_discount(discount)
   dtype = jnp.promote_types(jnp.result_type(logprobs, target_values), jnp.float32)
   mask = jnp.asarray(mask).astype(bool)
@@ -201,7 +207,6 @@ def path_consistency_loss(
   residuals = jnp.where(
       mask, logprobs + target_values[:, :-1] - step_rewards - discount * next_values, 0.0)
   if values is not None:
-    token_mdp.check_shapes(batch_time, 'values', values, {})
     # V_target(s_t) - gamma V_target(s_{t+1}) telescopes over a path: swapping the first
     # V_target(s_t) of each path for the learner's is one correction per start token.
     online_correction = jnp.where(mask, jnp.asarray(values, dtype)[:, :-1] - target_values[:, :-1],

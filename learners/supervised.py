@@ -1,13 +1,16 @@
 """Supervised warm start: token-level maximum likelihood on demonstrations."""
 from collections.abc import Iterator
 import dataclasses
+import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from chorus import core
 from chorus import models
+from chorus.learners import optimization
 from chorus.learners import policy
 
 
@@ -38,8 +41,8 @@ def token_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
   Returns:
     (loss, metrics) with loss = -sum(mask * logprobs) / max(sum(mask), 1).
   """
-  if logprobs.shape != mask.shape or logprobs.ndim != 2:
-    raise ValueError(f'logprobs {logprobs.shape} and mask {mask.shape} must both be [B, T].')
+  chex.assert_rank([logprobs, mask], 2)
+  chex.assert_equal_shape([logprobs, mask])
   mask = mask.astype(logprobs.dtype)
   loss = -(logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   return loss, {'nll': loss}
@@ -47,19 +50,18 @@ def token_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
 
 def warm_start(decoder_config: models.DecoderConfig, config: WarmStartConfig,
                demonstrations: Iterator[core.TrajectoryBatch], params) -> tuple[object, list[dict]]:
-  """Fits `params` to demonstrations; returns the new params and per-step metrics."""
+  """Fits `params` to demonstrations with Adam.
+
+  Returns:
+    (params, history): the new parameters and per-step metrics ('step', 'nll',
+    'grad_norm').
+  """
+  def loss_fn(params, batch):
+    outputs = policy.evaluate_actions(decoder_config, params, batch)
+    return token_nll(outputs.logprobs, batch.completion_mask)
+
   optimizer = optax.adam(config.learning_rate)
-
-  @jax.jit
-  def update(params, opt_state, batch):
-    def loss_fn(params):
-      outputs = policy.evaluate_actions(decoder_config, params, batch)
-      return token_nll(outputs.logprobs, batch.completion_mask)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
-
+  update = jax.jit(functools.partial(optimization.optimizer_step, loss_fn, optimizer))
   opt_state = optimizer.init(params)
   history = []
   for step in range(config.steps):

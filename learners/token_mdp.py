@@ -6,31 +6,9 @@ padded length T maps to T steps per row. Step t of row b is real when
 bootstraps from V(s_L), the value of the prefix after its last real token, unless
 its episode terminated (EOS sampled).
 """
+import chex
 import jax
 import jax.numpy as jnp
-
-
-def _check_rank(name: str, array: jax.Array, rank: int, shape_doc: str):
-  if jnp.ndim(array) != rank:
-    raise ValueError(
-        f'{name} must have rank {rank} ({shape_doc}) but has shape {jnp.shape(array)}.')
-
-
-def _check_same_shape(names_and_arrays: list[tuple[str, jax.Array]]):
-  (first_name, first), *rest = names_and_arrays
-  for name, array in rest:
-    if jnp.shape(array) != jnp.shape(first):
-      raise ValueError(
-          f'{name} has shape {jnp.shape(array)} but {first_name} has shape '
-          f'{jnp.shape(first)}; both must be [B, T].')
-
-
-def _check_batch(completion_mask: jax.Array, name: str, per_row: jax.Array):
-  _check_rank(name, per_row, 1, '[B]')
-  if jnp.shape(per_row)[0] != jnp.shape(completion_mask)[0]:
-    raise ValueError(
-        f'{name} has {jnp.shape(per_row)[0]} rows but completion_mask has shape '
-        f'{jnp.shape(completion_mask)}; give one entry per completion.')
 
 
 def last_token_index(completion_mask: jax.Array) -> jax.Array:
@@ -43,7 +21,7 @@ def last_token_index(completion_mask: jax.Array) -> jax.Array:
     [B] int32, the largest t with `completion_mask[b, t]`, or -1 for a row with no
     real token (such a row then gets no task reward and no special discount).
   """
-  _check_rank('completion_mask', completion_mask, 2, '[B, T]')
+  chex.assert_rank(completion_mask, 2)
   mask = jnp.asarray(completion_mask).astype(bool)
   positions = jnp.arange(mask.shape[1], dtype=jnp.int32)
   return jnp.max(jnp.where(mask, positions, -1), axis=1)
@@ -80,11 +58,10 @@ def token_rewards(
   Returns:
     [B, T] rewards, 0 on padding (whatever the log-probs hold there).
   """
-  _check_rank('completion_mask', completion_mask, 2, '[B, T]')
-  _check_same_shape([('completion_mask', completion_mask),
-                     ('behaviour_logprobs', behaviour_logprobs),
-                     ('reference_logprobs', reference_logprobs)])
-  _check_batch(completion_mask, 'task_rewards', task_rewards)
+  chex.assert_rank([completion_mask, behaviour_logprobs, reference_logprobs, task_rewards],
+                   [2, 2, 2, 1])
+  chex.assert_equal_shape([completion_mask, behaviour_logprobs, reference_logprobs])
+  chex.assert_shape(task_rewards, (jnp.shape(completion_mask)[0],))
   if kl_coef < 0:
     raise ValueError(f'kl_coef must be >= 0 to penalise divergence; got {kl_coef}.')
   mask = jnp.asarray(completion_mask).astype(bool)
@@ -113,8 +90,8 @@ def token_discounts(
     which gets 0 (no value after EOS); a truncated row keeps gamma there so the
     learner bootstraps from V(s_L). 0 on padding.
   """
-  _check_rank('completion_mask', completion_mask, 2, '[B, T]')
-  _check_batch(completion_mask, 'terminated', terminated)
+  chex.assert_rank([completion_mask, terminated], [2, 1])
+  chex.assert_shape(terminated, (jnp.shape(completion_mask)[0],))
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f'gamma must be in [0, 1]; got {gamma}.')
   mask = jnp.asarray(completion_mask).astype(bool)
@@ -122,26 +99,3 @@ def token_discounts(
   ends_episode = _is_last_token(mask) & terminated[:, None]
   return jnp.where(mask & ~ends_episode, jnp.float32(gamma), jnp.float32(0.0))
 
-
-def check_shapes(batch_time: dict[str, jax.Array], values_name: str, values: jax.Array,
-                 per_row: dict[str, jax.Array]):
-  """Raises ValueError unless `batch_time` arrays are [B, T], values [B, T + 1], per-row [B].
-
-  The shared argument check of the token-level losses (vtrace, soft_q).
-  """
-  for name, array in batch_time.items():
-    if jnp.ndim(array) != 2:
-      raise ValueError(f'{name} must be [B, T] (rank 2) but has shape {jnp.shape(array)}.')
-  shapes = {name: jnp.shape(array) for name, array in batch_time.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f'These must all have the same shape [B, T]; got {shapes}.')
-  batch_size, num_steps = next(iter(shapes.values()))
-  if jnp.shape(values) != (batch_size, num_steps + 1):
-    raise ValueError(
-        f'{values_name} must be [B, T + 1] = {(batch_size, num_steps + 1)} (V(s_0) .. '
-        f'V(s_T), the last one bootstraps) but has shape {jnp.shape(values)}.')
-  for name, array in per_row.items():
-    if jnp.shape(array) != (batch_size,):
-      raise ValueError(
-          f'{name} must be [B] = {(batch_size,)}, one entry per completion, but has '
-          f'shape {jnp.shape(array)}.')

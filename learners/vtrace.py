@@ -9,10 +9,13 @@ discount at L - 1 decides whether it does (truncated: gamma) or not (terminated:
 import math
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
-from chorus.learners import token_mdp
+# The common mistake is leaving out V(s_T), which truncated rows bootstrap from.
+_VALUES_SHAPE = ('values must be [B, T + 1]: V(s_0) .. V(s_T), the last one bootstraps '
+                 'truncated rows.')
 
 
 class VTraceOutput(NamedTuple):
@@ -83,9 +86,10 @@ def vtrace_targets(
   Returns:
     A VTraceOutput of [B, T] arrays, stop-gradiented, at least float32.
   """
-  token_mdp.check_shapes(
-      {'rewards': rewards, 'discounts': discounts, 'log_rhos': log_rhos, 'mask': mask},
-      'values', values, {})
+  chex.assert_rank([values, rewards, discounts, log_rhos, mask], 2)
+  chex.assert_equal_shape([rewards, discounts, log_rhos, mask])
+  batch_size, num_steps = jnp.shape(mask)
+  chex.assert_shape(values, (batch_size, num_steps + 1), custom_message=_VALUES_SHAPE)
   _check_clips(rho_clip, pg_rho_clip, c_clip, lambda_)
   # Long sums over thousands of tokens lose too much in bfloat16.
   dtype = jnp.promote_types(
@@ -166,10 +170,12 @@ def vtrace_loss(
     tokens with pi/mu > rho_clip), `mean_advantage`, `mean_vs`, `mean_abs_log_rho`
     (policy lag: 0 when pi = mu on the sampled tokens) and `num_real_tokens`.
   """
-  token_mdp.check_shapes(
-      {'target_logprobs': target_logprobs, 'behaviour_logprobs': behaviour_logprobs,
-       'entropy': entropy, 'rewards': rewards, 'discounts': discounts, 'mask': mask},
-      'values', values, {})
+  chex.assert_rank(
+      [target_logprobs, behaviour_logprobs, values, entropy, rewards, discounts, mask], 2)
+  chex.assert_equal_shape(
+      [target_logprobs, behaviour_logprobs, entropy, rewards, discounts, mask])
+  batch_size, num_steps = jnp.shape(mask)
+  chex.assert_shape(values, (batch_size, num_steps + 1), custom_message=_VALUES_SHAPE)
   mask = jnp.asarray(mask).astype(bool)
   log_rhos = target_logprobs - behaviour_logprobs
   # vtrace_targets stop-gradients its outputs, so the weights and targets are constants.

@@ -2,6 +2,7 @@
 import functools
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,31 +242,38 @@ def test_sampled_bond_on_best_of_two_samples_converges_to_best_of_two():
 
 
 @pytest.mark.parametrize('overrides, match', [
-    ({'policy_logprobs': np.zeros((B, T - 1))}, 'same shape'),
-    ({'mask': np.ones(T, bool)}, 'mask'),
-    ({'best_anchor_mask': np.ones((B, T2 + 1), bool)}, 'best_anchor'),
+    ({'policy_logprobs': np.zeros((B, T - 1))}, 'different shapes'),
+    ({'mask': np.ones(T, bool)}, 'rank 1'),
+    ({'best_anchor_mask': np.ones((B, T2 + 1), bool)}, 'different shapes'),
     ({'best_anchor_logprobs': np.zeros((B + 1, T2)),
-      'best_anchor_mask': np.ones((B + 1, T2), bool)}, 'rows'),
-    ({'binary_reward': np.zeros((B, 1))}, 'binary_reward'),
+      'best_anchor_mask': np.ones((B + 1, T2), bool)}, re.escape(f'expected ({B}, None)')),
+    ({'binary_reward': np.zeros((B, 1))}, re.escape(f'rank 2 (shape {(B, 1)})')),
+])
+def test_jbond_loss_rejects_bad_shapes(overrides, match):
+  with pytest.raises(AssertionError, match=match):
+    bond.jbond_loss(**{**_jbond_inputs(seed=4), **overrides})
+
+
+@pytest.mark.parametrize('overrides, match', [
     ({'beta': 1.5}, 'beta'),
     ({'kl_coef': -0.1}, 'kl_coef'),
     ({'baseline': 'median'}, 'baseline'),
 ])
-def test_jbond_loss_rejects_bad_inputs(overrides, match):
+def test_jbond_loss_rejects_bad_hyperparameters(overrides, match):
   with pytest.raises(ValueError, match=match):
     bond.jbond_loss(**{**_jbond_inputs(seed=4), **overrides})
 
 
-@pytest.mark.parametrize('args, match', [
-    ((REFERENCE, REWARDS[:2], 2), 'must both be'),
-    ((REFERENCE[None], REWARDS, 2), 'reference_probs'),
-    ((REFERENCE, REWARDS, 0), 'positive integer'),
+@pytest.mark.parametrize('args, error, match', [
+    ((REFERENCE, REWARDS[:2], 2), AssertionError, 'different shapes'),
+    ((REFERENCE[None], REWARDS, 2), AssertionError, 'rank 2'),
+    ((REFERENCE, REWARDS, 0), ValueError, 'positive integer'),
 ])
-def test_best_of_n_rejects_bad_inputs(args, match):
-  with pytest.raises(ValueError, match=match):
+def test_best_of_n_rejects_bad_inputs(args, error, match):
+  with pytest.raises(error, match=match):
     bond.best_of_n_distribution(*args)
 
 
 def test_binary_reward_rejects_a_batch_of_the_wrong_rank():
-  with pytest.raises(ValueError, match='win_probability must be'):
+  with pytest.raises(AssertionError, match='rank 2'):
     bond.jbond_binary_reward(np.zeros((3, 2)))

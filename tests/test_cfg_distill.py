@@ -1,4 +1,6 @@
 """Tests for diversity-rewarded CFG distillation: the losses against numpy."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +113,7 @@ def test_teacher_logits_get_no_gradient():
 
 def test_distillation_rejects_mismatched_vocabularies():
   inputs = _distillation_inputs(seed=7)
-  with pytest.raises(ValueError, match='same vocabulary'):
+  with pytest.raises(AssertionError, match=re.escape(f'{(B, T, V - 1)}]')):
     cfg_distill.cfg_distillation_loss(
         **{**inputs, 'teacher_uncond_logits': inputs['teacher_uncond_logits'][..., :-1]},
         guidance_scale=3.0)
@@ -149,6 +151,6 @@ def test_equal_diversity_rewards_give_no_gradient_with_the_mean_baseline():
   np.testing.assert_array_equal(grad, 0.0)
 
 
-def test_diversity_reinforce_names_a_bad_reward_shape():
-  with pytest.raises(ValueError, match=r'diversity_rewards must be \[B\]'):
+def test_diversity_reinforce_rejects_a_bad_reward_shape():
+  with pytest.raises(AssertionError, match=re.escape(f'has shape {(B + 1,)}')):
     cfg_distill.diversity_reinforce_loss(np.zeros((B, T)), np.ones((B, T), bool), np.zeros(B + 1))

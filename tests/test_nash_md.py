@@ -1,4 +1,6 @@
 """Tests for Nash-MD-PG: the loss against numpy, and convergence on a preference game."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,22 +142,23 @@ def test_mixture_opponent_converges_to_its_own_fixed_point_near_the_equilibrium(
   assert np.abs(result - equilibrium).max() < 0.1
 
 
-@pytest.mark.parametrize('overrides, match', [
-    ({'reference_logprobs': np.zeros((B, T - 1))}, 'same shape'),
-    ({'mask': np.ones(T, bool)}, 'mask'),
-    ({'preferences': np.zeros((B, 1))}, 'preferences'),
-    ({'kl_coef': -1.0}, 'kl_coef'),
+@pytest.mark.parametrize('overrides, error, match', [
+    ({'reference_logprobs': np.zeros((B, T - 1))}, AssertionError, 'different shapes'),
+    ({'mask': np.ones(T, bool)}, AssertionError, 'rank 1'),
+    ({'preferences': np.zeros((B, 1))}, AssertionError, 'rank 2'),
+    ({'kl_coef': -1.0}, ValueError, 'kl_coef'),
 ])
-def test_nash_md_loss_rejects_bad_inputs(overrides, match):
+def test_nash_md_loss_rejects_bad_inputs(overrides, error, match):
   inputs = {**_loss_inputs(seed=4), 'kl_coef': 0.1, **overrides}
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(error, match=match):
     nash_md.nash_md_loss(**inputs)
 
 
-@pytest.mark.parametrize('args, match', [
-    ((np.zeros((2, 3)), np.zeros((2, 4)), 0.5), 'same shape'),
-    ((np.zeros(3), np.zeros(3), 1.5), 'mixture_coef'),
+@pytest.mark.parametrize('args, error, match', [
+    ((np.zeros((2, 3)), np.zeros((2, 4)), 0.5), AssertionError, 'different shapes'),
+    ((np.zeros(()), np.zeros(()), 0.5), AssertionError, 'shape ()'),
+    ((np.zeros(3), np.zeros(3), 1.5), ValueError, 'mixture_coef'),
 ])
-def test_geometric_mixture_rejects_bad_inputs(args, match):
-  with pytest.raises(ValueError, match=match):
+def test_geometric_mixture_rejects_bad_inputs(args, error, match):
+  with pytest.raises(error, match=re.escape(match)):
     nash_md.geometric_mixture_logits(*args)

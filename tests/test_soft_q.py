@@ -1,5 +1,6 @@
 """Tests for the soft Q-learning losses, against float64 loops of their definitions."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ def test_soft_values_are_logsumexp_of_logits():
   np.testing.assert_allclose(
       soft_q.soft_values(logits),
       np.log(np.exp(logits.astype(np.float64)).sum(-1)), rtol=1e-6)
-  with pytest.raises(ValueError, match='logits'):
+  with pytest.raises(AssertionError, match='expected 3'):
     soft_q.soft_values(logits[0])
 
 
@@ -310,35 +311,49 @@ def test_multi_step_path_consistency_learns_soft_optimal_two_step_policy():
   np.testing.assert_allclose(paths, optimal_paths, atol=0.01)
 
 
-@pytest.mark.parametrize('overrides, match', [
-    ({'target_values': np.zeros((B, T))}, 'target_values'),
-    ({'logprobs': np.zeros((B, T - 1))}, 'same shape'),
-    ({'rewards': np.zeros((B, 1))}, 'rewards'),
-    ({'terminated': np.zeros(B + 1, bool)}, 'terminated'),
-    ({'token_rewards': np.zeros((B, T, 1))}, 'token_rewards'),
-    ({'discount': 1.5}, 'discount'),
-])
-def test_path_consistency_rejects_bad_inputs(overrides, match):
-  lengths, mask, terminated, logprobs, target_values, rewards, token_rewards = (
-      _pcl_inputs(seed=6))
-  inputs = dict(logprobs=logprobs, target_values=target_values, rewards=rewards,
-                token_rewards=token_rewards, mask=mask, terminated=terminated,
-                multi_step=False)
-  with pytest.raises(ValueError, match=match):
-    soft_q.path_consistency_loss(**{**inputs, **overrides})
+def _pcl_kwargs(seed):
+  _, mask, terminated, logprobs, target_values, rewards, token_rewards = _pcl_inputs(seed)
+  return dict(logprobs=logprobs, target_values=target_values, rewards=rewards,
+              token_rewards=token_rewards, mask=mask, terminated=terminated, multi_step=False)
 
 
 @pytest.mark.parametrize('overrides, match', [
-    ({'values': np.zeros((B, T))}, 'values'),
-    ({'mask': np.ones(T, bool)}, 'mask'),
-    ({'td_coef': -1.0}, 'td_coef'),
+    ({'target_values': np.zeros((B, T))}, r'target_values must be \[B, T \+ 1\]'),
+    ({'values': np.zeros((B, T))}, r'values must be \[B, T \+ 1\]'),
+    ({'logprobs': np.zeros((B, T - 1))}, 'different shapes'),
+    ({'rewards': np.zeros((B, 1))}, re.escape(f'rank 2 (shape {(B, 1)})')),
+    ({'terminated': np.zeros(B + 1, bool)}, re.escape(f'has shape {(B + 1,)}')),
+    ({'token_rewards': np.zeros((B, T, 1))}, re.escape(f'shape {(B, T, 1)}')),
 ])
-def test_inverse_soft_q_rejects_bad_inputs(overrides, match):
-  _, mask, terminated = _padded_layout(seed=7)
-  inputs = dict(q_taken=np.zeros((B, T)), values=np.zeros((B, T + 1)), mask=mask,
-                terminated=terminated, td_coef=0.1)
-  with pytest.raises(ValueError, match=match):
-    soft_q.inverse_soft_q_loss(**{**inputs, **overrides})
+def test_path_consistency_rejects_bad_shapes(overrides, match):
+  with pytest.raises(AssertionError, match=match):
+    soft_q.path_consistency_loss(**{**_pcl_kwargs(seed=6), **overrides})
+
+
+def test_path_consistency_rejects_a_discount_above_one():
+  with pytest.raises(ValueError, match='discount'):
+    soft_q.path_consistency_loss(**{**_pcl_kwargs(seed=6), 'discount': 1.5})
+
+
+def _inverse_soft_q_kwargs(seed):
+  _, mask, terminated = _padded_layout(seed)
+  return dict(q_taken=np.zeros((B, T)), values=np.zeros((B, T + 1)), mask=mask,
+              terminated=terminated, td_coef=0.1)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'values': np.zeros((B, T))}, r'values must be \[B, T \+ 1\]'),
+    ({'mask': np.ones(T, bool)}, 'rank 1'),
+    ({'terminated': np.zeros(B - 1, bool)}, re.escape(f'has shape {(B - 1,)}')),
+])
+def test_inverse_soft_q_rejects_bad_shapes(overrides, match):
+  with pytest.raises(AssertionError, match=match):
+    soft_q.inverse_soft_q_loss(**{**_inverse_soft_q_kwargs(seed=7), **overrides})
+
+
+def test_inverse_soft_q_rejects_a_negative_td_coef():
+  with pytest.raises(ValueError, match='td_coef'):
+    soft_q.inverse_soft_q_loss(**{**_inverse_soft_q_kwargs(seed=7), 'td_coef': -1.0})
 
 
 def test_all_padding_batch_gives_zero_loss_not_nan():

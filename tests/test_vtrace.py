@@ -1,5 +1,6 @@
 """Tests for V-trace targets and loss, against rlax and a direct loop of the paper."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -272,13 +273,21 @@ def test_all_padding_batch_gives_zero_loss_not_nan():
 
 
 @pytest.mark.parametrize('overrides, match', [
-    ({'values': np.zeros((B, T))}, 'values'),
-    ({'rewards': np.zeros((B, T - 1))}, 'same shape'),
-    ({'mask': np.ones(T, bool)}, 'mask'),
+    ({'values': np.zeros((B, T))}, r'values must be \[B, T \+ 1\]'),
+    ({'rewards': np.zeros((B, T - 1))}, 'different shapes'),
+    ({'mask': np.ones(T, bool)}, 'rank 1'),
+])
+def test_vtrace_targets_rejects_bad_shapes(overrides, match):
+  inputs = {**_random_inputs(seed=10), 'mask': np.ones((B, T), bool), **overrides}
+  with pytest.raises(AssertionError, match=match):
+    vtrace.vtrace_targets(**inputs)
+
+
+@pytest.mark.parametrize('overrides, match', [
     ({'rho_clip': 0.0}, 'rho_clip'),
     ({'lambda_': 1.5}, 'lambda_'),
 ])
-def test_vtrace_targets_rejects_bad_inputs(overrides, match):
+def test_vtrace_targets_rejects_bad_hyperparameters(overrides, match):
   inputs = {**_random_inputs(seed=10), 'mask': np.ones((B, T), bool), **overrides}
   with pytest.raises(ValueError, match=match):
     vtrace.vtrace_targets(**inputs)
@@ -286,5 +295,5 @@ def test_vtrace_targets_rejects_bad_inputs(overrides, match):
 
 def test_vtrace_loss_rejects_mismatched_entropy():
   inputs = _loss_inputs(seed=11)
-  with pytest.raises(ValueError, match='entropy'):
+  with pytest.raises(AssertionError, match=re.escape(f'shape {(B, T, 3)}')):
     vtrace.vtrace_loss(**{**inputs, 'entropy': np.zeros((B, T, 3))})
