@@ -24,428 +24,30 @@ shows next to its benefit.
 
 Results go into the "Inference batching" section of the output markdown file (other
 sections of that file are kept). Nothing here asserts a target: it measures.
+
+This script runs the measurements and writes the report; the children's roles are in
+inference_batching_roles, one measurement in inference_batching_measure, and starting,
+stopping and metering processes in inference_batching_processes.
 """
 import argparse
-import ctypes
-import dataclasses
 import datetime
-import multiprocessing
 import os
 import platform
-import queue
 import re
 import shlex
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
-import time
-import traceback
 from typing import Any
 
-# Nothing heavy is imported at module level: children are spawned, re-import this
-# module, and must set their thread limits before JAX loads.
+# Nothing heavy is imported at module level: spawned children re-import this script, and
+# must set their thread limits before JAX loads.
+from chorus.benchmarks import inference_batching_measure as measure_lib
+from chorus.benchmarks import inference_batching_processes as processes
+from chorus.benchmarks import inference_batching_roles as roles
 
 SECTION_TITLE = 'Inference batching'
-MODEL_NAME = 'policy'
-# XLA:CPU's only thread knob here: without it every JAX process starts an Eigen pool of
-# one thread per core, so 32 processes on 2 cores would run 64 compute threads.
-# (`intra_op_parallelism_threads` is a TensorFlow session option, not an XLA flag: XLA
-# ignores it in XLA_FLAGS, so it is not set.)
-SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false'
-SINGLE_THREAD_ENV = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1',
-                     'MKL_NUM_THREADS': '1', 'TF_CPP_MIN_LOG_LEVEL': '2'}
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """What every process of one benchmark run needs to know."""
-  model: str
-  seconds: float
-  max_new_tokens: int
-  max_prompt_len: int
-  min_prompt_tokens: int
-  max_prompt_tokens: int
-  temperature: float
-  max_batch_size: int
-  server_multi_thread: bool
-  seed: int
-  workdir: str  # Holds the shared parameters and the XLA compilation cache.
-
-  @property
-  def params_path(self) -> str:
-    return os.path.join(self.workdir, 'params.msgpack')
-
-  @property
-  def compilation_cache_dir(self) -> str:
-    return os.path.join(self.workdir, 'xla_cache')
-
-
-# ----------------------------------------------------------------------------------
-# Child processes.
-
-
-def _die_with_parent(parent_pid: int):
-  """Makes the kernel kill this process if the benchmark's parent dies, even by SIGKILL."""
-  try:
-    libc = ctypes.CDLL('libc.so.6', use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG.
-  except OSError:
-    pass  # Not Linux: the parent's finally block is then the only guard.
-  if os.getppid() != parent_pid:  # The parent died before prctl took effect.
-    os._exit(1)  # pylint: disable=protected-access
-
-
-def _limit_threads(single_thread_xla: bool):
-  os.environ.update(SINGLE_THREAD_ENV)
-  if single_thread_xla:
-    flags = os.environ.get('XLA_FLAGS', '')
-    os.environ['XLA_FLAGS'] = f'{flags} {SINGLE_THREAD_XLA_FLAGS}'.strip()
-
-
-def _import_jax(settings: Settings):
-  """Imports JAX with the shared compilation cache, so N actors compile once between them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_compilation_cache_dir', settings.compilation_cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  return jax
-
-
-def _decoder_config(settings: Settings):
-  from chorus import models  # pylint: disable=g-import-not-at-top
-  vocab_size = models.CharTokenizer().vocab_size
-  return {'tiny': models.DecoderConfig.tiny,
-          'small': models.DecoderConfig.small}[settings.model](vocab_size)
-
-
-def _load_params(settings: Settings):
-  from chorus import models  # pylint: disable=g-import-not-at-top
-  with open(settings.params_path, 'rb') as f:
-    return models.params_from_bytes(f.read())
-
-
-def _random_prompt(rng, vocab_size: int, settings: Settings) -> list[int]:
-  """BOS and a few random non-special tokens."""
-  from chorus import models  # pylint: disable=g-import-not-at-top
-  length = int(rng.integers(settings.min_prompt_tokens, settings.max_prompt_tokens + 1))
-  return [models.BOS_ID] + rng.integers(3, vocab_size, size=length - 1).tolist()
-
-
-def _rss_bytes(pid: int | str = 'self') -> int:
-  try:
-    with open(f'/proc/{pid}/status') as f:
-      match = re.search(r'^VmRSS:\s+(\d+) kB', f.read(), re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else 0
-  except OSError:
-    return 0
-
-
-def _machine_cpu_seconds() -> tuple[float, float]:
-  """(busy, total) CPU seconds of the whole machine since boot, all cores together."""
-  with open('/proc/stat') as f:
-    ticks = [int(value) for value in f.readline().split()[1:9]]
-  idle = ticks[3] + ticks[4]  # idle + iowait
-  clock_ticks = os.sysconf('SC_CLK_TCK')
-  return (sum(ticks) - idle) / clock_ticks, sum(ticks) / clock_ticks
-
-
-def _cpu_seconds(pid: int) -> float:
-  """User + system CPU seconds a process has used so far (0 once it is gone)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-  except (OSError, IndexError, ValueError):
-    return 0.0
-
-
-def _child(target, name: str, parent_pid: int, single_thread_xla: bool, events, *args):
-  """Entry of every child: thread limits first, then `target`; errors go to the parent."""
-  _die_with_parent(parent_pid)
-  _limit_threads(single_thread_xla)
-  try:
-    target(name, events, *args)
-  except Exception:  # pylint: disable=broad-except
-    events.put(('error', name, traceback.format_exc()))
-
-
-def _prepare(name, events, settings: Settings):
-  """Writes the shared random parameters and fills the compilation cache for batch 1."""
-  jax = _import_jax(settings)
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from chorus import models  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  config = _decoder_config(settings)
-  params = models.init_params(config, jax.random.PRNGKey(settings.seed))
-  with open(settings.params_path, 'wb') as f:
-    f.write(models.params_to_bytes(params))
-  num_params = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-  # Same flags as the unbatched actors, hence the same cache key: they then load the
-  # executable instead of compiling it 32 times over on 2 cores.
-  sample = sampler_lib.make_sampler(config, settings.max_prompt_len, settings.max_new_tokens)
-  prompt_tokens, prompt_mask = models.left_pad_prompts([[models.BOS_ID]], settings.max_prompt_len)
-  jax.device_get(sample(params, prompt_tokens, prompt_mask, np.ones(1, np.float32),
-                        np.full(1, settings.max_new_tokens, np.int32), jax.random.PRNGKey(0)))
-  events.put(('done', name, dict(num_params=num_params, vocab_size=config.vocab_size,
-                                 config=dataclasses.asdict(config))))
-
-
-def _serve(name, events, settings: Settings, max_wait_ms: float, stop_event):
-  """The inference server: one ServedModel behind real gRPC on loopback."""
-  _import_jax(settings)
-  from chorus.inference_server import server as server_lib  # pylint: disable=g-import-not-at-top
-  server_config = server_lib.InferenceServerConfig(
-      max_batch_size=settings.max_batch_size, max_wait_ms=max_wait_ms,
-      max_prompt_len=settings.max_prompt_len, max_new_tokens=settings.max_new_tokens,
-      seed=settings.seed)
-  model = server_lib.ServedModel(MODEL_NAME, _decoder_config(settings), _load_params(settings),
-                                 0, server_config)
-  model.warm_up()  # Compiles every batch bucket before any actor is timed.
-  server, port = server_lib.start_server({MODEL_NAME: model}, '127.0.0.1:0',
-                                         num_threads=server_config.num_threads)
-  events.put(('ready', name, dict(port=port)))
-  try:
-    stop_event.wait()
-  finally:
-    server.stop(grace=1.0).wait()
-    model.close()
-
-
-def _run_window(name, events, start_event, start_time, settings: Settings, call):
-  """Reports ready, waits for the common start, then calls `call()` until the window ends.
-
-  `call()` does one request and returns the number of tokens generated. Requests that
-  end inside the window count fully; the one running when it closes counts for the
-  fraction of its duration inside the window.
-  """
-  events.put(('ready', name, {}))
-  start_event.wait()
-  start = start_time.value
-  end = start + settings.seconds
-  tokens, requests, latencies = 0.0, 0, []
-  while True:
-    request_start = time.monotonic()
-    if request_start >= end:
-      break
-    generated = call()
-    request_end = time.monotonic()
-    if request_end <= end:
-      tokens += generated
-      requests += 1
-      latencies.append(request_end - request_start)
-    else:
-      tokens += generated * (end - request_start) / (request_end - request_start)
-  events.put(('result', name, dict(tokens=tokens, requests=requests, latencies=latencies,
-                                   rss_bytes=_rss_bytes())))
-
-
-def _served_actor(name, events, start_event, start_time, settings: Settings, address: str,
-                  index: int):
-  """SEED-style actor: no model here, every completion comes from the server."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server import client as client_lib  # pylint: disable=g-import-not-at-top
-  vocab_size = _decoder_config(settings).vocab_size
-  rng = np.random.default_rng([settings.seed, index])
-  client = client_lib.InferenceClient(address)
-  client.wait_until_ready()
-
-  def call() -> int:
-    result = client.generate([_random_prompt(rng, vocab_size, settings)], model=MODEL_NAME,
-                             max_new_tokens=settings.max_new_tokens,
-                             temperature=settings.temperature)
-    return len(result.completions[0].tokens)
-
-  call()  # Opens the channel, so the first timed request does not pay for it.
-  try:
-    _run_window(name, events, start_event, start_time, settings, call)
-  finally:
-    client.close()
-
-
-def _unbatched_actor(name, events, start_event, start_time, settings: Settings, index: int):
-  """Actor that holds the model and samples one prompt at a time itself."""
-  jax = _import_jax(settings)
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from chorus import models  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  config = _decoder_config(settings)
-  params = jax.device_put(_load_params(settings))
-  sample = sampler_lib.make_sampler(config, settings.max_prompt_len, settings.max_new_tokens)
-  rng = np.random.default_rng([settings.seed, index])
-  key = jax.random.PRNGKey(settings.seed + 1 + index)
-  temperature = np.full(1, settings.temperature, np.float32)
-  max_new_tokens = np.full(1, settings.max_new_tokens, np.int32)
-  num_calls = 0
-
-  def call() -> int:
-    nonlocal num_calls
-    # Padding and the device_get mirror what the server does for each of its batches.
-    prompt_tokens, prompt_mask = models.left_pad_prompts(
-        [_random_prompt(rng, config.vocab_size, settings)], settings.max_prompt_len)
-    output = jax.device_get(sample(params, prompt_tokens, prompt_mask, temperature,
-                                   max_new_tokens, jax.random.fold_in(key, num_calls)))
-    num_calls += 1
-    return int(output.lengths[0])
-
-  call()  # Compiles (or loads from the cache) before the window.
-  _run_window(name, events, start_event, start_time, settings, call)
-
-
-# ----------------------------------------------------------------------------------
-# The parent: starts children, opens the window, collects, cleans up.
-
-
-class _Children:
-  """Every process this benchmark starts; `terminate()` leaves none behind."""
-
-  def __init__(self):
-    self._context = multiprocessing.get_context('spawn')
-    self.events = self._context.Queue()
-    self.processes: dict[str, multiprocessing.Process] = {}
-
-  def Event(self):  # pylint: disable=invalid-name
-    return self._context.Event()
-
-  def Value(self, *args):  # pylint: disable=invalid-name
-    return self._context.Value(*args)
-
-  def start(self, name: str, target, single_thread_xla: bool, *args):
-    process = self._context.Process(
-        target=_child, name=name, daemon=True,
-        args=(target, name, os.getpid(), single_thread_xla, self.events) + args)
-    process.start()
-    self.processes[name] = process
-
-  def wait_for(self, kind: str, names, timeout_s: float) -> dict[str, Any]:
-    """Collects one `kind` event from each of `names`; raises if a child fails or dies."""
-    pending, found = set(names), {}
-    deadline = time.monotonic() + timeout_s
-    while pending:
-      if time.monotonic() > deadline:
-        raise TimeoutError(f'No {kind!r} from {sorted(pending)[:5]} within {timeout_s} s; '
-                           'the machine may be overloaded: try fewer actors.')
-      try:
-        event, name, payload = self.events.get(timeout=1.0)
-      except queue.Empty:
-        dead = [n for n in pending if self.processes[n].exitcode is not None]
-        if dead:
-          raise RuntimeError(f'Process {dead[0]} exited with code '
-                             f'{self.processes[dead[0]].exitcode} before sending {kind!r}.')
-        continue
-      if event == 'error':
-        raise RuntimeError(f'Process {name} failed:\n{payload}')
-      if event == kind and name in pending:
-        pending.remove(name)
-        found[name] = payload
-    return found
-
-  def stop(self, names, timeout_s: float = 30.0):
-    """Lets `names` exit on their own for up to `timeout_s` in all, then terminates them."""
-    deadline = time.monotonic() + timeout_s
-    for name in names:
-      self.processes[name].join(max(0.0, deadline - time.monotonic()))
-    self.terminate(names)
-
-  def terminate(self, names=None):
-    """SIGTERM, then SIGKILL after 5 s, to `names` (default: every child)."""
-    names = list(self.processes) if names is None else list(names)
-    processes = [self.processes.pop(name) for name in names if name in self.processes]
-    for process in processes:
-      if process.is_alive():
-        process.terminate()
-    deadline = time.monotonic() + 5.0
-    for process in processes:
-      process.join(max(0.0, deadline - time.monotonic()))
-      if process.is_alive():
-        process.kill()
-        process.join()
-
-
-@dataclasses.dataclass
-class Measurement:
-  """One set-up at one N."""
-  setup: str
-  num_actors: int
-  tokens_per_second: float
-  requests: int
-  mean_latency_ms: float
-  p95_latency_ms: float
-  cpu_share: float  # CPU time of the set-up's processes / (window x cores).
-  machine_busy: float  # Busy CPU time of the whole machine / (window x cores).
-  rss_bytes: int  # All of the set-up's processes, sampled mid-window.
-  server_requests: int | None = None
-  server_batches: int | None = None
-  server_sequences: int | None = None
-
-  @property
-  def tokens_per_cpu_second(self) -> float:
-    """Tokens per CPU-second the set-up used: robust to what else runs on the machine."""
-    return self.tokens_per_second / (self.cpu_share * os.cpu_count())
-
-  @property
-  def mean_batch_size(self) -> float | None:
-    if not self.server_batches:
-      return None
-    return self.server_sequences / self.server_batches
-
-
-@dataclasses.dataclass(frozen=True)
-class _Server:
-  label: str
-  address: str
-  pid: int
-  status: Any  # () -> this model's GetStatus counters.
-
-
-def _measure(children: _Children, settings: Settings, num_actors: int,
-             server: _Server | None, ready_timeout_s: float) -> Measurement:
-  """Runs N actors of one set-up (SEED through `server`, or unbatched without one)."""
-  setup = server.label if server else 'unbatched'
-  start_event, start_time = children.Event(), children.Value('d', 0.0)
-  names = [f'{setup}-actor-{index}' for index in range(num_actors)]
-  for index, name in enumerate(names):
-    if server:
-      children.start(name, _served_actor, True, start_event, start_time, settings,
-                     server.address, index)
-    else:
-      children.start(name, _unbatched_actor, True, start_event, start_time, settings, index)
-  try:
-    children.wait_for('ready', names, ready_timeout_s)
-    pids = [children.processes[name].pid for name in names] + ([server.pid] if server else [])
-    cpu_before = sum(_cpu_seconds(pid) for pid in pids)
-    machine_busy_before, machine_total_before = _machine_cpu_seconds()
-    status_before = server.status() if server else None
-    start_time.value = start = time.monotonic()
-    start_event.set()
-    time.sleep(settings.seconds / 2)
-    rss = sum(_rss_bytes(pid) for pid in pids)
-    time.sleep(max(0.0, start + settings.seconds - time.monotonic()))
-    cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
-    machine_busy, machine_total = _machine_cpu_seconds()
-    status_after = server.status() if server else None
-    results = children.wait_for('result', names, settings.seconds + 600)
-  except BaseException:
-    children.terminate(names)  # No grace on failure or Ctrl-C.
-    raise
-  children.stop(names)
-  latencies = [latency for result in results.values() for latency in result['latencies']]
-  measurement = Measurement(
-      setup=setup, num_actors=num_actors,
-      tokens_per_second=sum(result['tokens'] for result in results.values()) / settings.seconds,
-      requests=sum(result['requests'] for result in results.values()),
-      mean_latency_ms=1000 * statistics.fmean(latencies) if latencies else float('nan'),
-      p95_latency_ms=(1000 * statistics.quantiles(latencies, n=20)[-1]
-                      if len(latencies) >= 2 else float('nan')),
-      cpu_share=cpu / (settings.seconds * os.cpu_count()),
-      machine_busy=(machine_busy - machine_busy_before) / (machine_total - machine_total_before),
-      rss_bytes=rss)
-  if server:
-    measurement.server_requests = status_after['requests'] - status_before['requests']
-    measurement.server_batches = status_after['batches'] - status_before['batches']
-    measurement.server_sequences = status_after['sequences'] - status_before['sequences']
-  return measurement
 
 
 def _machine() -> str:
@@ -477,8 +79,9 @@ def _seed_label(max_wait_ms: float) -> str:
   return f'SEED, max_wait_ms {max_wait_ms:g}'
 
 
-def _format_section(command: str, info: dict[str, Any], settings: Settings,
-                    max_wait_ms: list[float], measurements: list[Measurement]) -> str:
+def _format_section(command: str, info: dict[str, Any], settings: roles.Settings,
+                    max_wait_ms: list[float],
+                    measurements: list[measure_lib.Measurement]) -> str:
   config = info['config']
   lines = [
       f'## {SECTION_TITLE}',
@@ -509,9 +112,10 @@ def _format_section(command: str, info: dict[str, Any], settings: Settings,
       'compiled in warm-up; XLA '
       + ('multi-threaded (its default: one Eigen thread per core), as the one compute '
          'process on the machine' if settings.server_multi_thread
-         else f'single-threaded (`{SINGLE_THREAD_XLA_FLAGS}`)'),
-      f'- Actors (both set-ups): `XLA_FLAGS={SINGLE_THREAD_XLA_FLAGS}`, '
-      + ', '.join(f'{k}={v}' for k, v in SINGLE_THREAD_ENV.items() if 'THREADS' in k)
+         else f'single-threaded (`{processes.SINGLE_THREAD_XLA_FLAGS}`)'),
+      f'- Actors (both set-ups): `XLA_FLAGS={processes.SINGLE_THREAD_XLA_FLAGS}`, '
+      + ', '.join(f'{k}={v}' for k, v in processes.SINGLE_THREAD_ENV.items()
+                  if 'THREADS' in k)
       + '; processes started with multiprocessing "spawn"',
       f'- Window: {settings.seconds:g} s per measurement, opened once every process had '
       'loaded the model, compiled and made one warm-up call (start-up excluded); the request '
@@ -581,7 +185,7 @@ def _write_section(path: str, section: str):
     f.write(text.rstrip('\n') + '\n')
 
 
-def _print_measurement(m: Measurement):
+def _print_measurement(m: measure_lib.Measurement):
   server = (f', server {m.server_requests} requests / {m.server_batches} batches'
             if m.server_batches is not None else '')
   print(f'  N={m.num_actors:<3d} {m.setup:22s} {m.tokens_per_second:7.0f} tokens/s, '
@@ -622,7 +226,7 @@ def main(argv=None):
   # A SIGTERM to the benchmark must still run the clean-up below.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   workdir = tempfile.mkdtemp(prefix='chorus_inference_batching_')
-  settings = Settings(model=args.model, seconds=args.seconds,
+  settings = roles.Settings(model=args.model, seconds=args.seconds,
                       max_new_tokens=args.max_new_tokens, max_prompt_len=16,
                       min_prompt_tokens=2, max_prompt_tokens=8, temperature=1.0,
                       max_batch_size=args.max_batch_size,
@@ -633,10 +237,10 @@ def main(argv=None):
   info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
               machine=_machine(), load_before=os.getloadavg()[0])
   measurements = []
-  children = _Children()
+  children = processes.Children()
   status_clients = []
   try:
-    children.start('prepare', _prepare, True, settings)
+    children.start('prepare', roles.prepare, True, settings)
     info.update(children.wait_for('done', ['prepare'], args.ready_timeout_s)['prepare'])
     children.stop(['prepare'])
     from importlib import metadata  # pylint: disable=g-import-not-at-top
@@ -645,24 +249,25 @@ def main(argv=None):
 
     servers, stop_servers = [], children.Event()
     if max_wait_ms:
-      # Imported only now: it loads JAX, which the parent never initialises.
-      from chorus.inference_server import client as client_lib  # pylint: disable=g-import-not-at-top
+      # Not at the top: every spawned child re-imports this script, and most need no gRPC.
+      # pylint: disable-next=g-import-not-at-top
+      from chorus.inference_server import client as client_lib
     for index, wait_ms in enumerate(max_wait_ms):
       name = f'server-{index}'
-      children.start(name, _serve, not settings.server_multi_thread, settings, wait_ms,
+      children.start(name, roles.serve, not settings.server_multi_thread, settings, wait_ms,
                      stop_servers)
       # One at a time: two servers compiling at once would each take twice as long.
       port = children.wait_for('ready', [name], args.ready_timeout_s)[name]['port']
       status_client = client_lib.InferenceClient(f'127.0.0.1:{port}')
       status_clients.append(status_client)
-      servers.append(_Server(_seed_label(wait_ms), f'127.0.0.1:{port}',
+      servers.append(measure_lib.Server(_seed_label(wait_ms), f'127.0.0.1:{port}',
                              children.processes[name].pid,
-                             lambda c=status_client: c.status()[MODEL_NAME]))
+                             lambda c=status_client: c.status()[roles.MODEL_NAME]))
     # The set-ups alternate at each N, so that a change in the load other programs put
     # on the machine hits all of them alike.
     for num_actors in args.num_actors:
       for server in servers + (['unbatched'] if 'unbatched' in args.setups else []):
-        measurement = _measure(children, settings, num_actors,
+        measurement = measure_lib.measure(children, settings, num_actors,
                                None if server == 'unbatched' else server,
                                args.ready_timeout_s)
         measurements.append(measurement)

@@ -5,9 +5,10 @@ pretrained on the synthetic caption-audio corpus with condition dropout (the war
 then fine-tuned on caption adherence and quality measured from the decoded waveform.
 The run directory also holds WAV samples of fixed captions before and after training.
 """
+from chorus import core
 from chorus import models
 from chorus.actors import music
-from chorus.inference_server.server import InferenceServerConfig
+from chorus.inference_server.config import InferenceServerConfig
 from chorus.launch.experiment import EvalConfig
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.loop import LearnerConfig
@@ -26,8 +27,8 @@ def get_config() -> ExperimentConfig:
       # Short on purpose: the pretrained model leaves room for RL to raise adherence (and
       # for guidance to help, which it barely does after 150 steps).
       warm_start=WarmStartConfig(steps=60, batch_size=64, learning_rate=3e-3),
-      inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0, max_prompt_len=8,
-                                      max_new_tokens=task_config.num_frames + 1),
+      sequence=core.SequenceSpec(prompt_len=8, completion_len=task_config.num_frames + 1),
+      inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0),
       replay=ReplayConfig(kind='queue', max_size=64),
       learner=LearnerConfig(batch_size=32, learning_rate=5e-4, max_steps=600),
       evaluation=EvalConfig(every_s=10.0))

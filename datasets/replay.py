@@ -64,7 +64,7 @@ class _LengthCheck:
       return True
     if not self.skip_too_long:
       raise ValueError(f'{_describe(trajectory)} {problem}. Raise the limit (the config\'s '
-                       'inference.max_prompt_len / max_new_tokens) or pass '
+                       'sequence.prompt_len / completion_len) or pass '
                        'skip_too_long=True to leave such episodes out.')
     self.skipped += 1
     return False

@@ -1,11 +1,12 @@
-"""The batched gRPC inference server and its clients."""
-from chorus.inference_server.client import GenerateResult
-from chorus.inference_server.client import InferenceClient
-from chorus.inference_server.client import InferenceError
-from chorus.inference_server.client import LogprobScores
-from chorus.inference_server.client import ParameterPublisher
-from chorus.inference_server.client import PreferenceScores
-from chorus.inference_server.client import RewardScores
-from chorus.inference_server.server import InferenceServerConfig
-from chorus.inference_server.server import ServedModel
-from chorus.inference_server.server import start_server
+"""The batched gRPC inference server and its clients.
+
+Nothing is imported here: actors import `client` (gRPC and the shared `config` only), and
+must not load JAX or the server through this package.
+
+  config        InferenceServerConfig and gRPC options, shared by server and clients
+  client        InferenceClient (actors) and ParameterPublisher (learners)
+  service       the gRPC servicer and `start_server`
+  served_model  ServedModel: one named model's parameters, version and lanes
+  lanes         request rows and the generation and scoring lanes that batch them
+  batcher, sampler, scoring: dynamic batching and the compiled sampling and scoring
+"""

@@ -1,4 +1,7 @@
-"""Clients of the inference service: `InferenceClient` for actors, `ParameterPublisher` for learners."""
+"""Clients of the inference service: `InferenceClient` (actors), `ParameterPublisher` (learners).
+
+Imports gRPC, the stubs and the shared config only, so actors load neither JAX nor the server.
+"""
 from collections.abc import Sequence
 import dataclasses
 import time
@@ -8,10 +11,9 @@ import uuid
 import grpc
 import numpy as np
 
-from chorus import models
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
-from chorus.inference_server.server import GRPC_OPTIONS
+from chorus.inference_server.config import GRPC_OPTIONS
 
 
 class InferenceError(RuntimeError):
@@ -108,8 +110,8 @@ class _Connection:
 
   def status(self) -> dict[str, dict[str, int | str]]:
     """Per model: its kind, param_version and traffic counters."""
-    response = _call('GetStatus', self._stub.GetStatus, inference_pb2.StatusRequest(), self.timeout_s,
-                     self.address)
+    response = _call('GetStatus', self._stub.GetStatus, inference_pb2.StatusRequest(),
+                     self.timeout_s, self.address)
     return {model.name: dict(param_version=model.param_version, requests=model.requests,
                              sequences=model.sequences, generated_tokens=model.generated_tokens,
                              batches=model.batches, param_updates=model.param_updates,
@@ -156,7 +158,8 @@ class InferenceClient(_Connection):
       prompts: token-id prompts; len(prompts) * num_samples must fit the server's
         max_batch_size.
       model: a decoder served by the server.
-      max_new_tokens: completion length cap; 0 means the server's limit.
+      max_new_tokens: completion length cap; 0 means the server's limit (its
+        sequence.completion_len).
       temperature: > 0; divides the logits.
       num_samples: completions per prompt, returned prompt-major.
       mixture_model: if set, a second decoder on the server: tokens come from
@@ -204,7 +207,7 @@ class InferenceClient(_Connection):
     Args:
       prompts: [B] token-id prompts.
       completions: [B] completions (token lists or `Completion`s), one per prompt, each
-        1 to the server's max_new_tokens tokens.
+        1 to the server's sequence.completion_len tokens.
       model: a decoder served by the server.
       temperature: > 0; scores log softmax(logits / temperature), as Generate samples.
     """
@@ -241,6 +244,9 @@ class ParameterPublisher(_Connection):
 
     `resume=True` lets a learner restarted from a checkpoint go back to its version.
     """
+    # Only learners publish, and they hold JAX already: importing models at the top would
+    # load JAX into every actor that imports this module for InferenceClient.
+    from chorus import models  # pylint: disable=g-import-not-at-top
     start = time.monotonic()
     request = inference_pb2.UpdateParamsRequest(model=self.model, version=version,
                                                 params=models.params_to_bytes(params),

@@ -182,7 +182,9 @@ def _check_fits(config: decoder_lib.DecoderConfig, prompt_len: int, max_new_toke
   if prompt_len + max_new_tokens > config.max_seq_len:
     raise ValueError(
         f'prompt_len={prompt_len} + max_new_tokens={max_new_tokens} exceeds the '
-        f'model max_seq_len={config.max_seq_len}.')
+        f'model max_seq_len={config.max_seq_len}. Raise max_seq_len to at least '
+        f'{prompt_len + max_new_tokens} or lower the SequenceSpec (sequence.prompt_len / '
+        'sequence.completion_len).')
 
 
 def _draw(logits, temperature, rng):

@@ -32,7 +32,7 @@ def check_fits(kind: str, config: decoder_lib.DecoderConfig, prompt_len: int,
         f'A {kind} model scoring prompts of {prompt_len} tokens and completions of '
         f'{completion_len} tokens reads {needed} tokens, but its max_seq_len is '
         f'{config.max_seq_len}. Raise max_seq_len to at least {needed} or lower the '
-        'server\'s max_prompt_len / max_new_tokens.')
+        'SequenceSpec (sequence.prompt_len / sequence.completion_len).')
 
 
 def make_scorer(kind: str, config: decoder_lib.DecoderConfig, prompt_len: int,

@@ -13,8 +13,9 @@ import numpy as np
 from chorus import datasets
 from chorus import models
 from chorus.actors.evaluation import evaluate
-from chorus.inference_server import server as server_lib
 from chorus.inference_server.client import InferenceClient
+from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.service import start_server
 from chorus.launch import experiment
 from chorus.launch import nodes
 from chorus.models.checkpoints import Checkpointer
@@ -43,9 +44,9 @@ def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | N
 
 def _evaluate_served(config: experiment.ExperimentConfig, params, version: int, **options) -> dict:
   """`evaluate` of `params` served as 'policy' by an in-process server on loopback."""
-  served = server_lib.ServedModel('policy', config.model, params, version=version,
-                                  config=config.inference)
-  server, port = server_lib.start_server({'policy': served}, '127.0.0.1:0')
+  served = ServedModel('policy', config.model, params, version=version,
+                       config=config.inference, sequence=config.sequence)
+  server, port = start_server({'policy': served}, '127.0.0.1:0')
   try:
     with InferenceClient(f'127.0.0.1:{port}') as client:
       return evaluate(client.generate, config.make_task(),

@@ -5,11 +5,12 @@ import types
 import typing
 from typing import Any
 
+from chorus import core
 from chorus import models
 from chorus.actors.actor import ActorConfig
 from chorus.actors import reverse_digits
 from chorus.actors import tasks
-from chorus.inference_server.server import InferenceServerConfig
+from chorus.inference_server.config import InferenceServerConfig
 from chorus.learners.bond_learner import BondConfig
 from chorus.learners.cfg_distill_learner import CFGDistillConfig
 from chorus.learners.loop import LearnerConfig
@@ -59,6 +60,8 @@ class ExperimentConfig:
     task_config: that task's options (the config class registered with the task).
     model: the policy network.
     warm_start: supervised warm start on the task's demonstrations (becomes the reference).
+    sequence: prompt and completion lengths, shared by the inference server, replay,
+      RLDS, warm start and learner.
     inference: the inference server.
     replay: Reverb tables.
     actor: actor behaviour.
@@ -94,6 +97,7 @@ class ExperimentConfig:
   task_config: tasks.TaskConfig = reverse_digits.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
   warm_start: WarmStartConfig = WarmStartConfig()
+  sequence: core.SequenceSpec = core.SequenceSpec()
   inference: InferenceServerConfig = InferenceServerConfig()
   replay: ReplayConfig = ReplayConfig()
   actor: ActorConfig = ActorConfig()

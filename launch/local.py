@@ -6,7 +6,6 @@ stdout and stderr in RUN_DIR/logs/NODE.log and PR_SET_PDEATHSIG set, so children
 with the launcher even if it is SIGKILLed.
 """
 from collections.abc import Callable
-import ctypes
 import dataclasses
 import json
 import os
@@ -19,16 +18,11 @@ import time
 from chorus.launch import program as program_lib
 from chorus.launch import worker
 from chorus.launch.launcher_config import LauncherConfig
-
-_PR_SET_PDEATHSIG = 1
+from chorus.launch.processes import die_with_parent
 
 
 class NodeFailed(RuntimeError):
   """A node that must not fail (setup, service, main) exited with an error."""
-
-
-def die_with_parent():
-  ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(ip: str = '127.0.0.1') -> int:

@@ -21,9 +21,10 @@ from chorus.actors import rollouts
 from chorus.actors.actor import Actor
 from chorus.actors.evaluation import evaluate
 from chorus.datasets import EpisodeLogger
-from chorus.inference_server import server as server_lib
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
+from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.service import start_server
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners import bond_learner
 from chorus.learners import cfg_distill_learner
@@ -123,8 +124,8 @@ def demonstration_batches(config: ExperimentConfig, task, batch_size: int):
   source = demonstrations(config, task)
   while True:
     yield core.batch_trajectories([next(source) for _ in range(batch_size)],
-                                  config.inference.max_prompt_len,
-                                  config.inference.max_new_tokens)
+                                  config.sequence.prompt_len,
+                                  config.sequence.completion_len)
 
 
 def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
@@ -135,8 +136,8 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
   metrics = MetricsWriter(metrics_path(run_dir), 'warm_start')
   if config.warm_start.dataset:
     batches = datasets.trajectory_batches(
-        config.warm_start.dataset, config.warm_start.batch_size, config.inference.max_prompt_len,
-        config.inference.max_new_tokens, seed=config.seed)
+        config.warm_start.dataset, config.warm_start.batch_size, config.sequence.prompt_len,
+        config.sequence.completion_len, seed=config.seed)
   else:
     batches = demonstration_batches(config, config.make_task(), config.warm_start.batch_size)
   start = time.monotonic()
@@ -160,14 +161,14 @@ def reward_model(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
   start = time.monotonic()
   rng = np.random.default_rng([config.seed, config.reward_model.seed, 11])
   pairs = preference.preference_batches(task, rng, config.reward_model.batch_size,
-                                        config.inference.max_prompt_len,
-                                        config.inference.max_new_tokens,
+                                        config.sequence.prompt_len,
+                                        config.sequence.completion_len,
                                         num_pairs=config.reward_model.num_pairs)
   params, history = train(config.model, config.reward_model, pairs)
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     metrics.write(kind='reward_model', model=name, **record)
   held_out = accuracy(config.model, params, task, np.random.default_rng([config.seed, 12]),
-                      config.inference.max_prompt_len, config.inference.max_new_tokens)
+                      config.sequence.prompt_len, config.sequence.completion_len)
   metrics.write(kind='reward_model_eval', model=name, **held_out)
   Checkpointer(reward_model_dir(run_dir)).save(0, params)
   logging.info('%s model: %d steps in %.1f s, held-out %s', name, config.reward_model.steps,
@@ -195,11 +196,11 @@ def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port:
     # Offline, inserts stop once the dataset is in: a sample-to-insert ratio would then
     # block the learner for good.
     replay_config = dataclasses.replace(replay_config, samples_per_insert=0.0)
-  tables.serve(replay_config, config.inference.max_prompt_len, config.inference.max_new_tokens,
+  tables.serve(replay_config, config.sequence.prompt_len, config.sequence.completion_len,
                port, should_stop)
 
 
-def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, server_lib.ServedModel]:
+def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:
   """The policy, the frozen reference, and what the algorithm adds (anchor, learned model)."""
   warm_start_params = _warm_start_params(config, run_dir)
   kinds = {'policy': 'decoder', REFERENCE_MODEL: 'decoder'}
@@ -210,8 +211,8 @@ def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, server_l
   if learned:
     kinds[learned] = 'preference' if learned == PREFERENCE_MODEL else 'reward'
     params[learned] = Checkpointer(reward_model_dir(run_dir)).restore(_initial_params(config))
-  return {name: server_lib.ServedModel(name, config.model, params[name], version=0,
-                                       config=config.inference, kind=kinds[name])
+  return {name: ServedModel(name, config.model, params[name], version=0,
+                            config=config.inference, sequence=config.sequence, kind=kinds[name])
           for name in kinds}
 
 
@@ -226,8 +227,8 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   mixtures = [('policy', REFERENCE_MODEL)] if config.algorithm == 'nash_md' else []
   # Music runs evaluate the frozen reference with classifier-free guidance (the CFG teacher).
   guided = [REFERENCE_MODEL] if config.guided_task else []
-  grpc_server, _ = server_lib.start_server(served, f'{host}:{port}', config.inference.num_threads,
-                                           mixtures=mixtures, guided=guided)
+  grpc_server, _ = start_server(served, f'{host}:{port}', config.inference.num_threads,
+                                mixtures=mixtures, guided=guided)
   logging.info('Inference server on %s:%d serving %s', host, port, sorted(served))
   metrics = MetricsWriter(metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():
@@ -263,7 +264,7 @@ def dataset_replayer(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   """Offline RL: writes a recorded dataset into the replay tables instead of actors."""
   paths = training_dataset(config, run_dir)
   count = datasets.fill_replay(paths, replay_addresses, config.replay.table,
-                               config.inference.max_prompt_len, config.inference.max_new_tokens,
+                               config.sequence.prompt_len, config.sequence.completion_len,
                                should_stop=should_stop)
   logging.info('Replayed %d recorded episodes from %s', count, paths)
   MetricsWriter(metrics_path(run_dir), 'dataset_replayer').write(kind='dataset_replay',
@@ -283,7 +284,7 @@ def actor(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, actor_
   def run_one(actor_id: int):
     try:
       writer = TrajectoryWriter(replay_address, config.replay.table,
-                                config.inference.max_prompt_len, config.inference.max_new_tokens)
+                                config.sequence.prompt_len, config.sequence.completion_len)
       with EpisodeLogger(rlds_dir(run_dir, actor_id),
                          max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
         Actor(actor_id, config.actor, config.make_task(), rollout=rollout,
@@ -352,7 +353,7 @@ def make_learner(config: ExperimentConfig, reference_params) -> learner_lib.Lear
 
 
 def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: list[str]):
-  prompt_len, completion_len = config.inference.max_prompt_len, config.inference.max_new_tokens
+  prompt_len, completion_len = config.sequence.prompt_len, config.sequence.completion_len
   if config.algorithm == 'inverse_soft_q':  # Demonstrations straight from RLDS, no Reverb.
     return datasets.trajectory_batches(training_dataset(config, run_dir), config.learner.batch_size,
                                        prompt_len, completion_len, seed=config.seed)

@@ -2,6 +2,8 @@
 import ipaddress
 import math
 import pathlib
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -9,20 +11,23 @@ import jax
 import numpy as np
 import pytest
 
+from chorus import core
 from chorus import models
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
-from chorus.inference_server import server as server_lib
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import InferenceError
 from chorus.inference_server.client import ParameterPublisher
+from chorus.inference_server.config import InferenceServerConfig
+from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.service import start_server
 
 MODEL = 'policy'
 VOCAB_SIZE = 32
 INITIAL_VERSION = 3
 # Small limits keep the four compiled batch buckets (1, 2, 4, 8) cheap.
-CONFIG = server_lib.InferenceServerConfig(max_batch_size=8, max_wait_ms=50.0, max_prompt_len=8,
-                                          max_new_tokens=8, request_timeout_s=60.0)
+CONFIG = InferenceServerConfig(max_batch_size=8, max_wait_ms=50.0, request_timeout_s=60.0)
+SEQUENCE = core.SequenceSpec(prompt_len=8, completion_len=8)
 PROMPTS = [[1, 5], [1, 6, 7, 8, 9, 10, 11, 12], [1, 13, 14], [1], [1, 20, 21, 22, 23]]
 _CLIENT_TIMEOUT_S = 60.0
 
@@ -39,8 +44,7 @@ def initial_params(decoder_config):
 
 @pytest.fixture(scope='module')
 def served_model(decoder_config, initial_params):
-  model = server_lib.ServedModel(MODEL, decoder_config, initial_params, INITIAL_VERSION,
-                                 CONFIG)
+  model = ServedModel(MODEL, decoder_config, initial_params, INITIAL_VERSION, CONFIG, SEQUENCE)
   model.warm_up()
   yield model
   model.close()
@@ -48,7 +52,7 @@ def served_model(decoder_config, initial_params):
 
 @pytest.fixture(scope='module')
 def address(served_model):
-  server, port = server_lib.start_server({MODEL: served_model})
+  server, port = start_server({MODEL: served_model})
   yield f'127.0.0.1:{port}'
   server.stop(grace=None)
 
@@ -105,20 +109,20 @@ def test_generate_returns_one_valid_completion_per_prompt(client):
 def test_zero_max_new_tokens_means_the_server_limit(client):
   result = client.generate(PROMPTS, max_new_tokens=0)
   for completion in result.completions:
-    assert 1 <= len(completion.tokens) <= CONFIG.max_new_tokens
+    assert 1 <= len(completion.tokens) <= SEQUENCE.completion_len
     if not completion.terminated:
-      assert len(completion.tokens) == CONFIG.max_new_tokens
+      assert len(completion.tokens) == SEQUENCE.completion_len
 
 
 def _assert_logprobs_are_the_models(decoder_config, params, prompts, result, temperature):
   """Each returned log-prob equals log_softmax(logits / T) of one forward pass per row."""
-  steps = CONFIG.max_new_tokens
+  steps = SEQUENCE.completion_len
   completion_tokens = np.full((len(prompts), steps), models.PAD_ID, np.int32)
   completion_mask = np.zeros((len(prompts), steps), bool)
   for row, completion in enumerate(result.completions):
     completion_tokens[row, :len(completion.tokens)] = completion.tokens
     completion_mask[row, :len(completion.tokens)] = True
-  prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, CONFIG.max_prompt_len)
+  prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, SEQUENCE.prompt_len)
   logits, _ = models.forward_completions(decoder_config, params, prompt_tokens, prompt_mask,
                                          completion_tokens, completion_mask)
   log_probs = np.asarray(jax.nn.log_softmax(logits / temperature, axis=-1))
@@ -135,7 +139,7 @@ def test_logprobs_equal_tempered_log_softmax_of_forward_completions(client, publ
   version = _served_version(client) + 1
   publisher.publish(other_params, version)
   temperature = 0.7
-  result = client.generate(PROMPTS, max_new_tokens=CONFIG.max_new_tokens,
+  result = client.generate(PROMPTS, max_new_tokens=SEQUENCE.completion_len,
                            temperature=temperature)
   assert result.param_version == version
 
@@ -151,9 +155,9 @@ _BAD_REQUESTS = {
                                [f'[{VOCAB_SIZE}]', 'outside the vocabulary']),
     'negative_token_id': (dict(prompts=[[1, 2], [1, -3]]), grpc.StatusCode.INVALID_ARGUMENT,
                           ['Prompt 1', '[-3]']),
-    'prompt_over_length_limit': (dict(prompts=[[1] * (CONFIG.max_prompt_len + 1)]),
+    'prompt_over_length_limit': (dict(prompts=[[1] * (SEQUENCE.prompt_len + 1)]),
                                  grpc.StatusCode.INVALID_ARGUMENT,
-                                 [f'{CONFIG.max_prompt_len + 1} tokens']),
+                                 [f'{SEQUENCE.prompt_len + 1} tokens']),
     'empty_prompt': (dict(prompts=[[]]), grpc.StatusCode.INVALID_ARGUMENT, ['0 tokens']),
     'empty_batch': (dict(prompts=[]), grpc.StatusCode.INVALID_ARGUMENT,
                     ['Empty batch', 'at least one prompt']),
@@ -174,9 +178,9 @@ _BAD_REQUESTS = {
     'negative_num_samples': (dict(prompts=[[1, 2]], num_samples=-1),
                              grpc.StatusCode.INVALID_ARGUMENT, ['num_samples', 'got -1']),
     'max_new_tokens_over_limit': (dict(prompts=[[1, 2]],
-                                       max_new_tokens=CONFIG.max_new_tokens + 1),
+                                       max_new_tokens=SEQUENCE.completion_len + 1),
                                   grpc.StatusCode.INVALID_ARGUMENT,
-                                  ['max_new_tokens', f'got {CONFIG.max_new_tokens + 1}']),
+                                  ['max_new_tokens', f'got {SEQUENCE.completion_len + 1}']),
     'negative_max_new_tokens': (dict(prompts=[[1, 2]], max_new_tokens=-1),
                                 grpc.StatusCode.INVALID_ARGUMENT, ['max_new_tokens', 'got -1']),
 }
@@ -414,7 +418,7 @@ def _is_loopback(address) -> bool:
 
 
 def test_server_binds_to_loopback_by_default(served_model):
-  server, port = server_lib.start_server({MODEL: served_model})
+  server, port = start_server({MODEL: served_model})
   try:
     with InferenceClient(f'127.0.0.1:{port}', timeout_s=_CLIENT_TIMEOUT_S) as loopback_client:
       loopback_client.wait_until_ready(_CLIENT_TIMEOUT_S)
@@ -425,3 +429,15 @@ def test_server_binds_to_loopback_by_default(served_model):
       assert all(_is_loopback(address) for address in listening), listening
   finally:
     server.stop(grace=None)
+
+
+def test_importing_the_client_loads_neither_jax_nor_the_server():
+  # Actor processes import the client only; a fresh interpreter sees what that pulls in.
+  loaded = subprocess.run(
+      [sys.executable, '-c', 'import sys; import chorus.inference_server.client; '
+       'print(" ".join(sorted(sys.modules)))'],
+      check=True, capture_output=True, text=True).stdout.split()
+  assert 'jax' not in loaded
+  server_modules = {'chorus.inference_server.service', 'chorus.inference_server.served_model',
+                    'chorus.inference_server.lanes', 'chorus.inference_server.sampler'}
+  assert not server_modules & set(loaded), sorted(server_modules & set(loaded))

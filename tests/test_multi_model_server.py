@@ -9,18 +9,21 @@ import jax
 import numpy as np
 import pytest
 
+from chorus import core
 from chorus import models
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
-from chorus.inference_server import server as server_lib
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import InferenceError
 from chorus.inference_server.client import ParameterPublisher
+from chorus.inference_server.config import InferenceServerConfig
+from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.service import start_server
 from chorus.models import reward_models
 
 VOCAB_SIZE = 32
-CONFIG = server_lib.InferenceServerConfig(max_batch_size=8, max_wait_ms=20.0, max_prompt_len=8,
-                                          max_new_tokens=8, request_timeout_s=60.0)
+CONFIG = InferenceServerConfig(max_batch_size=8, max_wait_ms=20.0, request_timeout_s=60.0)
+SEQUENCE = core.SequenceSpec(prompt_len=8, completion_len=8)
 # (kind, vocab size, init seed) of each served model; 'wide' cannot be mixed with the rest.
 MODELS = {'policy': ('decoder', VOCAB_SIZE, 0), 'reference': ('decoder', VOCAB_SIZE, 1),
           'anchor': ('decoder', VOCAB_SIZE, 2), 'reward': ('reward', VOCAB_SIZE, 3),
@@ -41,8 +44,8 @@ def _params(name, seed_offset=0):
 @pytest.fixture(scope='module')
 def served_models():
   # No warm_up: each test compiles only the batch buckets it uses, keeping the file fast.
-  served = {name: server_lib.ServedModel(name, _config(name), _params(name), 10 * index + 1,
-                                         CONFIG, kind=kind)
+  served = {name: ServedModel(name, _config(name), _params(name), 10 * index + 1, CONFIG,
+                              SEQUENCE, kind=kind)
             for index, (name, (kind, _, _)) in enumerate(MODELS.items())}
   yield served
   for model in served.values():
@@ -51,7 +54,7 @@ def served_models():
 
 @pytest.fixture(scope='module')
 def address(served_models):
-  server, port = server_lib.start_server(served_models)
+  server, port = start_server(served_models)
   yield f'127.0.0.1:{port}'
   server.stop(grace=None)
 
@@ -73,8 +76,8 @@ def _publish(address, client, name, params) -> int:
 
 def _token_logprobs(prompts, completions, log_probs_fn):
   """Per-completion log-probs of its tokens under log_probs_fn(prompt batch) [B, T, V]."""
-  prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, CONFIG.max_prompt_len)
-  tokens, mask = models.right_pad_completions(completions, CONFIG.max_new_tokens)
+  prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, SEQUENCE.prompt_len)
+  tokens, mask = models.right_pad_completions(completions, SEQUENCE.completion_len)
   log_probs = np.asarray(log_probs_fn(prompt_tokens, prompt_mask, tokens, mask))
   gathered = np.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]
   return [gathered[row, :len(c)] for row, c in enumerate(completions)]
@@ -101,7 +104,7 @@ def _guided_logprobs(prompts, unconditional, completions, params, guidance_scale
   """Per-completion log-probs under log softmax((g * l(.|prompt) + (1 - g) *
   l(.|unconditional)) / T), from two cache-free passes of the policy."""
   config = _config('policy')
-  unconditional_batch = models.left_pad_prompts(unconditional, CONFIG.max_prompt_len)
+  unconditional_batch = models.left_pad_prompts(unconditional, SEQUENCE.prompt_len)
 
   def log_probs(prompt_tokens, prompt_mask, tokens, mask):
     conditional, _ = models.forward_completions(config, params, prompt_tokens, prompt_mask,
@@ -201,7 +204,7 @@ def test_guided_generation_returns_num_samples_per_prompt_from_the_guided_distri
   unguided = _guided_logprobs(row_prompts, row_unconditional, completions, params, 1.0,
                               temperature)
   for completion, guided, plain in zip(result.completions, expected, unguided):
-    assert 1 <= len(completion.tokens) <= CONFIG.max_new_tokens
+    assert 1 <= len(completion.tokens) <= SEQUENCE.completion_len
     np.testing.assert_allclose(completion.logprobs, guided, atol=1e-4)
     assert np.abs(guided - plain).max() > 1e-3  # Not the unguided log-probs.
   _assert_serves(client)
@@ -237,8 +240,8 @@ def test_reward_scores_equal_the_reward_model_function(client, served_models):
   params, version = served_models['reward'].params_and_version()
   assert result.param_version == version
   expected = reward_models.reward_scores(
-      _config('reward'), params, *models.left_pad_prompts(PROMPTS, CONFIG.max_prompt_len),
-      *models.right_pad_completions(completions, CONFIG.max_new_tokens))
+      _config('reward'), params, *models.left_pad_prompts(PROMPTS, SEQUENCE.prompt_len),
+      *models.right_pad_completions(completions, SEQUENCE.completion_len))
   np.testing.assert_allclose(result.rewards, expected, atol=1e-5)
 
 
@@ -253,9 +256,9 @@ def test_preferences_equal_the_preference_function_and_are_antisymmetric(client,
   assert forward.param_version == backward.param_version == version
   expected = reward_models.preference_probabilities(
       _config('preference'), params,
-      *models.left_pad_prompts(PROMPTS, CONFIG.max_prompt_len),
-      *models.right_pad_completions(first, CONFIG.max_new_tokens),
-      *models.right_pad_completions(second, CONFIG.max_new_tokens))
+      *models.left_pad_prompts(PROMPTS, SEQUENCE.prompt_len),
+      *models.right_pad_completions(first, SEQUENCE.completion_len),
+      *models.right_pad_completions(second, SEQUENCE.completion_len))
   np.testing.assert_allclose(forward.probabilities, expected, atol=1e-5)
   np.testing.assert_allclose(forward.probabilities + backward.probabilities, 1.0, atol=1e-5)
   np.testing.assert_allclose(forward.probabilities[2], 0.5, atol=1e-6)  # Same completion.
@@ -278,8 +281,8 @@ def test_models_update_independently_reward_models_included(address, client):
   assert result.param_version == reward_version
   expected = reward_models.reward_scores(
       _config('reward'), new_params,
-      *models.left_pad_prompts(prompts, CONFIG.max_prompt_len),
-      *models.right_pad_completions(completions, CONFIG.max_new_tokens))
+      *models.left_pad_prompts(prompts, SEQUENCE.prompt_len),
+      *models.right_pad_completions(completions, SEQUENCE.completion_len))
   np.testing.assert_allclose(result.rewards, expected, atol=1e-5)
   assert not np.allclose(result.rewards, old_rewards)
   status = client.status()
@@ -355,12 +358,12 @@ _BAD_REQUESTS = {
                              mixture_model='reference', mixture_coef=0.5),
         grpc.StatusCode.INVALID_ARGUMENT, ["together with mixture_model='reference'",
                                            'Drop one']),
-    'unconditional_prompt_over_max_prompt_len': (
+    'unconditional_prompt_over_prompt_len': (
         lambda c: c.generate([[1, 2]], guidance_scale=3.0,
-                             unconditional_prompts=[[1] * (CONFIG.max_prompt_len + 1)]),
+                             unconditional_prompts=[[1] * (SEQUENCE.prompt_len + 1)]),
         grpc.StatusCode.INVALID_ARGUMENT, [f'Unconditional prompt 0 has '
-                                           f'{CONFIG.max_prompt_len + 1} tokens',
-                                           f'1 to {CONFIG.max_prompt_len}']),
+                                           f'{SEQUENCE.prompt_len + 1} tokens',
+                                           f'1 to {SEQUENCE.prompt_len}']),
     'unconditional_prompt_token_outside_vocabulary': (
         lambda c: c.generate([[1, 2]], guidance_scale=3.0,
                              unconditional_prompts=[[1, VOCAB_SIZE + 3]]),
@@ -386,10 +389,10 @@ _BAD_REQUESTS = {
     'score_empty_completion': (
         lambda c: c.score_rewards([[1, 2], [1, 3]], [[3], []]),
         grpc.StatusCode.INVALID_ARGUMENT, ['Completion 1 has 0 tokens']),
-    'score_completion_over_max_new_tokens': (
-        lambda c: c.score_logprobs([[1, 2]], [[3] * (CONFIG.max_new_tokens + 1)]),
-        grpc.StatusCode.INVALID_ARGUMENT, [f'{CONFIG.max_new_tokens + 1} tokens',
-                                           f'1 to {CONFIG.max_new_tokens}']),
+    'score_completion_over_completion_len': (
+        lambda c: c.score_logprobs([[1, 2]], [[3] * (SEQUENCE.completion_len + 1)]),
+        grpc.StatusCode.INVALID_ARGUMENT, [f'{SEQUENCE.completion_len + 1} tokens',
+                                           f'1 to {SEQUENCE.completion_len}']),
     'score_comparison_token_outside_vocabulary': (
         lambda c: c.score_preferences([[1, 2]], [[3]], [[4, VOCAB_SIZE]]),
         grpc.StatusCode.INVALID_ARGUMENT, ['Comparison 0', f'[{VOCAB_SIZE}]',
@@ -443,7 +446,18 @@ def test_preference_model_whose_context_cannot_hold_both_completions_is_refused(
   short = models.DecoderConfig(vocab_size=VOCAB_SIZE, num_layers=1, embed_dim=16, num_heads=2,
                                num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=20)
   with pytest.raises(ValueError, match='reads 24 tokens, but its max_seq_len is 20'):
-    server_lib.ServedModel('preference', short, models.init_params(short, jax.random.PRNGKey(0)),
-                           1, CONFIG, kind='preference')
+    ServedModel('preference', short, models.init_params(short, jax.random.PRNGKey(0)), 1, CONFIG,
+                SEQUENCE, kind='preference')
   with pytest.raises(ValueError, match="unknown kind 'critic'"):
-    server_lib.ServedModel('critic', short, {}, 1, CONFIG, kind='critic')
+    ServedModel('critic', short, {}, 1, CONFIG, SEQUENCE, kind='critic')
+
+
+def test_models_served_with_different_sequence_lengths_are_not_mixed(served_models):
+  # Both passes of a mixture share one padded batch, so they need the same lengths.
+  shorter = ServedModel('short_reference', _config('reference'), _params('reference'), 1, CONFIG,
+                        core.SequenceSpec(prompt_len=4, completion_len=8))
+  try:
+    with pytest.raises(ValueError, match='one SequenceSpec'):
+      served_models['policy'].add_mixture(shorter)
+  finally:
+    shorter.close()

@@ -165,7 +165,10 @@ def fixture_servers():
   import jax
   import reverb
   from chorus import models
-  from chorus.inference_server import server as server_lib
+  from chorus import core
+  from chorus.inference_server.config import InferenceServerConfig
+  from chorus.inference_server.served_model import ServedModel
+  from chorus.inference_server.service import start_server
   from chorus.replay import make_tables
   from chorus.replay import ReplayConfig
   # A queue never evicts and nothing samples it during the run, so it ends holding every
@@ -173,12 +176,12 @@ def fixture_servers():
   replay = reverb.Server(make_tables(ReplayConfig(kind='queue', max_size=100_000), _P, _T),
                          port=None)
   decoder = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
-  served = server_lib.ServedModel(
+  served = ServedModel(
       'policy', decoder, models.init_params(decoder, jax.random.PRNGKey(0)), version=0,
-      config=server_lib.InferenceServerConfig(max_batch_size=4, max_prompt_len=_P,
-                                              max_new_tokens=_T))
+      config=InferenceServerConfig(max_batch_size=4),
+      sequence=core.SequenceSpec(prompt_len=_P, completion_len=_T))
   served.warm_up()
-  grpc_server, port = server_lib.start_server({'policy': served}, '127.0.0.1:0')
+  grpc_server, port = start_server({'policy': served}, '127.0.0.1:0')
   yield f'localhost:{replay.port}', f'127.0.0.1:{port}'
   grpc_server.stop(grace=1).wait()
   served.close()

@@ -1,0 +1,202 @@
+"""A served model: one named model's kind, parameters, version and the lanes that serve it."""
+import concurrent.futures
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from chorus import core
+from chorus import models
+from chorus.inference_server import scoring as scoring_lib
+from chorus.inference_server.config import InferenceServerConfig
+from chorus.inference_server.lanes import GenerationLane
+from chorus.inference_server.lanes import Row
+from chorus.inference_server.lanes import ScoreRow
+from chorus.inference_server.lanes import ScoringLane
+
+
+class StaleVersionError(ValueError):
+  """A parameter update whose version is not newer than the served one."""
+
+
+class WrongModelKindError(ValueError):
+  """A call that the model's kind cannot serve (e.g. generating from a reward model)."""
+
+
+def _shape_and_dtype(array) -> tuple:
+  return np.shape(array), np.asarray(array).dtype.name
+
+
+class ServedModel:
+  """One named model: its kind, parameters and version, and the batchers that serve it.
+
+  Args:
+    name: the name requests use.
+    decoder_config: the model's architecture (reward and preference models are decoders
+      whose value head is the score).
+    params: its parameter tree; later updates must match its tree, shapes and dtypes.
+    version: the version of `params`.
+    config: batching and timeouts.
+    sequence: prompt and completion lengths: prompts are left-padded to
+      `sequence.prompt_len` tokens, completions are generated and scored up to
+      `sequence.completion_len` tokens.
+    kind: 'decoder' (generates, with or without classifier-free guidance, scores
+      per-token log-probs, may be either side of a geometric mixture), 'reward' (scores
+      one reward per completion) or 'preference' (scores P(completion > comparison) per
+      pair).
+  """
+
+  def __init__(self, name: str, decoder_config: models.DecoderConfig, params: Any,
+               version: int, config: InferenceServerConfig, sequence: core.SequenceSpec,
+               kind: str = 'decoder'):
+    if kind not in scoring_lib.MODEL_KINDS:
+      raise ValueError(f'Model {name!r} has unknown kind {kind!r}; use one of '
+                       f'{scoring_lib.MODEL_KINDS}.')
+    self.name = name
+    self.kind = kind
+    self.decoder_config = decoder_config
+    self.config = config
+    self.sequence = sequence
+    self._params_and_version = (params, version)
+    self._template = jax.tree_util.tree_map(_shape_and_dtype, params)
+    self._lock = threading.Lock()
+    self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0,
+                         score_requests=0, scored_sequences=0, score_batches=0)
+    self._generation = GenerationLane(self) if kind == 'decoder' else None
+    self._scoring = ScoringLane(self)
+    # Keyed by the second model's name; this model's own name keys its guidance lane.
+    self._paired_lanes: dict[str, GenerationLane] = {}
+
+  @property
+  def param_version(self) -> int:
+    return self._params_and_version[1]
+
+  def params_and_version(self) -> tuple[Any, int]:
+    """The current parameters and their version, read together."""
+    return self._params_and_version
+
+  def warm_up(self, scoring: bool | None = None):
+    """Compiles every batch bucket of what this model serves before traffic arrives.
+
+    That is generation (decoders), the mixtures and guidance already added with
+    `add_mixture` and `add_guidance`, and scoring when `scoring` is True; None warms
+    scoring up for reward and preference models only (a decoder's Score compiles on
+    first use). Counters are not touched.
+    """
+    if self._generation is not None:
+      self._generation.warm_up()
+    with self._lock:
+      lanes = list(self._paired_lanes.values())
+    for lane in lanes:
+      lane.warm_up()
+    if scoring or (scoring is None and self.kind != 'decoder'):
+      self._scoring.warm_up()
+
+  def check_generates(self):
+    """Raises WrongModelKindError unless this model can generate."""
+    if self.kind != 'decoder':
+      raise WrongModelKindError(
+          f'Model {self.name!r} is a {self.kind} model (kind {self.kind!r}); it scores '
+          'completions (Score) but cannot generate. Generate from a decoder model.')
+
+  def add_mixture(self, mixture: 'ServedModel') -> GenerationLane:
+    """The lane sampling the geometric mixture of this model and `mixture`; made once.
+
+    Raises:
+      WrongModelKindError: either model is not a decoder.
+      ValueError: the two models do not share a vocabulary or cannot hold the server's
+        prompt and completion lengths.
+    """
+    self.check_generates()
+    if mixture.kind != 'decoder':
+      raise WrongModelKindError(
+          f'Mixture model {mixture.name!r} is a {mixture.kind} model (kind '
+          f'{mixture.kind!r}); a geometric mixture needs two decoder models.')
+    if (mixture.config, mixture.sequence) != (self.config, self.sequence):
+      raise ValueError(
+          f'Models {self.name!r} ({self.config}, {self.sequence}) and {mixture.name!r} '
+          f'({mixture.config}, {mixture.sequence}) were served with different configs; serve '
+          'both with one InferenceServerConfig and one SequenceSpec to mix them.')
+    ours, theirs = self.decoder_config, mixture.decoder_config
+    if (ours.vocab_size, ours.max_seq_len) != (theirs.vocab_size, theirs.max_seq_len):
+      raise ValueError(
+          f'Cannot mix {self.name!r} (vocab_size={ours.vocab_size}, max_seq_len='
+          f'{ours.max_seq_len}) with {mixture.name!r} (vocab_size={theirs.vocab_size}, '
+          f'max_seq_len={theirs.max_seq_len}): a geometric mixture needs models that share '
+          'the vocabulary and max_seq_len.')
+    return self._paired_lane(mixture)
+
+  def add_guidance(self) -> GenerationLane:
+    """The lane sampling this model with classifier-free guidance; made once.
+
+    Raises:
+      WrongModelKindError: this model is not a decoder.
+    """
+    self.check_generates()
+    return self._paired_lane(self)
+
+  def _paired_lane(self, second: 'ServedModel') -> GenerationLane:
+    with self._lock:
+      lane = self._paired_lanes.get(second.name)
+      if lane is None:
+        lane = self._paired_lanes[second.name] = GenerationLane(self, second)
+      return lane
+
+  def submit(self, rows: list[Row]) -> concurrent.futures.Future:
+    """Queues rows for plain generation; resolves to one RowResult per row."""
+    self.check_generates()
+    self.count(requests=1)
+    return self._generation.submit(rows)
+
+  def submit_mixture(self, mixture: 'ServedModel', rows: list[Row]
+                     ) -> concurrent.futures.Future:
+    """Queues rows for the geometric mixture with `mixture` (see `add_mixture`)."""
+    lane = self.add_mixture(mixture)
+    self.count(requests=1)
+    return lane.submit(rows)
+
+  def submit_guided(self, rows: list[Row]) -> concurrent.futures.Future:
+    """Queues rows for classifier-free guidance (see `add_guidance`): each row's coef
+    is 1 - guidance_scale and its second_prompt the unconditional prompt."""
+    lane = self.add_guidance()
+    self.count(requests=1)
+    return lane.submit(rows)
+
+  def submit_score(self, rows: list[ScoreRow]) -> concurrent.futures.Future:
+    """Queues rows for scoring; resolves to one ScoreResult per row."""
+    self.count(score_requests=1)
+    return self._scoring.submit(rows)
+
+  def update_params(self, params: Any, version: int, resume: bool = False):
+    """Swaps in newer parameters; the batch running now finishes on the old ones.
+
+    `resume` accepts an older version: a learner restarted from its checkpoint.
+    """
+    if jax.tree_util.tree_map(_shape_and_dtype, params) != self._template:
+      raise ValueError(f'Parameters for model {self.name!r} do not match its architecture '
+                       '(tree, shapes or dtypes); send the full float32 parameter tree of the '
+                       'same DecoderConfig.')
+    with self._lock:
+      current = self.param_version
+      if version <= current and not resume:
+        raise StaleVersionError(f'Model {self.name!r} already serves version {current}; '
+                                f'version {version} is not newer. Versions must increase.')
+      self._params_and_version = (jax.device_put(params), version)
+      self.counters['param_updates'] += 1
+
+  def count(self, **increments: int):
+    with self._lock:
+      for key, increment in increments.items():
+        self.counters[key] += increment
+
+  def counters_snapshot(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self.counters)
+
+  def close(self):
+    with self._lock:
+      lanes = list(self._paired_lanes.values())
+    for lane in lanes + [self._generation, self._scoring]:
+      if lane is not None:
+        lane.close()

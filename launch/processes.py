@@ -1,0 +1,22 @@
+"""Helpers for child processes, light enough to import before JAX or TensorFlow load.
+
+`launch.local` imports the experiment config and with it every role; a process that only
+needs these helpers (a benchmark's spawned child, say) imports this module instead.
+"""
+import ctypes
+import os
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None):
+  """Makes the kernel send this process SIGTERM when its parent dies, even by SIGKILL.
+
+  Args:
+    parent_pid: the parent's pid, where the caller knows it: if the parent died before
+      this call took effect, this process exits at once instead of living on orphaned.
+  """
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+  if parent_pid is not None and os.getppid() != parent_pid:
+    os._exit(1)  # pylint: disable=protected-access
