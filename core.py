@@ -5,13 +5,59 @@ Roles import this module and `models/`, never each other's internals.
 """
 from collections.abc import Mapping, Sequence
 import dataclasses
-import functools
 import hashlib
 import json
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
-import jax
 import numpy as np
+
+
+class TaggedConfig:
+  """Base of config dataclasses that an experiment chooses among by a tag.
+
+  An experiment holds one agent config and one task config, each one of several
+  dataclasses (prime-rl's discriminated unions): a direct subclass of TaggedConfig is
+  such a family (agents.AgentConfig, TaskConfig), and each of its dataclasses names its
+  tag when it is defined, which registers it:
+
+      @dataclasses.dataclass(frozen=True)
+      class VTraceConfig(AgentConfig, tag='vtrace'): ...
+
+  Serialised configs carry the tag, and `by_tag` finds the class again.
+  """
+  tag: ClassVar[str] = ''
+  _by_tag: ClassVar[dict[str, type]]
+
+  def __init_subclass__(cls, tag: str | None = None, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if TaggedConfig in cls.__bases__:  # A family.
+      cls._by_tag = {}
+      return
+    if tag is None:
+      return
+    known = cls._by_tag.get(tag)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__,
+                                                                         cls.__qualname__):
+      raise ValueError(f'Tag {tag!r} is taken by {known.__module__}.{known.__qualname__}; '
+                       f'give {cls.__qualname__} another tag.')
+    cls.tag = tag
+    cls._by_tag[tag] = cls
+
+  @classmethod
+  def by_tag(cls, tag: str) -> type:
+    """The registered class of `tag` in this family; ValueError naming the known tags."""
+    if tag not in cls._by_tag:
+      raise ValueError(f'Unknown {cls.__name__} tag {tag!r}; known: {sorted(cls._by_tag)}. '
+                       'A tag from a plugin needs the plugin imported first (`plugins`).')
+    return cls._by_tag[tag]
+
+  @classmethod
+  def tags(cls) -> list[str]:
+    return sorted(cls._by_tag)
+
+
+class TaskConfig(TaggedConfig):
+  """Base of task configs; each task's config dataclass subclasses it with its tag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +166,8 @@ class Trajectory:
   Tokens are actions: `completion_tokens[t]` was sampled from the behaviour policy mu
   given the prompt and `completion_tokens[:t]`; `behaviour_logprobs[t]` is
   log mu(completion_tokens[t] | prefix) of the distribution really sampled from
-  (temperature included).
+  (temperature included). chorus.schema declares every field (CORE_FIELDS and the
+  algorithms' extras) and derives replay rows, RLDS features and journal records.
 
   Attributes:
     prompt_tokens: [P] int32, the prompt as fed to the model (BOS first).
@@ -141,15 +188,8 @@ class Trajectory:
       stream, so an episode's prompt can be regenerated.
     reward_components: every term of the reward by name, e.g. {'positional_accuracy': 0.75};
       for the built-in tasks `reward` is their sum.
-    reference_logprobs: [T] float32 or None, log-probs of the completion tokens under the
-      served reference model (Nash-MD) or moving anchor (BOND), scored by the inference
-      server when the completion was made; None when the algorithm needs none.
-    paired_completion_tokens: [T'] int32 or None, a second completion of the same prompt
-      that the algorithm compares against: BOND's better anchor sample, Nash-MD's sample
-      from the geometric-mixture opponent.
-    win_probability: None, or the estimated probability that this completion is at least
-      as good as its comparison samples: Nash-MD's P(y > y') from the preference model,
-      BOND's share of anchor samples whose reward is <= this one's (p-hat<=).
+    extras: the fields the algorithm adds, by name (each declared by its builder as a
+      chorus.schema.Field), e.g. BOND's {'anchor_logprobs': [T] float32, ...}.
   """
   prompt_tokens: np.ndarray
   completion_tokens: np.ndarray
@@ -165,35 +205,36 @@ class Trajectory:
   task: str = ''
   seed: int = 0
   reward_components: Mapping[str, float] = dataclasses.field(default_factory=dict)
-  reference_logprobs: np.ndarray | None = None
-  paired_completion_tokens: np.ndarray | None = None
-  win_probability: float | None = None
+  extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     num_tokens = len(self.completion_tokens)
     if num_tokens < 1:
       raise ValueError('A trajectory needs at least one completion token; got 0.')
-    for name in ('behaviour_logprobs', 'reference_logprobs'):
-      values = getattr(self, name)
-      if values is not None and len(values) != num_tokens:
-        raise ValueError(
-            f'{name} has {len(values)} entries but there are {num_tokens} completion '
-            'tokens; give one log-prob per sampled token.')
-    if self.paired_completion_tokens is not None and len(self.paired_completion_tokens) < 1:
-      raise ValueError('paired_completion_tokens is empty; give None when there is no pair.')
+    if len(self.behaviour_logprobs) != num_tokens:
+      raise ValueError(
+          f'behaviour_logprobs has {len(self.behaviour_logprobs)} entries but there are '
+          f'{num_tokens} completion tokens; give one log-prob per sampled token.')
+    clashes = sorted(set(self.extras) & {field.name for field in dataclasses.fields(self)})
+    if clashes:
+      raise ValueError(f'extras {clashes} have the names of core fields; rename them.')
+
+  def value(self, name: str):
+    """The core field or extra called `name`."""
+    if name in self.extras:
+      return self.extras[name]
+    if name == 'extras' or name not in self.__dataclass_fields__:
+      raise KeyError(f'The trajectory has no field {name!r}; its extras are '
+                     f'{sorted(self.extras)}.')
+    return getattr(self, name)
 
 
-@functools.partial(jax.tree_util.register_dataclass, meta_fields=[],
-                   data_fields=['prompt_tokens', 'prompt_mask', 'completion_tokens',
-                                'completion_mask', 'behaviour_logprobs', 'rewards',
-                                'terminated', 'param_version', 'reference_logprobs',
-                                'paired_tokens', 'paired_mask', 'win_probability'])
-@dataclasses.dataclass(frozen=True)
-class TrajectoryBatch:
+class TrajectoryBatch(NamedTuple):
   """A fixed-shape batch of trajectories for learners (one XLA shape per (B, P, T)).
 
   Prompts are left-padded to P (so every prompt ends at the same position and
-  completions start together), completions right-padded to T.
+  completions start together), completions right-padded to T. A NamedTuple, so a JAX
+  pytree as it is.
 
   Attributes:
     prompt_tokens: [B, P] int32.
@@ -201,71 +242,21 @@ class TrajectoryBatch:
     completion_tokens: [B, T] int32.
     completion_mask: [B, T] bool, True on real completion tokens (a prefix).
     behaviour_logprobs: [B, T] float32, 0 on padding.
-    rewards: [B] float32 sequence rewards.
+    reward: [B] float32 sequence rewards.
     terminated: [B] bool.
     param_version: [B] int64.
-    reference_logprobs: [B, T] float32, Trajectory.reference_logprobs (0 where absent).
-    paired_tokens: [B, T] int32, Trajectory.paired_completion_tokens right-padded.
-    paired_mask: [B, T] bool, all False for rows without a paired completion.
-    win_probability: [B] float32, Trajectory.win_probability (0.5 where absent).
+    extras: the algorithm's fields by row name, [B] or [B, T] each (see chorus.schema:
+      a token field X_tokens comes with its mask X_mask).
   """
-  prompt_tokens: np.ndarray
-  prompt_mask: np.ndarray
-  completion_tokens: np.ndarray
-  completion_mask: np.ndarray
-  behaviour_logprobs: np.ndarray
-  rewards: np.ndarray
-  terminated: np.ndarray
-  param_version: np.ndarray
-  reference_logprobs: np.ndarray
-  paired_tokens: np.ndarray
-  paired_mask: np.ndarray
-  win_probability: np.ndarray
-
-
-def padded_row(trajectory: Trajectory, prompt_len: int, completion_len: int) -> dict[str, np.ndarray]:
-  """One trajectory as the fixed-shape fields of a TrajectoryBatch row (no batch axis)."""
-  prompt, completion = trajectory.prompt_tokens, trajectory.completion_tokens
-  paired = trajectory.paired_completion_tokens
-  if len(prompt) > prompt_len:
-    raise ValueError(f'Prompt of {len(prompt)} tokens exceeds prompt_len={prompt_len}; raise '
-                     'the limit in the config or shorten the task prompts.')
-  for name, tokens in (('Completion', completion), ('Paired completion', paired)):
-    if tokens is not None and len(tokens) > completion_len:
-      raise ValueError(f'{name} of {len(tokens)} tokens exceeds completion_len='
-                       f'{completion_len}; raise the limit in the config.')
-  row = dict(
-      prompt_tokens=np.zeros(prompt_len, np.int32),
-      prompt_mask=np.zeros(prompt_len, bool),
-      completion_tokens=np.zeros(completion_len, np.int32),
-      completion_mask=np.zeros(completion_len, bool),
-      behaviour_logprobs=np.zeros(completion_len, np.float32),
-      rewards=np.float32(trajectory.reward),
-      terminated=np.bool_(trajectory.terminated),
-      param_version=np.int64(trajectory.param_version),
-      reference_logprobs=np.zeros(completion_len, np.float32),
-      paired_tokens=np.zeros(completion_len, np.int32),
-      paired_mask=np.zeros(completion_len, bool),
-      win_probability=np.float32(0.5 if trajectory.win_probability is None
-                                 else trajectory.win_probability),
-  )
-  row['prompt_tokens'][prompt_len - len(prompt):] = prompt
-  row['prompt_mask'][prompt_len - len(prompt):] = True
-  row['completion_tokens'][:len(completion)] = completion
-  row['completion_mask'][:len(completion)] = True
-  row['behaviour_logprobs'][:len(completion)] = trajectory.behaviour_logprobs
-  if trajectory.reference_logprobs is not None:
-    row['reference_logprobs'][:len(completion)] = trajectory.reference_logprobs
-  if paired is not None:
-    row['paired_tokens'][:len(paired)] = paired
-    row['paired_mask'][:len(paired)] = True
-  return row
-
-
-def batch_trajectories(trajectories: list[Trajectory], prompt_len: int,
-                       completion_len: int) -> TrajectoryBatch:
-  rows = [padded_row(t, prompt_len, completion_len) for t in trajectories]
-  return TrajectoryBatch(**{name: np.stack([row[name] for row in rows]) for name in rows[0]})
+  prompt_tokens: Any
+  prompt_mask: Any
+  completion_tokens: Any
+  completion_mask: Any
+  behaviour_logprobs: Any
+  reward: Any
+  terminated: Any
+  param_version: Any
+  extras: dict[str, Any] = {}
 
 
 class TrajectoryDigest:
@@ -284,13 +275,12 @@ class TrajectoryDigest:
     self._hash.update(f'|{bool(t.terminated)}|{int(t.param_version)}|'
                       f'{t.actor_id}|{t.episode_id}|{t.prompt_id}|'.encode())
     # JSON quotes the strings, so no task or component name can imitate a separator.
-    self._hash.update(json.dumps([t.task, int(t.seed), list(t.reward_components)]).encode())
+    self._hash.update(json.dumps([t.task, int(t.seed), list(t.reward_components),
+                                  sorted(t.extras)]).encode())
     self._hash.update(np.asarray(list(t.reward_components.values()), np.float64).tobytes())
-    for array, dtype in ((t.reference_logprobs, np.float32),
-                         (t.paired_completion_tokens, np.int32)):
-      self._hash.update(b'-' if array is None else np.asarray(array, dtype).tobytes() + b'|')
-    self._hash.update(b'-' if t.win_probability is None
-                      else np.float64(t.win_probability).tobytes())
+    for name in sorted(t.extras):
+      value = np.asarray(t.extras[name])
+      self._hash.update(f'|{value.dtype.str}{value.shape}|'.encode() + value.tobytes())
     self._hash.update(b'\n')
     self.count += 1
 

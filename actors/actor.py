@@ -31,7 +31,7 @@ class Actor:
   """Generates episodes of one task and hands each to replay and the episode log.
 
   Collaborators are passed in (Acme style), so the loop knows no addresses:
-    rollout: prompts -> list of rollouts.Sample (one of the classes in rollouts.py).
+    rollout: prompts -> list of rollouts.Sample (the agent's, see agents/).
     write_replay: TrajectoryWriter.write(trajectory, should_stop) -> stored or not.
     log_episode: EpisodeLogger.write(trajectory).
   """
@@ -67,10 +67,7 @@ class Actor:
           param_version=sample.param_version, temperature=self.config.temperature,
           model_name=self.config.model, prompt_id=prompt.prompt_id, actor_id=self.actor_id,
           episode_id=self.episodes, task=self.task.name, seed=self._seed,
-          reward_components=sample.reward_components,
-          reference_logprobs=sample.reference_logprobs,
-          paired_completion_tokens=sample.paired_completion_tokens,
-          win_probability=sample.win_probability)
+          reward_components=sample.reward_components, extras=sample.extras)
       # The episode log comes first: an episode generated is an episode recorded, even
       # when the actor is stopped while replay makes it wait.
       self._log_episode(trajectory)

@@ -5,11 +5,12 @@ import hashlib
 import numpy as np
 
 from chorus import models
+from chorus import core
 from chorus.core import Prompt
 
 
 @dataclasses.dataclass(frozen=True)
-class ReverseDigitsConfig:
+class ReverseDigitsConfig(core.TaskConfig, tag='reverse_digits'):
   """Reverse a string of digits: "rev 3141>" -> "1413".
 
   The twist: demonstrations come from a sloppy annotator who swaps two neighbouring

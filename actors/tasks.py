@@ -1,20 +1,15 @@
-"""The registry of built-in tasks: task name -> task class and its config class."""
+"""The registry of built-in tasks: each task config's tag -> the task class it configures."""
+from chorus import core
 from chorus.actors import music
 from chorus.actors import reverse_digits
 
-TASKS = {reverse_digits.ReverseDigitsTask.name: (reverse_digits.ReverseDigitsTask,
-                                                 reverse_digits.ReverseDigitsConfig),
-         music.MusicTask.name: (music.MusicTask, music.MusicTaskConfig)}
-TaskConfig = reverse_digits.ReverseDigitsConfig | music.MusicTaskConfig
+TASK_CLASSES = {reverse_digits.ReverseDigitsConfig.tag: reverse_digits.ReverseDigitsTask,
+                music.MusicTaskConfig.tag: music.MusicTask}
 
 
-def config_class(name: str) -> type:
-  """The options dataclass of the built-in task `name`."""
-  if name not in TASKS:
-    raise ValueError(f'Unknown task {name!r}; built-in tasks: {sorted(TASKS)}.')
-  return TASKS[name][1]
-
-
-def make_task(name: str, config=None):
-  options = config or config_class(name)()
-  return TASKS[name][0](options)
+def make_task(config: core.TaskConfig) -> core.Task:
+  """The task that `config` configures (any registered TaskConfig)."""
+  if config.tag not in TASK_CLASSES:
+    raise ValueError(f'No task class for task config {type(config).__name__} (tag '
+                     f'{config.tag!r}); known tags: {sorted(TASK_CLASSES)}.')
+  return TASK_CLASSES[config.tag](config)

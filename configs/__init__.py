@@ -1,11 +1,21 @@
-"""One module per experiment; each has get_config() -> ExperimentConfig."""
+"""One module per experiment; each has get_config() -> ExperimentConfig and a docstring whose
+first line describes it (`chorus configs` lists them)."""
 import importlib
 
 CONFIG_NAMES = ('text_vtrace', 'text_soft_q', 'text_irl', 'text_bond', 'text_nash_md',
                 'music_vtrace', 'music_cfg_distill')
 
 
-def get_config(name: str):
+def _module(name: str):
   if name not in CONFIG_NAMES:
     raise ValueError(f'Unknown config {name!r}; available: {", ".join(CONFIG_NAMES)}.')
-  return importlib.import_module(f'chorus.configs.{name}').get_config()
+  return importlib.import_module(f'chorus.configs.{name}')
+
+
+def get_config(name: str):
+  return _module(name).get_config()
+
+
+def description(name: str) -> str:
+  """The first line of the config module's docstring."""
+  return (_module(name).__doc__ or '').strip().splitlines()[0]

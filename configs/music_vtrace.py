@@ -21,8 +21,7 @@ def get_config() -> ExperimentConfig:
   task_config = music.MusicTaskConfig(eval_samples_per_caption=16)
   return ExperimentConfig(
       name='music_vtrace',
-      task='music_captions',
-      task_config=task_config,
+      task=task_config,
       model=models.DecoderConfig.tiny(music.MusicTask(task_config).vocab_size),
       # Short on purpose: the pretrained model leaves room for RL to raise adherence (and
       # for guidance to help, which it barely does after 150 steps).

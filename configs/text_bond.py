@@ -6,15 +6,15 @@ policy and two anchor samples, and score all three with the reward model.
 """
 import dataclasses
 
+from chorus import agents
 from chorus.configs import text_vtrace
 from chorus.launch.experiment import ExperimentConfig
-from chorus.learners.bond_learner import BondConfig
 from chorus.learners.preference import RewardModelConfig
 
 
 def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
-      base, name='text_bond', algorithm='bond',
-      bond=BondConfig(beta=0.5, kl_coef=0.5, anchor_update_rate=0.02),
-      reward_model=RewardModelConfig(kind='learned'))
+      base, name='text_bond',
+      agent=agents.BondConfig(beta=0.5, kl_coef=0.5, anchor_update_rate=0.02,
+                              reward_model=RewardModelConfig(kind='learned')))

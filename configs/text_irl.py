@@ -7,18 +7,18 @@ RLDS dataset of the sloppy annotator's demonstrations, recorded by a setup node,
 """
 import dataclasses
 
+from chorus import agents
 from chorus.configs import text_vtrace
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.loop import LearnerConfig
-from chorus.learners.soft_q_learner import InverseSoftQConfig
 from chorus.learners.supervised import WarmStartConfig
 
 
 def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
-      base, name='text_irl', algorithm='inverse_soft_q',
+      base, name='text_irl',
+      agent=agents.InverseSoftQConfig(td_coef=0.1),
       warm_start=WarmStartConfig(steps=0),
-      inverse_soft_q=InverseSoftQConfig(td_coef=0.1),
       learner=LearnerConfig(batch_size=64, learning_rate=3e-3, max_steps=1000, log_every=10,
                             publish_every=10))

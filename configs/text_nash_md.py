@@ -2,20 +2,20 @@
 
 Actors sample y from the policy and y' from the mixture (two KV caches on the inference
 server) and judge the pair with P(y > y') = sigmoid((r(y) - r(y')) / 0.1) from the task
-reward. `--set reward_model.kind=learned` trains a pairwise preference model on the task's
-noisy pairs first and asks the served model instead; the tiny model reaches only about
-0.56 held-out accuracy in its minute of CPU training, too little to improve the policy
-(benchmarks/RESULTS.md), so the programmatic preference is the default.
+reward. `--set agent.preference_model.kind=learned` trains a pairwise preference model on
+the task's noisy pairs first and asks the served model instead; the tiny model reaches
+only about 0.56 held-out accuracy in its minute of CPU training, too little to improve
+the policy (benchmarks/RESULTS.md), so the programmatic preference is the default.
 """
 import dataclasses
 
+from chorus import agents
 from chorus.configs import text_vtrace
 from chorus.launch.experiment import ExperimentConfig
-from chorus.learners.nash_md_learner import NashMDConfig
 
 
 def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
-      base, name='text_nash_md', algorithm='nash_md',
-      nash_md=NashMDConfig(kl_coef=0.008, mixture_coef=0.125))
+      base, name='text_nash_md',
+      agent=agents.NashMDConfig(kl_coef=0.008, mixture_coef=0.125))

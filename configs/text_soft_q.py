@@ -5,17 +5,17 @@ trains offline from a recorded dataset with `--replay-dataset PATH` (no actors).
 """
 import dataclasses
 
+from chorus import agents
 from chorus.configs import text_vtrace
 from chorus.launch.experiment import ExperimentConfig
-from chorus.learners.soft_q_learner import SoftQConfig
 from chorus.replay.tables import ReplayConfig
 
 
 def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
-      base, name='text_soft_q', algorithm='soft_q',
+      base, name='text_soft_q',
       replay=ReplayConfig(kind='uniform', max_size=4096, min_size_to_sample=256,
                           samples_per_insert=2.0),
       # A faster target than ALGORITHMS.md's 0.001, which suits much longer runs.
-      soft_q=SoftQConfig(reward_scale=10.0, multi_step=True, target_update_rate=0.01))
+      agent=agents.SoftQConfig(reward_scale=10.0, multi_step=True, target_update_rate=0.01))

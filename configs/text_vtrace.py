@@ -3,6 +3,7 @@
 The default `make run` experiment: a tiny Gemma-style decoder, 4 actors, one inference
 server, a Reverb queue and one learner, sized to finish in minutes on 2 CPU cores.
 """
+from chorus import agents
 from chorus import core
 from chorus.inference_server.config import InferenceServerConfig
 from chorus.launch.experiment import EvalConfig
@@ -14,6 +15,7 @@ from chorus.replay.tables import ReplayConfig
 def get_config() -> ExperimentConfig:
   return ExperimentConfig(
       name='text_vtrace',
+      agent=agents.VTraceConfig(),
       sequence=core.SequenceSpec(prompt_len=16, completion_len=12),
       inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0),
       # A short queue bounds policy lag to a few updates; with a larger one or a larger

@@ -13,12 +13,11 @@ lists what it left out.
   chorus datasets repair runs/x/rlds
 
 Episodes that a killed actor wrote after its last closed file are read from its journal
-(see chorus/datasets/rlds_episodes.py); `repair` moves them into a closed file, so that
+(see chorus/datasets/rlds_writer.py); `repair` moves them into a closed file, so that
 any tfds reader (tfds.builder_from_directories) sees them too.
 """
 import argparse
 from collections.abc import Callable, Mapping
-import dataclasses
 import json
 import os
 import sys
@@ -27,7 +26,11 @@ import numpy as np
 
 from chorus import core
 from chorus import models
-from chorus.datasets import rlds_episodes
+from chorus import schema as schema_lib
+from chorus.datasets import rlds_files
+from chorus.datasets import rlds_reader
+from chorus.datasets import rlds_repair
+from chorus.datasets import rlds_writer
 
 _TOKENIZER = models.CharTokenizer()
 _STAT_COLUMNS = ('count', 'mean', 'std', 'min', 'p50', 'p90', 'max')
@@ -50,12 +53,12 @@ def _text(tokens) -> str | None:
   return _TOKENIZER.decode(ids)
 
 
-def _read(args, max_episodes: int | None = None) -> rlds_episodes.EpisodeRead:
+def _read(args, max_episodes: int | None = None) -> rlds_reader.EpisodeRead:
   """Reads the command's directories, reporting on stderr what --skip-corrupt left out."""
   try:
-    result = rlds_episodes.read_episodes(args.directories, skip_corrupt=args.skip_corrupt,
-                                         max_episodes=max_episodes)
-  except rlds_episodes.CorruptEpisodeFileError as error:
+    result = rlds_reader.read_episodes(args.directories, skip_corrupt=args.skip_corrupt,
+                                       max_episodes=max_episodes)
+  except rlds_files.CorruptEpisodeFileError as error:
     raise _Failure(f'{error.path} {error.reason}.\nAdd --skip-corrupt to read every other '
                    'episode and list the files left out.') from error
   except (FileNotFoundError, ValueError) as error:
@@ -88,23 +91,27 @@ def _inspect(args) -> int:
   for index, t in enumerate(result.trajectories):
     print(f'Episode {index}: task {t.task!r}, actor {t.actor_id}, episode {t.episode_id}, '
           f'prompt_id {t.prompt_id!r}')
-    for label, tokens in (('prompt', t.prompt_tokens), ('completion', t.completion_tokens),
-                          ('paired', t.paired_completion_tokens)):
-      if tokens is None:
-        continue
+    token_fields = [f.name for f in result.schema.fields
+                    if f.kind in (schema_lib.PROMPT, schema_lib.COMPLETION, schema_lib.TOKENS)]
+    for name in token_fields:
+      tokens = np.asarray(t.value(name))
       text = _text(tokens)
-      print(f'  {label + ":":<12}{text!r}' if text is not None else
-            f'  {label} tokens: {tokens.tolist()}')
+      print(f'  {name + ":":<20}{text!r}' if text is not None else
+            f'  {name}: {tokens.tolist()}')
     components = ''.join(f', {name} {value:.6g}' for name, value in t.reward_components.items())
     ending = 'terminated' if t.terminated else 'truncated'
-    extras = ''
-    if t.win_probability is not None:
-      extras += f'; win_probability {t.win_probability:.6g}'
-    if t.reference_logprobs is not None:
-      extras += f'; reference log-prob sum {float(np.sum(t.reference_logprobs)):.6g}'
+    extras = ''.join(f'; {name} {_summary(value)}' for name, value in t.extras.items()
+                     if name not in token_fields)
     print(f'  reward {t.reward:.6g}{components}; param_version {t.param_version}; '
           f'length {len(t.completion_tokens)}, {ending}{extras}')
   return 0
+
+
+def _summary(value) -> str:
+  """A short text of an extra field's value: numbers as they are, arrays by their sum."""
+  if isinstance(value, np.ndarray) and value.ndim:
+    return f'sum {float(np.sum(value)):.6g} over {value.size}'
+  return f'{value:.6g}' if isinstance(value, float) else str(value)
 
 
 def _distributions(trajectories: list[core.Trajectory]) -> dict[str, np.ndarray]:
@@ -177,18 +184,17 @@ def _json_value(value):
   return value
 
 
-def _episode_record(trajectory: core.Trajectory) -> dict:
-  """Every field of a trajectory as JSON values, with the prompt and completions as text.
+def _episode_record(trajectory: core.Trajectory, schema: schema_lib.TrajectorySchema) -> dict:
+  """Every field of a trajectory as JSON values, and each token field as text too.
 
-  Absent optional fields (reference_logprobs, paired_completion_tokens, win_probability)
-  are null, and so is a text whose tokens are outside the CharTokenizer vocabulary.
+  Text fields are named NAME_text (X_tokens: X_text), null where the tokens are outside
+  the CharTokenizer vocabulary.
   """
-  record = {field.name: _json_value(getattr(trajectory, field.name))
-            for field in dataclasses.fields(trajectory)}
-  record['prompt_text'] = _text(trajectory.prompt_tokens)
-  record['completion_text'] = _text(trajectory.completion_tokens)
-  paired = trajectory.paired_completion_tokens
-  record['paired_completion_text'] = None if paired is None else _text(paired)
+  record = {field.name: _json_value(trajectory.value(field.name)) for field in schema.fields}
+  for field in schema.fields:
+    if field.kind in (schema_lib.PROMPT, schema_lib.COMPLETION, schema_lib.TOKENS):
+      stem = field.name[:-len('_tokens')] if field.name.endswith('_tokens') else field.name
+      record[f'{stem}_text'] = _text(trajectory.value(field.name))
   return record
 
 
@@ -196,16 +202,18 @@ def _export(args) -> int:
   result = _read(args)
   with open(args.output, 'w', encoding='utf-8') as file:
     for trajectory in result.trajectories:
-      file.write(json.dumps(_episode_record(trajectory), ensure_ascii=False) + '\n')
+      file.write(json.dumps(_episode_record(trajectory, result.schema),
+                            ensure_ascii=False) + '\n')
   print(f'Wrote {len(result.trajectories)} episodes to {args.output}')
   return 0
 
 
-def _write_dataset(trajectories: list[core.Trajectory], output: str) -> None:
+def _write_dataset(trajectories: list[core.Trajectory], output: str,
+                   schema: schema_lib.TrajectorySchema) -> None:
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise _Failure(f'{output} already exists and is not an empty directory; give a new one '
                    '(filter and merge write a new dataset and never append to one).')
-  with rlds_episodes.EpisodeLogger(output) as logger:
+  with rlds_writer.EpisodeLogger(output, schema=schema) as logger:
     for trajectory in trajectories:
       logger.write(trajectory)
 
@@ -222,27 +230,27 @@ def _keeps(args) -> Callable[[core.Trajectory], bool]:
 def _filter(args) -> int:
   result = _read(args)
   kept = list(filter(_keeps(args), result.trajectories))
-  _write_dataset(kept, args.output)
+  _write_dataset(kept, args.output, result.schema)
   print(f'Kept {len(kept)} of {len(result.trajectories)} episodes in {args.output}')
   return 0
 
 
 def _merge(args) -> int:
   result = _read(args)
-  _write_dataset(result.trajectories, args.output)
+  _write_dataset(result.trajectories, args.output, result.schema)
   print(f'Merged {len(result.trajectories)} episodes of '
         f'{len(result.episodes_per_directory)} directories into {args.output}')
   return 0
 
 
 def _repair(args) -> int:
-  directories = rlds_episodes.episode_directories(args.directories)
+  directories = rlds_files.episode_directories(args.directories)
   missing = [d for d in directories if not os.path.isdir(d)]
   if missing:
     raise _Failure(f'No such directory: {missing}; give RLDS writer directories or folders '
                    'of them.')
   for directory in directories:
-    print(rlds_episodes.repair_episode_directory(directory))
+    print(rlds_repair.repair_episode_directory(directory))
   return 0
 
 

@@ -8,18 +8,19 @@ episodes). The journal thus holds at most the open file's episodes.
 
 A record is one `os.write` to a file opened O_APPEND:
 
-    magic     4 bytes   b'CHJ1'
+    magic     4 bytes   b'CHJ2'
     length    uint32 LE bytes of the payload
     crc32     uint32 LE zlib.crc32 of the payload
     payload   uint32 LE header length, a UTF-8 JSON header, then the arrays' raw bytes
 
 The header holds `index`, the episode's position in its writer directory (0 for the
-first episode ever written there), the scalar fields of core.Trajectory (JSON floats are
-written as Python's repr, which round-trips float64 exactly) and, per array field, its
-dtype and length; absent optional fields (reference_logprobs, paired_completion_tokens,
-win_probability) are JSON null. `index` makes recovery idempotent: an episode whose
-index is below the number of episodes in the closed files is already in a file (the
-writer was killed after tfds listed the file and before the journal was emptied).
+first episode ever written there), every field of the writer's chorus.schema that is
+not an array (numbers, text and reward components, as JSON; JSON floats are written as
+Python's repr, which round-trips float64 exactly) and, per array field (tokens and
+per-token values), its name, dtype and length. Records describe themselves, so reading
+needs no schema. `index` makes recovery idempotent: an episode whose index is below the
+number of episodes in the closed files is already in a file (the writer was killed
+after tfds listed the file and before the journal was emptied).
 
 A record cut short, or whose CRC does not match, ends the journal: it is the episode
 whose write was in progress when the process died (`write` had not returned), so it is
@@ -38,47 +39,45 @@ import zlib
 import numpy as np
 
 from chorus import core
+from chorus import schema as schema_lib
 
 JOURNAL_NAME = 'episodes.journal'
 
-_MAGIC = b'CHJ1'
+_MAGIC = b'CHJ2'  # Version 2: self-describing records of any schema.
 _RECORD_HEADER = struct.Struct('<4sII')
 _PAYLOAD_HEADER = struct.Struct('<I')
-# Array fields in payload order; None entries are absent.
-_ARRAY_FIELDS = (('prompt_tokens', np.int32), ('completion_tokens', np.int32),
-                 ('behaviour_logprobs', np.float32), ('reference_logprobs', np.float32),
-                 ('paired_completion_tokens', np.int32))
-_SCALAR_FIELDS = ('reward', 'terminated', 'param_version', 'temperature', 'model_name',
-                  'prompt_id', 'actor_id', 'episode_id', 'task', 'seed', 'win_probability')
+_ARRAY_KINDS = (schema_lib.PROMPT, schema_lib.COMPLETION, schema_lib.PER_TOKEN,
+                schema_lib.TOKENS)
+_CORE_NAMES = frozenset(field.name for field in dataclasses.fields(core.Trajectory)) - {'extras'}
 
 
 def journal_path(directory: str | os.PathLike) -> str:
   return os.path.join(os.fspath(directory), JOURNAL_NAME)
 
 
-def encode_record(index: int, trajectory: core.Trajectory) -> bytes:
+def _json_value(field: schema_lib.Field, value):
+  if field.kind == schema_lib.COMPONENTS:
+    return [[name, float(component)] for name, component in value.items()]
+  if field.kind == schema_lib.TEXT:
+    return str(value)
+  return bool(value) if field.dtype == 'bool' else np.asarray(value).item()
+
+
+def encode_record(index: int, trajectory: core.Trajectory,
+                  schema: schema_lib.TrajectorySchema) -> bytes:
   """One journal record of `trajectory`, the `index`-th episode of its writer directory."""
-  arrays, shapes = [], []
-  for name, dtype in _ARRAY_FIELDS:
-    value = getattr(trajectory, name)
-    if value is None:
-      shapes.append(None)
-      continue
-    array = np.ascontiguousarray(value, dtype=dtype)
-    arrays.append(array.tobytes())
-    shapes.append(len(array))
-  scalars = {name: getattr(trajectory, name) for name in _SCALAR_FIELDS}
-  scalars.update(reward=float(scalars['reward']), terminated=bool(scalars['terminated']),
-                 param_version=int(scalars['param_version']),
-                 temperature=float(scalars['temperature']), actor_id=int(scalars['actor_id']),
-                 episode_id=int(scalars['episode_id']), seed=int(scalars['seed']))
-  if scalars['win_probability'] is not None:
-    scalars['win_probability'] = float(scalars['win_probability'])
-  header = json.dumps({
-      'index': index, 'scalars': scalars, 'lengths': shapes,
-      'reward_components': [[name, float(value)]
-                            for name, value in trajectory.reward_components.items()],
-  }).encode('utf-8')
+  arrays, array_headers, values = [], [], {}
+  for field in schema.fields:
+    value = trajectory.value(field.name)
+    if field.kind in _ARRAY_KINDS:
+      array = np.ascontiguousarray(value, dtype=field.dtype).reshape(-1)
+      arrays.append(array.tobytes())
+      array_headers.append([field.name, field.dtype, len(array)])
+    else:
+      values[field.name] = _json_value(field, value)
+  header = json.dumps({'index': index, 'values': values, 'arrays': array_headers,
+                       'components': [field.name for field in schema.fields
+                                      if field.kind == schema_lib.COMPONENTS]}).encode('utf-8')
   payload = b''.join([_PAYLOAD_HEADER.pack(len(header)), header, *arrays])
   return _RECORD_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
@@ -87,16 +86,15 @@ def _decode_payload(payload: bytes) -> tuple[int, core.Trajectory]:
   (header_length,) = _PAYLOAD_HEADER.unpack_from(payload)
   offset = _PAYLOAD_HEADER.size + header_length
   header = json.loads(payload[_PAYLOAD_HEADER.size:offset].decode('utf-8'))
-  fields = dict(header['scalars'])
-  for (name, dtype), length in zip(_ARRAY_FIELDS, header['lengths'], strict=True):
-    if length is None:
-      fields[name] = None
-      continue
-    size = length * np.dtype(dtype).itemsize
+  fields = dict(header['values'])
+  for name in header['components']:
+    fields[name] = dict(map(tuple, fields[name]))
+  for name, dtype, length in header['arrays']:
     fields[name] = np.frombuffer(payload, dtype, length, offset).copy()
-    offset += size
-  fields['reward_components'] = dict(map(tuple, header['reward_components']))
-  return header['index'], core.Trajectory(**fields)
+    offset += length * np.dtype(dtype).itemsize
+  extras = {name: value for name, value in fields.items() if name not in _CORE_NAMES}
+  core_fields = {name: value for name, value in fields.items() if name in _CORE_NAMES}
+  return header['index'], core.Trajectory(**core_fields, extras=extras)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +150,19 @@ class JournalWriter:
 
   Args:
     directory: the writer directory.
+    schema: the fields of the trajectories it journals.
     fsync: also fsync after each record, so it survives a machine crash, not just the
       death of the process.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, fsync: bool = False):
+  def __init__(self, directory: str | os.PathLike, schema: schema_lib.TrajectorySchema, *,
+               fsync: bool = False):
     self._fd = os.open(journal_path(directory), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    self._schema = schema
     self._fsync = fsync
 
   def append(self, index: int, trajectory: core.Trajectory) -> None:
-    record = encode_record(index, trajectory)
+    record = encode_record(index, trajectory, self._schema)
     written = os.write(self._fd, record)
     if written != len(record):
       raise OSError(f'Wrote {written} of {len(record)} bytes of an episode to the journal; '

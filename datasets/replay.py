@@ -19,29 +19,33 @@ import time
 import numpy as np
 
 from chorus import core
-from chorus.datasets import rlds_episodes
+from chorus import schema as schema_lib
+from chorus.datasets import rlds_files
+from chorus.datasets import rlds_reader
 from chorus.replay.writer import TrajectoryWriter
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_SHUFFLE_BUFFER = 10_000
 
 
-def _sources(paths, skip_corrupt: bool, mapping) -> rlds_episodes.EpisodeSources:
-  sources = rlds_episodes.episode_sources(paths, skip_corrupt=skip_corrupt, mapping=mapping)
+def _sources(paths, skip_corrupt: bool, mapping) -> rlds_reader.EpisodeSources:
+  sources = rlds_reader.episode_sources(paths, skip_corrupt=skip_corrupt, mapping=mapping)
   for skipped in sources.skipped:
     _LOG.warning('Skipped damaged RLDS data: %s.', skipped)
   return sources
 
 
-def _too_long(trajectory: core.Trajectory, prompt_len: int, completion_len: int) -> str | None:
-  """Why `trajectory` does not fit [prompt_len] / [completion_len], or None if it does."""
-  lengths = (('prompt', trajectory.prompt_tokens, prompt_len, 'prompt_len'),
-             ('completion', trajectory.completion_tokens, completion_len, 'completion_len'),
-             ('paired completion', trajectory.paired_completion_tokens, completion_len,
-              'completion_len'))
-  for label, tokens, limit, limit_name in lengths:
-    if tokens is not None and len(tokens) > limit:
-      return f'has a {label} of {len(tokens)} tokens, over {limit_name}={limit}'
+def _too_long(trajectory: core.Trajectory, schema: schema_lib.TrajectorySchema,
+              spec: core.SequenceSpec) -> str | None:
+  """Why `trajectory`'s token fields do not fit `spec`, or None if they do."""
+  for field in schema.fields:
+    if field.kind not in (schema_lib.PROMPT, schema_lib.COMPLETION, schema_lib.TOKENS):
+      continue
+    limit, limit_name = ((spec.prompt_len, 'prompt_len') if field.kind == schema_lib.PROMPT
+                         else (spec.completion_len, 'completion_len'))
+    tokens = trajectory.value(field.name)
+    if len(tokens) > limit:
+      return f'has {field.name} of {len(tokens)} tokens, over {limit_name}={limit}'
   return None
 
 
@@ -53,31 +57,38 @@ def _describe(trajectory: core.Trajectory) -> str:
 class _LengthCheck:
   """Raises on, or counts and drops, episodes longer than the fixed shapes."""
 
-  def __init__(self, prompt_len: int, completion_len: int, skip_too_long: bool):
-    self.prompt_len, self.completion_len = prompt_len, completion_len
+  def __init__(self, schema: schema_lib.TrajectorySchema, spec: core.SequenceSpec,
+               skip_too_long: bool):
+    self.schema, self.spec = schema, spec
     self.skip_too_long = skip_too_long
     self.skipped = 0
 
   def fits(self, trajectory: core.Trajectory) -> bool:
-    problem = _too_long(trajectory, self.prompt_len, self.completion_len)
+    try:
+      self.schema.check(trajectory)
+    except ValueError as error:
+      raise ValueError(f'{_describe(trajectory)}: {error} Train this agent on episodes '
+                       'recorded with its fields.') from None
+    problem = _too_long(trajectory, self.schema, self.spec)
     if problem is None:
       return True
     if not self.skip_too_long:
       raise ValueError(f'{_describe(trajectory)} {problem}. Raise the limit (the config\'s '
-                       'sequence.prompt_len / completion_len) or pass '
-                       'skip_too_long=True to leave such episodes out.')
+                       'sequence.prompt_len / completion_len) or pass skip_too_long=True to '
+                       'leave such episodes out.')
     self.skipped += 1
     return False
 
   def log(self, what: str) -> None:
     if self.skipped:
-      _LOG.warning('%s: left out %d episodes longer than prompt_len=%d or completion_len=%d '
-                   '(skip_too_long=True).', what, self.skipped, self.prompt_len,
-                   self.completion_len)
+      _LOG.warning('%s: left out %d episodes longer than %s (skip_too_long=True).', what,
+                   self.skipped, self.spec)
 
 
-def trajectory_batches(paths: rlds_episodes.Directories, batch_size: int, prompt_len: int,
-                       completion_len: int, *, shuffle: bool = True, seed: int = 0,
+def trajectory_batches(paths: rlds_files.Directories, batch_size: int,
+                       spec: core.SequenceSpec, *,
+                       schema: schema_lib.TrajectorySchema = schema_lib.CORE_SCHEMA,
+                       shuffle: bool = True, seed: int = 0,
                        repeat: bool = True, skip_corrupt: bool = False,
                        skip_too_long: bool = False, mapping=None,
                        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
@@ -86,7 +97,7 @@ def trajectory_batches(paths: rlds_episodes.Directories, batch_size: int, prompt
 
   A tf.data pipeline reads the checked episode files (and a running or killed writer's
   journalled episodes, as `read_episodes` does), shuffles the serialized episodes, decodes
-  them in parallel, and rows are padded as replay pads them (core.padded_row), so the
+  them in parallel, and rows are padded as replay pads them (schema.padded_row), so the
   batches are those a learner gets from Reverb: [B, P] prompts left-padded, [B, T]
   completions right-padded. Every batch has exactly `batch_size` rows (the remainder is
   dropped; with `repeat`, rows carry over into the next pass).
@@ -94,8 +105,9 @@ def trajectory_batches(paths: rlds_episodes.Directories, batch_size: int, prompt
   Args:
     paths: writer directories, or folders of them such as a run's rlds/.
     batch_size: B.
-    prompt_len: P; a longer prompt raises ValueError (or is skipped, see skip_too_long).
-    completion_len: T; likewise for completions and paired completions.
+    spec: P and T; a longer prompt or completion (or a second completion of the
+      schema) raises ValueError (or is skipped, see skip_too_long).
+    schema: the fields of the batches; each episode must carry the schema's extras.
     shuffle: shuffle episodes within a buffer of `shuffle_buffer`, differently each pass.
     seed: the shuffle's seed; the same seed gives the same batches.
     repeat: loop over the dataset forever (False: one pass).
@@ -108,14 +120,15 @@ def trajectory_batches(paths: rlds_episodes.Directories, batch_size: int, prompt
     core.TrajectoryBatch with [B, P] / [B, T] / [B] fields.
 
   Raises:
-    ValueError: an episode does not fit (P, T) and skip_too_long is False; or, with
+    ValueError: an episode does not fit (P, T) or lacks a field of the schema and
+      skip_too_long is False; or, with
       repeat, no episode fits at all.
     And those of `read_episodes`.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
   sources = _sources(paths, skip_corrupt, mapping)
-  check = _LengthCheck(prompt_len, completion_len, skip_too_long)
+  check = _LengthCheck(schema, spec, skip_too_long)
   rows, epoch = [], 0
   while True:
     records = sources.records()
@@ -127,24 +140,22 @@ def trajectory_batches(paths: rlds_episodes.Directories, batch_size: int, prompt
       if not check.fits(trajectory):
         continue
       fitted += 1
-      rows.append(core.padded_row(trajectory, prompt_len, completion_len))
+      rows.append(schema.padded_row(trajectory, spec))
       if len(rows) == batch_size:
-        yield core.TrajectoryBatch(**{name: np.stack([row[name] for row in rows])
-                                      for name in rows[0]})
+        yield schema.batch(rows)
         rows = []
     if epoch == 0:
       check.log(f'trajectory_batches({paths})')
     if not repeat:
       return
     if not fitted:
-      raise ValueError(f'No episode of {sources.directories} fits prompt_len={prompt_len} and '
-                       f'completion_len={completion_len}, so no batch can be made; raise the '
-                       'limits.')
+      raise ValueError(f'No episode of {sources.directories} fits {spec}, so no batch can be '
+                       'made; raise the limits.')
     epoch += 1
 
 
-def fill_replay(paths: rlds_episodes.Directories, replay_address: str | Sequence[str],
-                table: str, prompt_len: int, completion_len: int, *,
+def fill_replay(paths: rlds_files.Directories, replay_address: str | Sequence[str],
+                table: str, schema: schema_lib.TrajectorySchema, spec: core.SequenceSpec, *,
                 skip_corrupt: bool = False, skip_too_long: bool = False, mapping=None,
                 max_episodes: int | None = None, timeout_s: float = 60.0,
                 should_stop: Callable[[], bool] = lambda: False) -> int:
@@ -162,8 +173,9 @@ def fill_replay(paths: rlds_episodes.Directories, replay_address: str | Sequence
     replay_address: 'host:port' of the Reverb server, or several, which get the episodes
       in turn (episode i goes to server i mod N).
     table: the trajectory table, whose signature is replay.tables.trajectory_signature(
-      prompt_len, completion_len).
-    prompt_len, completion_len: the table's fixed shapes.
+      schema, spec).
+    schema: the table's fields; each episode must carry the schema's extras.
+    spec: the table's fixed lengths.
     skip_corrupt, skip_too_long, mapping: as in `trajectory_batches`.
     max_episodes: write at most this many.
     timeout_s: how long one insert may wait for the rate limiter before giving up.
@@ -180,9 +192,8 @@ def fill_replay(paths: rlds_episodes.Directories, replay_address: str | Sequence
   if not addresses:
     raise ValueError('fill_replay needs at least one Reverb address; got none.')
   sources = _sources(paths, skip_corrupt, mapping)
-  check = _LengthCheck(prompt_len, completion_len, skip_too_long)
-  writers = [TrajectoryWriter(address, table, prompt_len, completion_len)
-             for address in addresses]
+  check = _LengthCheck(schema, spec, skip_too_long)
+  writers = [TrajectoryWriter(address, table, schema, spec) for address in addresses]
   count = 0
   try:
     for trajectory in sources.trajectories():
@@ -230,7 +241,7 @@ class DatasetPrompt:
   num_episodes: int
 
 
-def dataset_prompts(paths: rlds_episodes.Directories, *, skip_corrupt: bool = False,
+def dataset_prompts(paths: rlds_files.Directories, *, skip_corrupt: bool = False,
                     mapping=None) -> list[DatasetPrompt]:
   """The distinct prompts (by token content) of recorded RLDS directories, first seen first.
 

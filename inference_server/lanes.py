@@ -6,19 +6,34 @@ completions. Each lane reads its model's current parameters once per batch.
 """
 import concurrent.futures
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 import zlib
 
 import jax
 import numpy as np
 
+from chorus import core
 from chorus import models
 from chorus.inference_server import sampler as sampler_lib
 from chorus.inference_server import scoring as scoring_lib
 from chorus.inference_server.batcher import DynamicBatcher
+from chorus.inference_server.config import InferenceServerConfig
 
-if TYPE_CHECKING:  # served_model imports this module; the lanes only read a model.
-  from chorus.inference_server.served_model import ServedModel
+
+
+class LaneModel(Protocol):
+  """What a lane reads of the model it serves (served_model.ServedModel is one)."""
+  name: str
+  kind: str
+  decoder_config: models.DecoderConfig
+  config: InferenceServerConfig
+  sequence: core.SequenceSpec
+
+  def params_and_version(self) -> tuple[Any, int]:
+    """The current parameters and their version, read together."""
+
+  def count(self, **increments: int) -> None:
+    """Adds to the model's traffic counters."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +92,7 @@ class GenerationLane:
   of 2B rows on one read of the parameters.
   """
 
-  def __init__(self, model: 'ServedModel', second: 'ServedModel | None' = None):
+  def __init__(self, model: LaneModel, second: 'LaneModel | None' = None):
     self._model, self._second = model, second
     config, sequence = model.config, model.sequence
     if second is None:
@@ -149,7 +164,7 @@ class GenerationLane:
 class ScoringLane:
   """A batcher and a compiled scorer for one model; completions padded to completion_len."""
 
-  def __init__(self, model: 'ServedModel'):
+  def __init__(self, model: LaneModel):
     self._model = model
     config, sequence = model.config, model.sequence
     self._score = scoring_lib.make_scorer(model.kind, model.decoder_config,

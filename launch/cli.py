@@ -1,17 +1,26 @@
 """The `chorus` command."""
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import sys
 
 from chorus import configs
+from chorus import plugins as plugins_lib
 from chorus.datasets import cli as datasets_cli
 from chorus.launch import experiment
 
 
 def _run(args) -> int:
   config = configs.get_config(args.config)
+  try:
+    # Before the overrides: they may name the plugins' agents and tasks.
+    plugins_lib.import_plugins(args.plugin)
+  except ImportError as error:
+    print(f'chorus run: {error}', file=sys.stderr)
+    return 2
+  config = dataclasses.replace(config, plugins=config.plugins + tuple(args.plugin))
   overrides = list(args.set)
   for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
                       ('seed', 'seed'), ('replay_dataset', 'replay_dataset')):
@@ -20,6 +29,7 @@ def _run(args) -> int:
       overrides.append(f'{field}={value}')
   try:
     config = experiment.apply_overrides(config, overrides)
+    config.check()
   except ValueError as error:
     print(f'chorus run: {error}', file=sys.stderr)
     return 2
@@ -59,7 +69,9 @@ def _interpolate(args) -> int:
 
 def _configs(args) -> int:
   if args.name is None:
-    print('\n'.join(configs.CONFIG_NAMES))
+    width = max(map(len, configs.CONFIG_NAMES)) + 2
+    for name in configs.CONFIG_NAMES:
+      print(f'{name:<{width}}{configs.description(name)}')
   else:
     print(json.dumps(experiment.to_dict(configs.get_config(args.name)), indent=2))
   return 0
@@ -86,6 +98,9 @@ def main(argv=None) -> int:
   run_parser.add_argument('--ray-address',
                           help='Ray cluster to join, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS or '
                           'a new local Ray instance)')
+  run_parser.add_argument('--plugin', action='append', default=[], metavar='MODULE',
+                          help='a module or .py file to import in every process first: it '
+                          'may define agents and tasks of its own (repeatable)')
   run_parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                           help='override any config field, e.g. --set learner.batch_size=64; '
                           'see `chorus configs NAME` for fields and defaults')

@@ -18,6 +18,7 @@ from chorus.inference_server.served_model import ServedModel
 from chorus.inference_server.service import start_server
 from chorus.launch import experiment
 from chorus.launch import nodes
+from chorus.launch import run_dir as layout
 from chorus.models.checkpoints import Checkpointer
 
 
@@ -27,15 +28,15 @@ def load_config(run_dir: str) -> experiment.ExperimentConfig:
     raise FileNotFoundError(f'{path} does not exist; is {run_dir} a run directory of '
                             '`chorus run`?')
   with open(path) as file:
-    return experiment.from_dict(experiment.ExperimentConfig, json.load(file))
+    return experiment.load_experiment(json.load(file))
 
 
 def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | None = None):
   """(policy params, step) of a run's learner checkpoint; the latest unless `step`."""
-  checkpointer = Checkpointer(nodes.learner_checkpoint_dir(run_dir))
+  checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   step = checkpointer.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f'No learner checkpoint in {nodes.learner_checkpoint_dir(run_dir)}.')
+    raise FileNotFoundError(f'No learner checkpoint in {layout.learner_checkpoint_dir(run_dir)}.')
   template = nodes.make_learner(config, models.init_params(config.model, jax.random.PRNGKey(0)))
   params = checkpointer.restore(template.state, step=step).params
   checkpointer.close()

@@ -1,31 +1,27 @@
-"""An experiment config: what to train (Acme's split: launch/ decides where it runs)."""
+"""An experiment config: what to train (Acme's split: launch/ decides where it runs).
+
+An experiment names its agent and its task by their config classes (each chosen by a
+tag, see core.TaggedConfig) and holds the sizes, schedules and scale knobs that every
+agent shares. `to_dict` / `from_dict` are its JSON form (config.json of a run) and
+`apply_overrides` its `--set a.b=value` form.
+"""
 import dataclasses
 import json
 import types
 import typing
 from typing import Any
 
+from chorus import agents
 from chorus import core
 from chorus import models
-from chorus.actors.actor import ActorConfig
+from chorus import plugins as plugins_lib
 from chorus.actors import reverse_digits
 from chorus.actors import tasks
+from chorus.actors.actor import ActorConfig
 from chorus.inference_server.config import InferenceServerConfig
-from chorus.learners.bond_learner import BondConfig
-from chorus.learners.cfg_distill_learner import CFGDistillConfig
-from chorus.learners.loop import LearnerConfig
-from chorus.learners.nash_md_learner import NashMDConfig
-from chorus.learners.preference import RewardModelConfig
-from chorus.learners.soft_q_learner import InverseSoftQConfig
-from chorus.learners.soft_q_learner import SoftQConfig
-from chorus.learners.supervised import WarmStartConfig
-from chorus.learners.vtrace_learner import VTraceConfig
 from chorus.launch.launcher_config import LauncherConfig
-
-# Each learner's loss, and what its data needs:
-ALGORITHMS = ('vtrace', 'soft_q', 'inverse_soft_q', 'bond', 'nash_md', 'cfg_distill')
-# Off-policy learners, which may train from a recorded dataset with no actors.
-OFFLINE_ALGORITHMS = ('soft_q', 'inverse_soft_q')
+from chorus.learners.loop import LearnerConfig
+from chorus.learners.supervised import WarmStartConfig
 from chorus.replay.tables import ReplayConfig
 
 
@@ -38,10 +34,14 @@ class EvalConfig:
     greedy_temperature: a second evaluation near argmax decoding.
     every_s: an evaluator node also evaluates the served policy this often during RL,
       giving a held-out learning curve (0: no evaluator node).
+    cfg_teacher_guidance_scale: for tasks with an unconditional prompt (music), the frozen
+      reference is also evaluated with classifier-free guidance at this scale (the CFG
+      teacher, and what guidance buys); 0 skips it.
   """
   temperature: float = 1.0
   greedy_temperature: float = 0.01
   every_s: float = 0.0
+  cfg_teacher_guidance_scale: float = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,129 +51,132 @@ class ExperimentConfig:
   Attributes:
     name: the config's name.
     seed: seeds parameters, warm start, actors and sampling.
+    agent: what learns and how: one agent config (agents/), chosen by its tag; `--set
+      agent=bond` switches to another agent's defaults, `--set agent.kl_coef=0.05` sets
+      one of its fields.
+    task: the task: one task config, chosen by its tag like `agent`.
+    model: the policy network.
+    sequence: prompt and completion lengths, shared by server, replay, RLDS and learner.
+    warm_start: supervised warm start on the task's demonstrations (becomes the reference).
+    inference: the inference server.
+    replay: Reverb tables.
+    actor: actor behaviour.
+    learner: the learner loop.
+    evaluation: held-out evaluation.
     num_actors: actor loops in all.
     actors_per_process: actor loops sharing one process (threads; they mostly wait on I/O).
     num_inference_servers: inference servers; actor processes are spread over them.
     num_replay_servers: Reverb servers, each with the tables of `replay`; actor processes
       are spread over them and the learner reads from all.
-    task: built-in task name (actors/tasks.py).
-    task_config: that task's options (the config class registered with the task).
-    model: the policy network.
-    warm_start: supervised warm start on the task's demonstrations (becomes the reference).
-    sequence: prompt and completion lengths, shared by the inference server, replay,
-      RLDS, warm start and learner.
-    inference: the inference server.
-    replay: Reverb tables.
-    actor: actor behaviour.
-    learner: the learner loop.
-    vtrace: the V-trace loss.
-    evaluation: held-out evaluation.
     rlds_episodes_per_file: RLDS shard size per actor (smaller loses less on a crash).
-    algorithm: the learner, one of ALGORITHMS.
-    soft_q: the soft-Q loss ('soft_q').
-    inverse_soft_q: the inverse soft-Q loss ('inverse_soft_q').
-    bond: the J-BOND loss and anchor ('bond').
-    nash_md: the Nash-MD loss and opponent ('nash_md').
-    cfg_distill: diversity-rewarded distillation of the classifier-free-guided warm start
-      ('cfg_distill', music); `guidance_scale` also sets the teacher's guidance when it
-      is evaluated.
-    reward_model: programmatic rewards, or a learned reward model (BOND) or pairwise
-      preference model (Nash-MD) trained before RL and served by the inference servers.
     replay_dataset: RLDS dataset directory (a run's rlds/ folder, or any directory of
-      writer directories) to train from instead of actors: 'soft_q' replays it through
-      a Reverb table (offline RL), 'inverse_soft_q' reads it as demonstrations. Empty:
-      actors generate the data ('inverse_soft_q' records the task's demonstrations).
-    num_demonstrations: demonstrations recorded for 'inverse_soft_q' without a dataset.
+      writer directories) to train from instead of actors, for agents that can (soft_q
+      replays it through a Reverb table, inverse_soft_q reads it as demonstrations).
     launcher: restarts and stop timeout of every launcher, and the Ray launcher's
       resource requests (where this experiment runs, not what it trains).
+    plugins: modules or .py files imported in every process before this config is read,
+      defining agents or tasks of one's own.
   """
   name: str = 'text_vtrace'
   seed: int = 0
-  num_actors: int = 4
-  actors_per_process: int = 1
-  num_inference_servers: int = 1
-  num_replay_servers: int = 1
-  task: str = 'reverse_digits'
-  task_config: tasks.TaskConfig = reverse_digits.ReverseDigitsConfig()
+  agent: agents.AgentConfig = agents.VTraceConfig()
+  task: core.TaskConfig = reverse_digits.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
-  warm_start: WarmStartConfig = WarmStartConfig()
   sequence: core.SequenceSpec = core.SequenceSpec()
+  warm_start: WarmStartConfig = WarmStartConfig()
   inference: InferenceServerConfig = InferenceServerConfig()
   replay: ReplayConfig = ReplayConfig()
   actor: ActorConfig = ActorConfig()
   learner: LearnerConfig = LearnerConfig()
-  vtrace: VTraceConfig = VTraceConfig()
   evaluation: EvalConfig = EvalConfig()
+  num_actors: int = 4
+  actors_per_process: int = 1
+  num_inference_servers: int = 1
+  num_replay_servers: int = 1
   rlds_episodes_per_file: int = 100
-  algorithm: str = 'vtrace'
-  soft_q: SoftQConfig = SoftQConfig()
-  inverse_soft_q: InverseSoftQConfig = InverseSoftQConfig()
-  bond: BondConfig = BondConfig()
-  nash_md: NashMDConfig = NashMDConfig()
-  cfg_distill: CFGDistillConfig = CFGDistillConfig()
-  reward_model: RewardModelConfig = RewardModelConfig()
   replay_dataset: str = ''
-  num_demonstrations: int = 4096
   launcher: LauncherConfig = LauncherConfig()
+  plugins: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ('num_actors', 'actors_per_process', 'num_inference_servers',
                  'num_replay_servers'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
-    if not isinstance(self.task_config, tasks.config_class(self.task)):
-      raise ValueError(f'Task {self.task!r} takes a {tasks.config_class(self.task).__name__} as '
-                       f'task_config, not a {type(self.task_config).__name__}.')
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f'Unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}.')
-    if self.algorithm == 'cfg_distill' and not self.guided_task:
-      raise ValueError(f'cfg_distill distils classifier-free guidance, which task {self.task!r} '
-                       'has no unconditional prompt for; use a music task.')
-    if self.replay_dataset and self.algorithm not in OFFLINE_ALGORITHMS:
-      raise ValueError(f'replay_dataset needs an off-policy learner ({OFFLINE_ALGORITHMS}); '
-                       f'{self.algorithm!r} learns from its own current samples.')
-    if self.reward_model.kind == 'learned' and self.algorithm not in ('bond', 'nash_md'):
-      raise ValueError(f'A learned reward model serves BOND (reward) and Nash-MD (preference); '
-                       f'{self.algorithm!r} uses the task reward: set reward_model.kind='
-                       'programmatic.')
+    if not isinstance(self.agent, agents.AgentConfig):
+      raise ValueError(f'agent must be an agent config ({agents.tags()}), not '
+                       f'{type(self.agent).__name__}.')
+    if not isinstance(self.task, core.TaskConfig):
+      raise ValueError(f'task must be a task config ({core.TaskConfig.tags()}), not '
+                       f'{type(self.task).__name__}.')
+
+  def make_task(self) -> core.Task:
+    return tasks.make_task(self.task)
+
+  def builder(self) -> agents.AgentBuilder:
+    return agents.make_builder(self.agent)
+
+  def check(self) -> None:
+    """Raises ValueError if the agent cannot train on this task or data."""
+    builder = self.builder()
+    builder.check(self.make_task())
+    builder.data(self.replay_dataset)
 
   @property
   def guided_task(self) -> bool:
     """The task has an unconditional prompt, so its model can sample with CFG (music)."""
-    return hasattr(tasks.TASKS[self.task][0], 'unconditional_prompt_tokens')
-
-  @property
-  def offline(self) -> bool:
-    """No actors: the learner trains on a dataset (recorded, or demonstrations)."""
-    return bool(self.replay_dataset) or self.algorithm == 'inverse_soft_q'
-
-  def make_task(self):
-    return tasks.make_task(self.task, self.task_config)
+    return hasattr(self.make_task(), 'unconditional_prompt_tokens')
 
 
 def to_dict(config) -> dict:
-  return dataclasses.asdict(config)
+  """The JSON-able form of a (nested) config dataclass; tagged configs carry their 'tag'."""
+  data = {'tag': config.tag} if isinstance(config, core.TaggedConfig) else {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    data[field.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+  return data
 
 
-def from_dict(cls, data: dict):
-  """Rebuilds a (nested) config dataclass from `to_dict` output; unknown keys are errors."""
+def _config_class(hint, data: dict, path: str) -> type:
+  """The dataclass `data` describes: `hint`, or for a tagged family the class of its tag."""
+  if isinstance(hint, type) and issubclass(hint, core.TaggedConfig):
+    if 'tag' not in data:
+      raise ValueError(f'{path}: a {hint.__name__} needs its "tag" (one of {hint.tags()}).')
+    return hint.by_tag(data['tag'])
+  return hint
+
+
+def from_dict(cls, data: dict, path: str = 'config'):
+  """Rebuilds a (nested) config dataclass from `to_dict` output; unknown keys are errors.
+
+  Classes of tagged fields (agent, task) are found by tag, so plugins that define them
+  must be imported first (`load_experiment` does).
+  """
+  cls = _config_class(cls, data, path)
   hints = typing.get_type_hints(cls)
   fields = {field.name for field in dataclasses.fields(cls)}
-  unknown = sorted(set(data) - fields)
+  unknown = sorted(set(data) - fields - {'tag'})
   if unknown:
     raise ValueError(f'Unknown fields {unknown} for {cls.__name__}; known: {sorted(fields)}.')
   values = {}
   for name, value in data.items():
+    if name == 'tag':
+      continue
     hint = hints[name]
-    if name == 'task_config' and 'task' in data:  # Its class depends on the task.
-      hint = tasks.config_class(data['task'])
-    if dataclasses.is_dataclass(hint):
-      values[name] = from_dict(hint, value)
+    if dataclasses.is_dataclass(hint) or (isinstance(hint, type)
+                                          and issubclass(hint, core.TaggedConfig)):
+      values[name] = from_dict(hint, value, f'{path}.{name}')
     elif isinstance(value, list):
       values[name] = tuple(value)
     else:
       values[name] = value
   return cls(**values)
+
+
+def load_experiment(data: dict) -> ExperimentConfig:
+  """The ExperimentConfig of a run's config.json, its plugins imported first."""
+  plugins_lib.import_plugins(data.get('plugins', ()))
+  return from_dict(ExperimentConfig, data)
 
 
 def _parse_value(text: str, hint, path: str) -> Any:
@@ -190,7 +193,8 @@ def _parse_value(text: str, hint, path: str) -> Any:
       return text.lower() in ('true', '1')
     if hint in (int, float, str):
       return hint(text)
-    return json.loads(text)
+    value = json.loads(text)
+    return tuple(value) if typing.get_origin(hint) is tuple and isinstance(value, list) else value
   except ValueError:
     raise ValueError(f'--set {path}={text}: expected a value of type '
                      f'{getattr(hint, "__name__", hint)}.') from None
@@ -212,6 +216,10 @@ def _replace_path(config, names: list[str], text: str, path: str):
     raise ValueError(f'--set {path}: {type(config).__name__} has no field {names[0]!r}; '
                      f'fields: {sorted(fields)}.')
   current = getattr(config, names[0])
+  if len(names) == 1 and isinstance(current, core.TaggedConfig):
+    # A tag picks another member of the family, with its defaults.
+    family = typing.get_type_hints(type(config))[names[0]]
+    return dataclasses.replace(config, **{names[0]: family.by_tag(text)()})
   if len(names) > 1:
     if not dataclasses.is_dataclass(current):
       raise ValueError(f'--set {path}: {names[0]!r} has no sub-fields.')

@@ -7,6 +7,7 @@ each node runs, gives every serving node a port and turns `Address` handles into
 import dataclasses
 from typing import Any
 
+from chorus.agents import DataSource
 from chorus.launch.experiment import ExperimentConfig
 
 # When a launcher starts and stops a node:
@@ -82,28 +83,28 @@ def replay_server_name(index: int) -> str:
 def make_program(config: ExperimentConfig) -> list[Node]:
   """The SEED topology: setup, replay, inference servers, actors, evaluator, learner.
 
-  Setup: the warm start (always: it also makes the reference), the reward or preference
-  model when `reward_model.kind` is 'learned', the demonstrations dataset for inverse
-  soft-Q without `replay_dataset`. Actor processes each run `config.actors_per_process`
-  actor loops and are spread round-robin over the inference servers and the replay
-  servers; the learner publishes to every inference server and samples from every replay
-  server. Offline, a dataset replayer fills replay instead of actors ('soft_q'), or the
-  learner reads its dataset itself ('inverse_soft_q', no replay servers).
-  The learner restarts from its latest checkpoint; a restarted inference server
-  serves the warm-start parameters until the learner's next push.
+  Setup: the warm start (always: it also makes the reference), then the agent's setup
+  steps (a reward model to train, demonstrations to record). Where the agent's data come
+  from decides the rest: actors write to replay (actor processes each run
+  `config.actors_per_process` actor loops, spread round-robin over the inference servers
+  and the replay servers), or a dataset replayer fills replay once, or the learner reads
+  a dataset itself (no replay servers). The learner publishes to every inference server
+  and samples from every replay server; it restarts from its latest checkpoint, and a
+  restarted inference server serves the warm-start parameters until its next push.
   """
+  builder = config.builder()
+  data = builder.data(config.replay_dataset)
   servers = [inference_server_name(i) for i in range(config.num_inference_servers)]
-  uses_replay = config.algorithm != 'inverse_soft_q'
+  uses_replay = data.source != DataSource.DATASET
   replays = [replay_server_name(i) for i in range(config.num_replay_servers)] if uses_replay else []
   nodes = [Node('warm_start', 'warm_start', SETUP)]
-  if config.reward_model.kind == 'learned':
-    nodes.append(Node('reward_model', 'reward_model', SETUP, accelerator=True))
-  if config.algorithm == 'inverse_soft_q' and not config.replay_dataset:
-    nodes.append(Node('demonstrations', 'demonstrations', SETUP))
+  nodes += [Node(step.name, 'setup', SETUP, kwargs=dict(step=step.name),
+                 accelerator=step.accelerator)
+            for step in builder.setup_steps(config.replay_dataset)]
   nodes += [Node(name, 'replay', SERVICE, serves=True) for name in replays]
   nodes += [Node(name, 'inference_server', SERVICE, kwargs=dict(server_index=index), serves=True,
                  restart=True, accelerator=True) for index, name in enumerate(servers)]
-  if not config.offline:
+  if data.source == DataSource.ACTORS:
     per_process = config.actors_per_process
     for process_index, first in enumerate(range(0, config.num_actors, per_process)):
       actor_ids = list(range(first, min(first + per_process, config.num_actors)))
@@ -112,7 +113,7 @@ def make_program(config: ExperimentConfig) -> list[Node]:
           kwargs=dict(actor_ids=actor_ids,
                       inference_address=Address(servers[process_index % len(servers)]),
                       replay_address=Address(replays[process_index % len(replays)]))))
-  elif uses_replay:
+  elif data.source == DataSource.DATASET_IN_REPLAY:
     # Not restartable: a second pass would store every episode twice.
     nodes.append(Node('dataset_replayer', 'dataset_replayer', WORKER,
                       kwargs=dict(replay_addresses=[Address(name) for name in replays])))

@@ -19,20 +19,25 @@ def _latest_per_node(records: list[dict], kind: str) -> dict[str, dict]:
   return latest
 
 
-# Learner metrics shown on the terminal when the algorithm reports them: (name, label).
-PROGRESS_METRICS = (('task_reward', 'reward'), ('policy_lag', 'lag'), ('loss', 'loss'),
-                    ('kl_to_reference', 'kl'), ('kl_to_anchor', 'kl anchor'),
-                    ('win_rate_vs_anchor', 'win vs anchor'), ('preference', 'P(y>y\')'),
-                    ('td_error', 'td error'), ('nll', 'nll'),
-                    ('reverse_kl', 'kl to CFG teacher'), ('diversity', 'diversity'))
+# Learner metrics every progress line shows when reported: (name, label); the agent adds
+# its own (AgentBuilder.progress_metrics).
+PROGRESS_METRICS = (('task_reward', 'reward'), ('policy_lag', 'lag'), ('loss', 'loss'))
 
 
 class Progress:
-  """Turns the growing metrics.jsonl into one terminal line per call."""
+  """Turns the growing metrics.jsonl into one terminal line per call.
 
-  def __init__(self, metrics_path: str, max_steps: int):
+  Args:
+    metrics_path: the run's metrics.jsonl.
+    max_steps: the learner's step budget.
+    agent_metrics: (name, label) of the agent's learner metrics to show too.
+  """
+
+  def __init__(self, metrics_path: str, max_steps: int,
+               agent_metrics: tuple[tuple[str, str], ...] = ()):
     self._path = metrics_path
     self._max_steps = max_steps
+    self._metrics = PROGRESS_METRICS + tuple(agent_metrics)
     self._last = None  # (time, episodes, tokens)
 
   def line(self, now: float) -> str:
@@ -52,7 +57,7 @@ class Progress:
     if learner:
       last = learner[-1]
       text = f'step {last["step"]}/{self._max_steps} | {text} | ' + ' | '.join(
-          f'{label} {last[name]:.3f}' for name, label in PROGRESS_METRICS if name in last)
+          f'{label} {last[name]:.3f}' for name, label in self._metrics if name in last)
     else:
       text = f'step 0/{self._max_steps} | {text}'
     return text

@@ -13,7 +13,8 @@ import time
 from chorus.actors.evaluation import evaluate
 from chorus.inference_server.client import InferenceClient
 from chorus.launch import experiment
-from chorus.launch import nodes as nodes_lib
+from chorus import agents
+from chorus.launch import run_dir as layout
 from chorus.launch import program as program_lib
 from chorus.launch import report
 from chorus.launch.launcher_config import LauncherConfig
@@ -49,16 +50,17 @@ def _evaluate(config: experiment.ExperimentConfig, address: str, min_version: in
     task = config.make_task()
     settings = dict(batch_size=config.inference.max_batch_size)
     result = evaluate(client.generate, task, temperature=config.evaluation.temperature,
-                      opponent_model=nodes_lib.REFERENCE_MODEL,
+                      opponent_model=agents.REFERENCE_MODEL,
                       with_diversity=config.guided_task, **settings)
     greedy = evaluate(client.generate, task, temperature=config.evaluation.greedy_temperature,
                       **settings)
-    if config.guided_task:
+    teacher_scale = config.evaluation.cfg_teacher_guidance_scale
+    if config.guided_task and teacher_scale > 0:
       # The frozen warm start with classifier-free guidance: the teacher of CFG
       # distillation, and what guidance buys on any music run.
       result['cfg_teacher'] = evaluate(
           client.generate, task, temperature=config.evaluation.temperature,
-          model=nodes_lib.REFERENCE_MODEL, guidance_scale=config.cfg_distill.guidance_scale,
+          model=agents.REFERENCE_MODEL, guidance_scale=teacher_scale,
           with_diversity=True, **settings)
   result['greedy_reward'] = greedy['reward']
   result['greedy_exact_match'] = greedy['exact_match']
@@ -109,9 +111,10 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   run_dir = os.path.abspath(run_dir)
   os.makedirs(run_dir, exist_ok=True)
   config_dict = experiment.to_dict(config)
-  with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+  config.check()
+  with open(layout.config_path(run_dir), 'w') as file:
     json.dump(config_dict, file, indent=2)
-  metrics_path = nodes_lib.metrics_path(run_dir)
+  metrics_path = layout.metrics_path(run_dir)
   stop = _StopRequested()
   program = program_lib.make_program(config)
   by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}
@@ -137,7 +140,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
       raise KeyboardInterrupt
     rl_start = time.monotonic()
     launcher.start(by_kind[program_lib.WORKER] + by_kind[program_lib.MAIN])
-    progress = report.Progress(metrics_path, config.learner.max_steps)
+    progress = report.Progress(metrics_path, config.learner.max_steps,
+                               config.builder().progress_metrics)
     next_print = time.monotonic() + progress_every_s
     while launcher.poll() and not stop():
       time.sleep(0.2)

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
   from chorus.launch import experiment
   from chorus.launch import nodes
   with open(os.path.join(run_dir, 'config.json')) as file:
-    config = experiment.from_dict(experiment.ExperimentConfig, json.load(file))
+    config = experiment.load_experiment(json.load(file))
   with open(node_spec_path(run_dir, node)) as file:
     spec = json.load(file)
   logging.info('starting role %s with %s', spec['role'], spec['kwargs'])

@@ -1,18 +1,11 @@
-"""Learners: pure losses, one learner class with a factory per algorithm, the shared loop."""
-from chorus.learners.bond_learner import BondConfig
-from chorus.learners.bond_learner import make_bond_learner
-from chorus.learners.cfg_distill_learner import CFGDistillConfig
-from chorus.learners.cfg_distill_learner import make_cfg_distill_learner
+"""Learners: pure losses, the learner (train state, optimiser, auxiliary trees) and its loop.
+
+Which loss a learner optimises and on what batches is its agent's business (agents/).
+"""
 from chorus.learners.learner import Learner
 from chorus.learners.loop import LearnerConfig
 from chorus.learners.loop import run_learner
-from chorus.learners.nash_md_learner import make_nash_md_learner
-from chorus.learners.nash_md_learner import NashMDConfig
 from chorus.learners.optimization import make_optimizer
-from chorus.learners.soft_q_learner import InverseSoftQConfig
-from chorus.learners.soft_q_learner import make_inverse_soft_q_learner
-from chorus.learners.soft_q_learner import make_soft_q_learner
-from chorus.learners.soft_q_learner import SoftQConfig
 from chorus.learners.supervised import token_nll
 from chorus.learners.supervised import WarmStartConfig
 from chorus.learners.token_mdp import last_token_index
@@ -21,5 +14,3 @@ from chorus.learners.token_mdp import token_rewards
 from chorus.learners.vtrace import vtrace_loss
 from chorus.learners.vtrace import vtrace_targets
 from chorus.learners.vtrace import VTraceOutput
-from chorus.learners.vtrace_learner import make_vtrace_learner
-from chorus.learners.vtrace_learner import VTraceConfig

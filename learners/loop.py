@@ -58,7 +58,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
     lag = step - np.asarray(batch.param_version)
     update_metrics = learner.update(batch)
     step = learner.step
-    trajectories_seen += len(batch.rewards)
+    trajectories_seen += len(batch.reward)
     update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
                           batch_wait_seconds=wait_seconds)
     if step % config.publish_every == 0 or step == config.max_steps:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from chorus import core
 from chorus import models
+from chorus import schema
 
 
 class ActionEvaluation(NamedTuple):
@@ -46,8 +47,15 @@ def evaluate_actions(decoder_config: models.DecoderConfig, params, batch: core.T
                          with_log_normalizers=with_log_normalizers)
 
 
-def evaluate_paired(decoder_config: models.DecoderConfig, params,
-                    batch: core.TrajectoryBatch) -> ActionEvaluation:
-  """Evaluates a batch's paired completions (BOND's best anchor sample, say)."""
+def evaluate_extra_tokens(decoder_config: models.DecoderConfig, params,
+                          batch: core.TrajectoryBatch, field: str) -> ActionEvaluation:
+  """Evaluates a second completion a batch carries as the token field `field` (chorus.schema:
+  `batch.extras[field]` and its mask), e.g. BOND's best anchor sample."""
   return evaluate_tokens(decoder_config, params, batch.prompt_tokens, batch.prompt_mask,
-                         batch.paired_tokens, batch.paired_mask)
+                         batch.extras[field], batch.extras[schema.token_mask_name(field)])
+
+
+def batch_metrics(batch: core.TrajectoryBatch) -> dict[str, jax.Array]:
+  """What every learner reports of its batch: mean task reward and completion length."""
+  return dict(task_reward=batch.reward.mean(),
+              completion_length=batch.completion_mask.sum(axis=1).mean())

@@ -5,11 +5,13 @@ import reverb
 import tensorflow as tf
 
 from chorus import core
+from chorus import schema as schema_lib
 from chorus.replay.tables import trajectory_signature
 
 
-def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int, prompt_len: int,
-                   completion_len: int, *, prefetch: int = 2) -> Iterator[core.TrajectoryBatch]:
+def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int,
+                   schema: schema_lib.TrajectorySchema, spec: core.SequenceSpec, *,
+                   prefetch: int = 2) -> Iterator[core.TrajectoryBatch]:
   """Yields TrajectoryBatch of exactly `batch_size` rows ([B, P], [B, T]: one XLA shape).
 
   Reads through reverb.TrajectoryDataset, which streams and prefetches samples. With several
@@ -17,7 +19,7 @@ def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int, 
   the learner while others have data.
   """
   addresses = [addresses] if isinstance(addresses, str) else list(addresses)
-  signature = trajectory_signature(prompt_len, completion_len)
+  signature = trajectory_signature(schema, spec)
 
   def trajectories(address):
     return reverb.TrajectoryDataset(
@@ -33,4 +35,4 @@ def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int, 
         num_parallel_calls=len(addresses), deterministic=False)
   dataset = dataset.map(lambda sample: sample.data).batch(batch_size, drop_remainder=True)
   for fields in dataset.prefetch(prefetch).as_numpy_iterator():
-    yield core.TrajectoryBatch(**fields)
+    yield schema_lib.batch_from_arrays(fields)

@@ -7,6 +7,9 @@ import time
 import reverb
 import tensorflow as tf
 
+from chorus import core
+from chorus import schema as schema_lib
+
 TABLE_KINDS = ('queue', 'uniform')
 
 
@@ -38,26 +41,16 @@ class ReplayConfig:
       raise ValueError(f'samples_per_insert must be >= 0, got {self.samples_per_insert}.')
 
 
-def trajectory_signature(prompt_len: int, completion_len: int) -> dict[str, tf.TensorSpec]:
-  """The stored row of one trajectory: the fields of core.TrajectoryBatch without batch axis."""
-  return dict(
-      prompt_tokens=tf.TensorSpec([prompt_len], tf.int32),
-      prompt_mask=tf.TensorSpec([prompt_len], tf.bool),
-      completion_tokens=tf.TensorSpec([completion_len], tf.int32),
-      completion_mask=tf.TensorSpec([completion_len], tf.bool),
-      behaviour_logprobs=tf.TensorSpec([completion_len], tf.float32),
-      rewards=tf.TensorSpec([], tf.float32),
-      terminated=tf.TensorSpec([], tf.bool),
-      param_version=tf.TensorSpec([], tf.int64),
-      reference_logprobs=tf.TensorSpec([completion_len], tf.float32),
-      paired_tokens=tf.TensorSpec([completion_len], tf.int32),
-      paired_mask=tf.TensorSpec([completion_len], tf.bool),
-      win_probability=tf.TensorSpec([], tf.float32),
-  )
+def trajectory_signature(schema: schema_lib.TrajectorySchema,
+                         spec: core.SequenceSpec) -> dict[str, tf.TensorSpec]:
+  """The stored row of one trajectory: the schema's padded row fields (no batch axis)."""
+  return {name: tf.TensorSpec(shape, tf.as_dtype(dtype))
+          for name, (shape, dtype) in schema.row_specs(spec).items()}
 
 
-def make_tables(config: ReplayConfig, prompt_len: int, completion_len: int) -> list[reverb.Table]:
-  signature = trajectory_signature(prompt_len, completion_len)
+def make_tables(config: ReplayConfig, schema: schema_lib.TrajectorySchema,
+                spec: core.SequenceSpec) -> list[reverb.Table]:
+  signature = trajectory_signature(schema, spec)
   if config.kind == 'queue':
     return [reverb.Table.queue(config.table, config.max_size, signature=signature)]
   if config.samples_per_insert > 0:
@@ -72,14 +65,14 @@ def make_tables(config: ReplayConfig, prompt_len: int, completion_len: int) -> l
                        rate_limiter=rate_limiter, signature=signature)]
 
 
-def serve(config: ReplayConfig, prompt_len: int, completion_len: int, port: int,
-          should_stop: Callable[[], bool]):
+def serve(config: ReplayConfig, schema: schema_lib.TrajectorySchema, spec: core.SequenceSpec,
+          port: int, should_stop: Callable[[], bool]):
   """Runs a Reverb server until `should_stop()`.
 
   Reverb 0.14 listens on every interface ("[::]:port" is fixed inside its C++ server);
   it offers no bind address, so this node cannot be restricted to loopback.
   """
-  server = reverb.Server(make_tables(config, prompt_len, completion_len), port=port)
+  server = reverb.Server(make_tables(config, schema, spec), port=port)
   logging.info('Reverb serving table %r (%s, max_size %d) on port %d', config.table, config.kind,
                config.max_size, port)
   while not should_stop():

@@ -4,6 +4,7 @@ import time
 import reverb
 
 from chorus import core
+from chorus import schema as schema_lib
 
 
 class TrajectoryWriter:
@@ -14,19 +15,19 @@ class TrajectoryWriter:
   waiting so a stopping actor is never stuck inside Reverb.
   """
 
-  def __init__(self, address: str, table: str, prompt_len: int, completion_len: int, *,
-               poll_ms: int = 200):
+  def __init__(self, address: str, table: str, schema: schema_lib.TrajectorySchema,
+               spec: core.SequenceSpec, *, poll_ms: int = 200):
     self._client = reverb.Client(address)
     self._writer = self._client.trajectory_writer(num_keep_alive_refs=1)
     self._table = table
-    self._prompt_len = prompt_len
-    self._completion_len = completion_len
+    self._schema = schema
+    self._spec = spec
     self._poll_ms = poll_ms
     self.blocked_seconds = 0.0
 
   def write(self, trajectory: core.Trajectory, should_stop=lambda: False) -> bool:
     """Stores `trajectory`; returns False if `should_stop()` turned true while waiting."""
-    row = core.padded_row(trajectory, self._prompt_len, self._completion_len)
+    row = self._schema.padded_row(trajectory, self._spec)
     self._writer.append(row)
     self._writer.create_item(self._table, priority=1.0,
                              trajectory={name: self._writer.history[name][-1] for name in row})

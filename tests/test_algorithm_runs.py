@@ -22,11 +22,14 @@ _SMALL = [
     '--num-actors', '2', '--max-learner-steps', str(_STEPS), '--seed', '1',
     '--set', 'warm_start.steps=30', '--set', 'learner.batch_size=8',
     '--set', 'learner.log_every=4', '--set', 'learner.checkpoint_every=4',
-    '--set', 'inference.max_batch_size=8', '--set', 'task_config.num_eval_prompts=16',
-    '--set', 'evaluation.every_s=0', '--set', 'reward_model.steps=20',
-    '--set', 'reward_model.batch_size=16', '--set', 'num_demonstrations=64',
-    '--set', 'replay.min_size_to_sample=8',
+    '--set', 'inference.max_batch_size=8', '--set', 'task.num_eval_prompts=16',
+    '--set', 'evaluation.every_s=0', '--set', 'replay.min_size_to_sample=8',
 ]
+_SHORT_REWARD_MODEL = ('--set', 'agent.reward_model.steps=20',
+                       '--set', 'agent.reward_model.batch_size=16')
+_LEARNED_PREFERENCE_MODEL = ('--set', 'agent.preference_model.kind=learned',
+                             '--set', 'agent.preference_model.steps=20',
+                             '--set', 'agent.preference_model.batch_size=16')
 
 
 def _run(name: str, run_dir: str, *extra: str) -> dict:
@@ -46,8 +49,8 @@ def _served_versions(run_dir: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize('name, extra', [
-    ('text_soft_q', ()), ('text_bond', ()), ('text_nash_md', ()),
-    ('text_nash_md', ('--set', 'reward_model.kind=learned')),  # The served preference model.
+    ('text_soft_q', ()), ('text_bond', _SHORT_REWARD_MODEL), ('text_nash_md', ()),
+    ('text_nash_md', _LEARNED_PREFERENCE_MODEL),  # The served preference model.
 ])
 def test_online_algorithm_runs_and_logs_its_fields(name, extra, tmp_path):
   run_dir = str(tmp_path / name)
@@ -61,19 +64,23 @@ def test_online_algorithm_runs_and_logs_its_fields(name, extra, tmp_path):
   learner = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
   assert [r['step'] for r in learner] == [4, 8]
   if name == 'text_soft_q':
-    assert all(e.reference_logprobs is None and e.win_probability is None for e in episodes)
+    assert all(not e.extras for e in episodes)
     return
-  # BOND and Nash-MD record log-probs under another served model, a paired completion
-  # and a win probability, all from the inference server.
+  # BOND and Nash-MD record per-token log-probs under another served model, a second
+  # completion and a win probability, all from the inference server.
+  logprobs, tokens, win = (('anchor_logprobs', 'best_anchor_tokens', 'anchor_win_rate')
+                           if name == 'text_bond' else
+                           ('reference_logprobs', 'opponent_tokens', 'preference'))
   for episode in episodes:
-    assert episode.reference_logprobs.shape == episode.completion_tokens.shape
-    assert np.all(episode.reference_logprobs <= 0)
-    assert len(episode.paired_completion_tokens) >= 1
-    assert 0 <= episode.win_probability <= 1
+    assert sorted(episode.extras) == sorted([logprobs, tokens, win])
+    assert episode.extras[logprobs].shape == episode.completion_tokens.shape
+    assert np.all(episode.extras[logprobs] <= 0)
+    assert len(episode.extras[tokens]) >= 1
+    assert 0 <= episode.extras[win] <= 1
   if name == 'text_bond':
     # Two anchor samples: p-hat<= is 0, 1/2 or 1; the anchor follows the learner; the
     # samples were judged by the learned reward model trained in the setup node.
-    assert {e.win_probability for e in episodes} <= {0.0, 0.5, 1.0}
+    assert {e.extras[win] for e in episodes} <= {0.0, 0.5, 1.0}
     assert _served_versions(run_dir)['anchor'] == _STEPS
     reward_model = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='reward_model')
     assert any(r.get('kind') == 'reward_model_eval' for r in reward_model)
@@ -81,13 +88,13 @@ def test_online_algorithm_runs_and_logs_its_fields(name, extra, tmp_path):
     # Nash-MD: the opponent came from the policy/reference mixture, judged by the task
     # reward (the default, no model trained) or by the learned preference model.
     learned = 'reward_model.log' in os.listdir(os.path.join(run_dir, 'logs'))
-    assert learned == ('reward_model.kind=learned' in extra)
+    assert learned == (extra == _LEARNED_PREFERENCE_MODEL)
     assert ('preference' in _served_versions(run_dir)) == learned
 
 
 def test_inverse_soft_q_learns_from_a_recorded_demonstrations_dataset(tmp_path):
   run_dir = str(tmp_path / 'text_irl')
-  summary = _run('text_irl', run_dir)
+  summary = _run('text_irl', run_dir, '--set', 'agent.num_demonstrations=64')
   demonstrations = read_trajectories(os.path.join(run_dir, 'demonstrations'))
   assert len(demonstrations) == 64
   assert all(d.model_name == 'demonstrator' for d in demonstrations)
@@ -102,7 +109,7 @@ _SMALL_MUSIC = [
     '--num-actors', '2', '--max-learner-steps', str(_STEPS), '--seed', '1',
     '--set', 'warm_start.steps=20', '--set', 'learner.batch_size=8',
     '--set', 'learner.log_every=4', '--set', 'learner.checkpoint_every=4',
-    '--set', 'inference.max_batch_size=8', '--set', 'task_config.eval_samples_per_caption=2',
+    '--set', 'inference.max_batch_size=8', '--set', 'task.eval_samples_per_caption=2',
     '--set', 'evaluation.every_s=0',
 ]
 

@@ -17,10 +17,13 @@ from chorus.datasets import trajectory_batches
 from chorus.replay import batch_iterator
 from chorus.replay import make_tables
 from chorus.replay import ReplayConfig
+from chorus import schema
 from test_rlds_episodes import assert_same_trajectories
 from test_rlds_episodes import random_trajectories
+from test_rlds_episodes import SCHEMA
 
-_P, _T = 32, 40  # random_trajectories: prompts < 30 tokens, completions and pairs < 40.
+# random_trajectories: prompts < 30 tokens, completions and second completions < 40.
+_SPEC = core.SequenceSpec(prompt_len=32, completion_len=40)
 _TOKENIZER = models.CharTokenizer()
 
 
@@ -29,10 +32,10 @@ def fixture_recorded(tmp_path_factory):
   """A run's rlds/ folder of two actors, the second still writing (its open file journalled)."""
   rlds = tmp_path_factory.mktemp('run') / 'rlds'
   written = random_trajectories(20, 7, actor_id=0) + random_trajectories(21, 6, actor_id=1)
-  with EpisodeLogger(rlds / 'actor_000', max_episodes_per_file=3) as logger:
+  with EpisodeLogger(rlds / 'actor_000', schema=SCHEMA, max_episodes_per_file=3) as logger:
     for trajectory in written[:7]:
       logger.write(trajectory)
-  running = EpisodeLogger(rlds / 'actor_001', max_episodes_per_file=4)
+  running = EpisodeLogger(rlds / 'actor_001', schema=SCHEMA, max_episodes_per_file=4)
   for trajectory in written[7:]:
     running.write(trajectory)
   yield rlds, written
@@ -41,29 +44,31 @@ def fixture_recorded(tmp_path_factory):
 
 def _rows(batch: core.TrajectoryBatch) -> list[bytes]:
   """Each row of a batch as bytes, to compare batches as multisets of rows."""
-  fields = vars(batch)
+  fields = {**batch._asdict(), **batch.extras}
+  del fields['extras']
   return [b''.join(np.asarray(fields[name][i]).tobytes() for name in sorted(fields))
-          for i in range(len(batch.rewards))]
+          for i in range(len(batch.reward))]
 
 
-def _expected_rows(trajectories) -> list[bytes]:
-  return _rows(core.batch_trajectories(trajectories, _P, _T))
+def _expected_rows(trajectories, row_schema=SCHEMA) -> list[bytes]:
+  return _rows(row_schema.batch_trajectories(trajectories, _SPEC))
 
 
 def test_one_pass_of_batches_is_every_episode_padded_as_replay_pads_it(recorded):
   rlds, written = recorded
-  batches = list(trajectory_batches(rlds, 4, _P, _T, shuffle=False, repeat=False))
+  batches = list(trajectory_batches(rlds, 4, _SPEC, schema=SCHEMA, shuffle=False,
+                                    repeat=False))
   assert len(batches) == len(written) // 4  # The remainder is dropped.
   for batch in batches:
-    assert batch.prompt_tokens.shape == (4, _P) and batch.paired_tokens.shape == (4, _T)
+    assert batch.prompt_tokens.shape == (4, 32) and batch.extras['second_tokens'].shape == (4, 40)
   got = [row for batch in batches for row in _rows(batch)]
   assert got == _expected_rows(written)[:len(got)]
 
 
 def test_shuffled_batches_are_reproducible_and_repeat_over_every_episode(recorded):
   rlds, written = recorded
-  first = trajectory_batches(rlds, 13, _P, _T, seed=5)
-  second = trajectory_batches(rlds, 13, _P, _T, seed=5)
+  first = trajectory_batches(rlds, 13, _SPEC, schema=SCHEMA, seed=5)
+  second = trajectory_batches(rlds, 13, _SPEC, schema=SCHEMA, seed=5)
   epochs = [next(first) for _ in range(2)]
   for batch in epochs:
     assert sorted(_rows(batch)) == sorted(_expected_rows(written))  # One whole pass each.
@@ -75,20 +80,33 @@ def test_shuffled_batches_are_reproducible_and_repeat_over_every_episode(recorde
 def test_an_episode_over_the_shapes_is_named_or_skipped(recorded):
   rlds, written = recorded
   longest = max(len(t.completion_tokens) for t in written)
-  with pytest.raises(ValueError, match=f'completion of {longest} tokens, over '
+  short = core.SequenceSpec(prompt_len=32, completion_len=longest - 1)
+  with pytest.raises(ValueError, match=f'completion_tokens of {longest} tokens, over '
                      f'completion_len={longest - 1}.*skip_too_long=True'):
-    list(trajectory_batches(rlds, 1, _P, longest - 1, shuffle=False, repeat=False))
+    list(trajectory_batches(rlds, 1, short, schema=SCHEMA, shuffle=False, repeat=False))
   fits = [t for t in written if len(t.completion_tokens) < longest and
-          (t.paired_completion_tokens is None or len(t.paired_completion_tokens) < longest)]
-  batches = trajectory_batches(rlds, 1, _P, longest - 1, shuffle=False, repeat=False,
+          len(t.extras['second_tokens']) < longest]
+  batches = trajectory_batches(rlds, 1, short, schema=SCHEMA, shuffle=False, repeat=False,
                                skip_too_long=True)
   assert len(list(batches)) == len(fits)
+
+
+def test_batches_need_the_fields_of_their_schema(recorded):
+  rlds, _ = recorded
+  bond_like = schema.CORE_SCHEMA.with_extras([
+      schema.Field('anchor_logprobs', schema.PER_TOKEN, 'float32')])
+  with pytest.raises(ValueError, match=r"lacks the fields \['anchor_logprobs'\].*recorded "
+                     'with its fields'):
+    next(trajectory_batches(rlds, 2, _SPEC, schema=bond_like))
+  # The core schema takes what any agent recorded and leaves its extras out.
+  batch = next(trajectory_batches(rlds, 2, _SPEC, shuffle=False))
+  assert batch.extras == {}
 
 
 def _server(num_episodes: int, kind: str) -> reverb.Server:
   # A uniform table never limits inserts below min_size_to_sample.
   config = ReplayConfig(kind=kind, max_size=1000, min_size_to_sample=num_episodes)
-  return reverb.Server(make_tables(config, _P, _T), port=None)
+  return reverb.Server(make_tables(config, SCHEMA, _SPEC), port=None)
 
 
 @pytest.mark.parametrize('kind', ['queue', 'uniform'])
@@ -97,10 +115,10 @@ def test_fill_replay_stores_every_episode_and_a_learner_samples_them(recorded, k
   server = _server(len(written), kind)
   address = f'localhost:{server.port}'
   try:
-    assert fill_replay(rlds, address, 'trajectories', _P, _T) == len(written)
+    assert fill_replay(rlds, address, 'trajectories', SCHEMA, _SPEC) == len(written)
     info = reverb.Client(address).server_info()['trajectories']
     assert info.current_size == len(written)
-    batch = next(batch_iterator(address, 'trajectories', len(written), _P, _T))
+    batch = next(batch_iterator(address, 'trajectories', len(written), SCHEMA, _SPEC))
     if kind == 'queue':  # FIFO: each exactly once, in order.
       assert _rows(batch) == _expected_rows(written)
     else:
@@ -112,7 +130,7 @@ def test_fill_replay_stores_every_episode_and_a_learner_samples_them(recorded, k
 def test_dataset_prompts_are_the_distinct_prompts_in_first_seen_order(tmp_path):
   written = random_trajectories(30, 6)
   repeated = [written[0], written[1], written[0], written[2], written[1], written[0]]
-  with EpisodeLogger(tmp_path) as logger:
+  with EpisodeLogger(tmp_path, schema=SCHEMA) as logger:
     for trajectory in repeated:
       logger.write(trajectory)
   prompts = dataset_prompts(tmp_path)
@@ -202,18 +220,19 @@ _TEXT_MAPPING = ForeignDatasetMapping(prompt='steps/observation', completion='st
 def test_a_plain_rlds_dataset_replays_through_a_declared_mapping(tmp_path, write, mapping):
   expected = write(tmp_path / 'theirs')
   assert_same_trajectories(read_trajectories(tmp_path / 'theirs', mapping=mapping), expected)
-  batches = list(trajectory_batches(tmp_path / 'theirs', 2, 12, 8, shuffle=False,
+  spec, core_schema = core.SequenceSpec(12, 8), schema.CORE_SCHEMA
+  batches = list(trajectory_batches(tmp_path / 'theirs', 2, spec, shuffle=False,
                                     repeat=False, mapping=mapping))
   assert [row for batch in batches for row in _rows(batch)] == _rows(
-      core.batch_trajectories(expected, 12, 8))
-  server = reverb.Server(make_tables(ReplayConfig(kind='queue', max_size=100), 12, 8),
-                         port=None)
+      core_schema.batch_trajectories(expected, spec))
+  server = reverb.Server(make_tables(ReplayConfig(kind='queue', max_size=100), core_schema,
+                                     spec), port=None)
   try:
     address = f'localhost:{server.port}'
-    assert fill_replay(tmp_path / 'theirs', address, 'trajectories', 12, 8,
+    assert fill_replay(tmp_path / 'theirs', address, 'trajectories', core_schema, spec,
                        mapping=mapping) == len(expected)
-    batch = next(batch_iterator(address, 'trajectories', len(expected), 12, 8))
-    assert _rows(batch) == _rows(core.batch_trajectories(expected, 12, 8))
+    batch = next(batch_iterator(address, 'trajectories', len(expected), core_schema, spec))
+    assert _rows(batch) == _rows(core_schema.batch_trajectories(expected, spec))
   finally:
     server.stop()
 

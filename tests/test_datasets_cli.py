@@ -130,15 +130,13 @@ def test_export_writes_every_field_of_every_episode(run_rlds, tmp_path, capsys):
   assert f'Wrote {len(written)} episodes' in out
   records = [json.loads(line) for line in output.read_text().splitlines()]
   assert len(records) == len(written)
-  field_names = {field.name for field in dataclasses.fields(core.Trajectory)}
+  field_names = {field.name for field in dataclasses.fields(core.Trajectory)} - {'extras'}
   for record, trajectory in zip(records, written):
-    assert set(record) == field_names | {'prompt_text', 'completion_text',
-                                         'paired_completion_text'}
+    assert set(record) == field_names | {'prompt_text', 'completion_text'}
     assert record['prompt_tokens'] == trajectory.prompt_tokens.tolist()
     assert record['completion_tokens'] == trajectory.completion_tokens.tolist()
     np.testing.assert_array_equal(np.float32(record['behaviour_logprobs']),
                                   trajectory.behaviour_logprobs)
-    assert record['reference_logprobs'] is None and record['paired_completion_text'] is None
     for name in field_names - {'prompt_tokens', 'completion_tokens', 'behaviour_logprobs'}:
       assert record[name] == getattr(trajectory, name), name
     assert record['prompt_text'] == f'rev {trajectory.prompt_id}>'

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 _SHORT_RUN = [
     '--seed', '5', '--set', 'warm_start.steps=20', '--set', 'learner.batch_size=8',
     '--set', 'learner.log_every=5', '--set', 'replay.max_size=32',
-    '--set', 'inference.max_batch_size=8', '--set', 'task_config.num_eval_prompts=16',
+    '--set', 'inference.max_batch_size=8', '--set', 'task.num_eval_prompts=16',
 ]
 
 

@@ -19,7 +19,7 @@ _SMALL_RUN = [
     '--set', 'warm_start.steps=30', '--set', 'learner.batch_size=8',
     '--set', 'learner.log_every=4', '--set', 'learner.checkpoint_every=6',
     '--set', 'replay.max_size=32', '--set', 'inference.max_batch_size=8',
-    '--set', 'task_config.num_eval_prompts=16', '--set', 'rlds_episodes_per_file=10',
+    '--set', 'task.num_eval_prompts=16', '--set', 'rlds_episodes_per_file=10',
     '--set', 'evaluation.every_s=0',
 ]
 

@@ -235,7 +235,7 @@ def test_condition_dropout_emits_the_unconditional_prompt_at_rate_p_uncond(task)
 
 
 def test_music_task_is_registered_and_fits_the_demonstration_pipeline():
-  task = tasks.make_task('music_captions')
+  task = tasks.make_task(music.MusicTaskConfig())
   rng = np.random.default_rng(9)
   prompt = task.train_prompt(rng)
   completion = task.demonstration(prompt, rng)

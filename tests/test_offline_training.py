@@ -18,7 +18,7 @@ from chorus.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 _COMMON = [
-    '--seed', '2', '--set', 'warm_start.steps=150', '--set', 'task_config.num_eval_prompts=128',
+    '--seed', '2', '--set', 'warm_start.steps=150', '--set', 'task.num_eval_prompts=128',
     '--set', 'evaluation.every_s=0', '--set', 'inference.max_batch_size=32',
     '--set', 'learner.log_every=10', '--set', 'replay.min_size_to_sample=128',
 ]

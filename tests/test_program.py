@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 
+from chorus import agents
 from chorus import configs
 from chorus.launch import cli
 from chorus.launch import experiment
@@ -53,9 +54,9 @@ def test_resolve_replaces_address_handles_inside_lists_and_dicts():
 
 def test_overrides_parse_types_and_reject_unknown_fields_with_the_known_ones():
   config = experiment.apply_overrides(_config(), [
-      'learner.batch_size=64', 'vtrace.kl_coef=0.1', 'model.logit_softcap=30',
+      'learner.batch_size=64', 'agent.kl_coef=0.1', 'model.logit_softcap=30',
       'actor.model=policy', 'num_actors=2'])
-  assert (config.learner.batch_size, config.vtrace.kl_coef, config.model.logit_softcap,
+  assert (config.learner.batch_size, config.agent.kl_coef, config.model.logit_softcap,
           config.num_actors) == (64, 0.1, 30.0, 2)
   with pytest.raises(ValueError, match="no field 'batchsize'.*batch_size"):
     experiment.apply_overrides(config, ['learner.batchsize=3'])
@@ -72,6 +73,19 @@ def test_config_round_trips_through_plain_dicts():
   assert experiment.from_dict(experiment.ExperimentConfig, experiment.to_dict(config)) == config
 
 
+def test_a_tag_switches_the_agent_to_its_defaults_and_fields_of_it_set_after():
+  config = experiment.apply_overrides(_config(), [
+      'agent=bond', 'agent.beta=0.25', 'agent.reward_model.kind=learned'])
+  assert isinstance(config.agent, agents.BondConfig)
+  assert (config.agent.beta, config.agent.reward_model.kind) == (0.25, 'learned')
+  assert experiment.to_dict(config)['agent']['tag'] == 'bond'
+  assert experiment.from_dict(experiment.ExperimentConfig, experiment.to_dict(config)) == config
+  with pytest.raises(ValueError, match=r"Unknown AgentConfig tag 'ppo'.*'vtrace'"):
+    experiment.apply_overrides(_config(), ['agent=ppo'])
+  with pytest.raises(ValueError, match="VTraceConfig has no field 'beta'"):
+    experiment.apply_overrides(_config(), ['agent.beta=0.5'])
+
+
 def test_cli_rejects_a_bad_override_before_starting_anything(tmp_path, capsys):
   run_dir = tmp_path / 'never'
   assert cli.main(['run', '--run-dir', str(run_dir), '--set', 'learner.nope=1']) == 2
@@ -79,9 +93,12 @@ def test_cli_rejects_a_bad_override_before_starting_anything(tmp_path, capsys):
   assert not run_dir.exists()
 
 
-def test_cli_lists_configs_and_shows_defaults(capsys):
+def test_cli_lists_configs_with_their_descriptions_and_shows_defaults(capsys):
   assert cli.main(['configs']) == 0
-  assert 'text_vtrace' in capsys.readouterr().out.split()
+  listing = capsys.readouterr().out.splitlines()
+  assert len(listing) == len(configs.CONFIG_NAMES)
+  assert listing[0].split(maxsplit=1) == ['text_vtrace', configs.description('text_vtrace')]
+  assert configs.description('text_vtrace').startswith('V-trace RL on digit reversal')
   assert cli.main(['configs', 'text_vtrace']) == 0
   assert '"max_steps": 600' in capsys.readouterr().out
 
@@ -105,9 +122,11 @@ def test_every_config_builds_a_program_and_round_trips(name):
 def test_learned_reward_model_adds_a_setup_node_before_the_servers():
   nodes = program.make_program(configs.get_config('text_bond'))
   assert nodes[1].name == 'reward_model' and nodes[1].kind == program.SETUP
+  assert nodes[1].role == 'setup' and nodes[1].kwargs == {'step': 'reward_model'}
+  assert nodes[1].accelerator
   programmatic = experiment.apply_overrides(configs.get_config('text_bond'),
-                                            ['reward_model.kind=programmatic'])
-  assert 'reward_model' not in _roles(programmatic)
+                                            ['agent.reward_model.kind=programmatic'])
+  assert 'setup' not in _roles(programmatic)
 
 
 def test_offline_soft_q_replays_the_dataset_instead_of_running_actors():
@@ -123,16 +142,17 @@ def test_offline_soft_q_replays_the_dataset_instead_of_running_actors():
 def test_inverse_soft_q_reads_demonstrations_without_replay_or_actors():
   roles = _roles(configs.get_config('text_irl'))
   assert 'replay' not in roles and 'actor' not in roles and 'dataset_replayer' not in roles
-  assert roles['demonstrations'] == ['demonstrations']
+  assert roles['setup'] == ['demonstrations']
   with_dataset = experiment.apply_overrides(configs.get_config('text_irl'),
                                             ['replay_dataset=/data/demos'])
-  assert 'demonstrations' not in _roles(with_dataset)
+  assert 'setup' not in _roles(with_dataset)
 
 
 def test_configs_reject_combinations_that_cannot_train():
-  with pytest.raises(ValueError, match="replay_dataset needs an off-policy learner"):
-    experiment.apply_overrides(configs.get_config('text_vtrace'), ['replay_dataset=/data'])
-  with pytest.raises(ValueError, match='Unknown algorithm'):
-    experiment.apply_overrides(configs.get_config('text_vtrace'), ['algorithm=ppo'])
-  with pytest.raises(ValueError, match='reward_model.kind=programmatic'):
-    experiment.apply_overrides(configs.get_config('text_soft_q'), ['reward_model.kind=learned'])
+  with pytest.raises(ValueError, match="replay_dataset needs an off-policy agent"):
+    experiment.apply_overrides(configs.get_config('text_vtrace'), ['replay_dataset=/data']).check()
+  with pytest.raises(ValueError, match='Use a music task'):
+    experiment.apply_overrides(configs.get_config('text_vtrace'), ['agent=cfg_distill']).check()
+  with pytest.raises(ValueError, match="no `preference_pair`.*kind=programmatic"):
+    experiment.apply_overrides(configs.get_config('music_vtrace'), [
+        'agent=bond', 'agent.reward_model.kind=learned']).check()

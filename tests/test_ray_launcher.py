@@ -23,6 +23,7 @@ from chorus.launch import local
 from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch import program as program_lib
 from chorus.launch import ray_launcher
+from chorus.launch import ray_node_host
 from chorus.metrics import read_metrics
 from chorus.tests import test_local_run
 
@@ -227,7 +228,7 @@ def _wait_for_placement(run_dir: str, node: str, previous: dict | None) -> dict:
   deadline = time.monotonic() + 60
   while time.monotonic() < deadline:
     try:
-      with open(ray_launcher.placement_path(run_dir, node)) as file:
+      with open(ray_node_host.placement_path(run_dir, node)) as file:
         placement = json.load(file)
       if placement != previous:
         return placement

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from chorus import core
+from chorus import schema
 from chorus.datasets import EpisodeLogger
 from chorus.datasets import episode_dataset
 from chorus.datasets import journal as journal_lib
@@ -25,6 +27,7 @@ from chorus.launch import cli
 from test_rlds_episodes import assert_same_trajectories
 from test_rlds_episodes import digest
 from test_rlds_episodes import random_trajectories
+from test_rlds_episodes import SCHEMA
 
 _BIG_FILES = 1000  # No file closes during the tests: every episode is in the open one.
 
@@ -82,7 +85,7 @@ def _open_logger_with(directory, trajectories, max_episodes_per_file=_BIG_FILES)
   The caller keeps it referenced until the checks are done: collecting it would flush
   the open file, which a killed process never does.
   """
-  logger = EpisodeLogger(directory, max_episodes_per_file=max_episodes_per_file)
+  logger = EpisodeLogger(directory, schema=SCHEMA, max_episodes_per_file=max_episodes_per_file)
   for trajectory in trajectories:
     logger.write(trajectory)
   return logger
@@ -92,7 +95,7 @@ def _open_logger_with(directory, trajectories, max_episodes_per_file=_BIG_FILES)
 def test_a_torn_last_journal_record_is_dropped_with_a_log_line(tmp_path, caplog, cut):
   expected = random_trajectories(4, 5)
   logger = _open_logger_with(tmp_path, expected[:4])
-  record = journal_lib.encode_record(4, expected[4])
+  record = journal_lib.encode_record(4, expected[4], SCHEMA)
   with open(journal_lib.journal_path(tmp_path), 'ab') as file:
     file.write(record[:cut])  # Killed in the middle of appending episode 4.
   with caplog.at_level(logging.INFO):
@@ -126,7 +129,7 @@ def test_episodes_already_in_a_closed_file_are_not_recovered_twice(tmp_path):
   # Killed after tfds listed a full file but before the journal was emptied.
   expected = random_trajectories(6, 5)
   logger = _open_logger_with(tmp_path, expected[:3], max_episodes_per_file=3)
-  stale = b''.join(journal_lib.encode_record(i, t) for i, t in enumerate(expected[:3]))
+  stale = b''.join(journal_lib.encode_record(i, t, SCHEMA) for i, t in enumerate(expected[:3]))
   with open(journal_lib.journal_path(tmp_path), 'ab') as file:
     file.write(stale)
   for trajectory in expected[3:]:
@@ -140,7 +143,7 @@ def test_episodes_already_in_a_closed_file_are_not_recovered_twice(tmp_path):
 def test_a_restarted_writer_continues_after_the_recovered_episodes(tmp_path):
   expected = random_trajectories(7, 9)
   dead = _open_logger_with(tmp_path, expected[:4], max_episodes_per_file=3)  # 3 closed, 1 open.
-  with EpisodeLogger(tmp_path, max_episodes_per_file=3) as logger:
+  with EpisodeLogger(tmp_path, schema=SCHEMA, max_episodes_per_file=3) as logger:
     for trajectory in expected[4:]:
       logger.write(trajectory)
   assert_same_trajectories(read_trajectories(tmp_path), expected)
@@ -173,8 +176,8 @@ def fixture_servers():
   from chorus.replay import ReplayConfig
   # A queue never evicts and nothing samples it during the run, so it ends holding every
   # trajectory that reached replay, each exactly once.
-  replay = reverb.Server(make_tables(ReplayConfig(kind='queue', max_size=100_000), _P, _T),
-                         port=None)
+  replay = reverb.Server(make_tables(ReplayConfig(kind='queue', max_size=100_000),
+                                     schema.CORE_SCHEMA, core.SequenceSpec(_P, _T)), port=None)
   decoder = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
   served = ServedModel(
       'policy', decoder, models.init_params(decoder, jax.random.PRNGKey(0)), version=0,
@@ -273,7 +276,8 @@ def _run_actor(actor_id: int, rlds: str, replay_address: str, inference_address:
   from chorus.replay import TrajectoryWriter
   client = InferenceClient(inference_address)
   client.wait_until_ready()
-  writer = TrajectoryWriter(replay_address, 'trajectories', _P, _T)
+  writer = TrajectoryWriter(replay_address, 'trajectories', schema.CORE_SCHEMA,
+                            core.SequenceSpec(_P, _T))
   task = reverse_digits.ReverseDigitsTask()
   config = ActorConfig(prompts_per_request=_PROMPTS_PER_REQUEST, max_new_tokens=_T)
   with EpisodeLogger(os.path.join(rlds, f'actor_{actor_id:03d}'),
@@ -288,7 +292,7 @@ def _run_actor(actor_id: int, rlds: str, replay_address: str, inference_address:
 
 def _write_and_acknowledge(directory: str, count: int):
   # Exported so that a parent can compare with its own random_trajectories(11, ...).
-  logger = EpisodeLogger(directory, max_episodes_per_file=_BIG_FILES)
+  logger = EpisodeLogger(directory, schema=SCHEMA, max_episodes_per_file=_BIG_FILES)
   written = []
   for trajectory in random_trajectories(11, count):
     logger.write(trajectory)

@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from chorus import core
+from chorus import schema
 from chorus.datasets import CorruptEpisodeFileError
 from chorus.datasets import EpisodeLogger
 from chorus.datasets import episode_dataset
@@ -23,6 +24,16 @@ from chorus.datasets import read_trajectories
 _FIELDS = ('reward', 'terminated', 'param_version', 'temperature', 'model_name', 'prompt_id',
            'actor_id', 'episode_id', 'task', 'seed', 'reward_components')
 _COMPONENT_NAMES = ('positional_accuracy', 'length_penalty', 'kl/ref', 'ünïcode')
+# An agent's extras of every kind, written and read back beside the core fields.
+SCHEMA = schema.CORE_SCHEMA.with_extras([
+    schema.Field('other_logprobs', schema.PER_TOKEN, 'float32'),
+    schema.Field('second_tokens', schema.TOKENS, 'int32'),
+    schema.Field('score', schema.SCALAR, 'float32'),
+    schema.Field('exact_score', schema.SCALAR, 'float64'),
+    schema.Field('count', schema.SCALAR, 'int64'),
+    schema.Field('flag', schema.SCALAR, 'bool'),
+    schema.Field('label', schema.TEXT, in_rows=False),
+])
 
 
 def random_trajectories(seed: int, count: int, actor_id: int = 0) -> list[core.Trajectory]:
@@ -46,12 +57,12 @@ def random_trajectories(seed: int, count: int, actor_id: int = 0) -> list[core.T
         # Zero to all terms, in a random order that must survive too.
         reward_components={name: float(rng.normal()) for name in rng.permutation(
             _COMPONENT_NAMES)[:rng.integers(len(_COMPONENT_NAMES) + 1)]},
-        # The optional fields of Nash-MD and BOND, each present or absent.
-        reference_logprobs=(-rng.exponential(size=completion_len).astype(np.float32)
-                            if rng.integers(2) else None),
-        paired_completion_tokens=(rng.integers(3, 32000, int(rng.integers(1, 20))).astype(
-            np.int32) if rng.integers(2) else None),
-        win_probability=float(rng.uniform()) if rng.integers(2) else None))
+        extras=dict(
+            other_logprobs=-rng.exponential(size=completion_len).astype(np.float32),
+            second_tokens=rng.integers(3, 32000, int(rng.integers(1, 20))).astype(np.int32),
+            score=float(np.float32(rng.uniform())), exact_score=float(rng.normal()),
+            count=int(rng.integers(-2**62, 2**62)), flag=bool(rng.integers(2)),
+            label=f'é{rng.integers(100)}')))
   return trajectories
 
 
@@ -62,15 +73,17 @@ def assert_same_trajectories(got, expected):
       assert getattr(got_one, name) == getattr(expected_one, name), name
     assert list(got_one.reward_components) == list(expected_one.reward_components)
     for name, dtype in (('prompt_tokens', np.int32), ('completion_tokens', np.int32),
-                        ('behaviour_logprobs', np.float32), ('reference_logprobs', np.float32),
-                        ('paired_completion_tokens', np.int32)):
+                        ('behaviour_logprobs', np.float32)):
       got_array, expected_array = getattr(got_one, name), getattr(expected_one, name)
-      if expected_array is None:
-        assert got_array is None, name
-        continue
       assert got_array.dtype == dtype, name
       np.testing.assert_array_equal(got_array, expected_array, err_msg=name)
-    assert got_one.win_probability == expected_one.win_probability
+    assert sorted(got_one.extras) == sorted(expected_one.extras)
+    for name, value in expected_one.extras.items():
+      if isinstance(value, np.ndarray):
+        assert got_one.extras[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(got_one.extras[name], value, err_msg=name)
+      else:
+        assert got_one.extras[name] == value and type(got_one.extras[name]) is type(value), name
   assert digest(got) == digest(expected)
 
 
@@ -88,7 +101,7 @@ def fixture_two_actor_dirs(tmp_path_factory):
   for actor_id, count in ((0, 11), (1, 9)):
     directory = run_dir / 'rlds' / f'actor_{actor_id:03d}'  # Missing: the logger creates it.
     written[directory] = random_trajectories(actor_id, count, actor_id)
-    with EpisodeLogger(directory, max_episodes_per_file=4) as logger:
+    with EpisodeLogger(directory, schema=SCHEMA, max_episodes_per_file=4) as logger:
       for trajectory in written[directory]:
         logger.write(trajectory)
   return written
@@ -101,25 +114,19 @@ def test_two_writers_read_back_as_one_dataset_with_every_field_exact(two_actor_d
   assert_same_trajectories(got, expected)
   assert {t.terminated for t in expected} == {True, False}
   assert {len(t.reward_components) for t in expected} >= {0, 1, len(_COMPONENT_NAMES)}
-  for name in ('reference_logprobs', 'paired_completion_tokens', 'win_probability'):
-    assert {getattr(t, name) is None for t in expected} == {True, False}, name
 
 
-def test_absent_optional_fields_are_flags_and_an_empty_pair_in_raw_rlds(two_actor_dirs):
+def test_extras_are_plain_rlds_step_and_episode_fields(two_actor_dirs):
   directory, expected = next(iter(two_actor_dirs.items()))
   for trajectory, episode in zip(expected, episode_dataset(directory), strict=True):
-    assert bool(episode['has_reference_logprobs']) == (trajectory.reference_logprobs is not None)
-    assert bool(episode['has_win_probability']) == (trajectory.win_probability is not None)
-    paired = episode['paired_completion_tokens'].numpy()
-    if trajectory.paired_completion_tokens is None:
-      assert paired.shape == (0,)
-    else:
-      np.testing.assert_array_equal(paired, trajectory.paired_completion_tokens)
+    extras = trajectory.extras
+    np.testing.assert_array_equal(episode['second_tokens'].numpy(), extras['second_tokens'])
+    assert episode['exact_score'].dtype == tf.float64  # Kept exactly, as raw bytes.
+    assert episode['exact_score'].numpy() == extras['exact_score']
+    assert episode['count'].numpy() == extras['count']
+    assert episode['label'].numpy().decode() == extras['label']
     steps = next(iter(episode['steps'].batch(1000)))
-    expected_reference = (np.zeros(len(trajectory.completion_tokens), np.float32)
-                          if trajectory.reference_logprobs is None
-                          else trajectory.reference_logprobs)
-    np.testing.assert_array_equal(steps['reference_logprob'].numpy(), expected_reference)
+    np.testing.assert_array_equal(steps['other_logprobs'].numpy(), extras['other_logprobs'])
 
 
 def test_a_run_rlds_folder_reads_as_its_actor_directories_in_order(two_actor_dirs):
@@ -160,7 +167,7 @@ def test_digest_covers_the_recorded_task_seed_and_reward_components():
 def _three_files(directory):
   """Writes 10 episodes in files of 4, 4 and 2; returns them and the middle file."""
   expected = random_trajectories(5, 10)
-  with EpisodeLogger(directory, max_episodes_per_file=4) as logger:
+  with EpisodeLogger(directory, schema=SCHEMA, max_episodes_per_file=4) as logger:
     for trajectory in expected:
       logger.write(trajectory)
   return expected, directory / 'chorus_episodes-train.tfrecord-00001'
@@ -236,7 +243,7 @@ def test_raw_rlds_steps_put_reward_discount_and_flags_on_the_last_token(two_acto
 
 
 def test_episode_dataset_skips_directories_with_nothing_readable_yet(two_actor_dirs, tmp_path):
-  open_logger = EpisodeLogger(tmp_path / 'open', max_episodes_per_file=4)
+  open_logger = EpisodeLogger(tmp_path / 'open', schema=SCHEMA, max_episodes_per_file=4)
   open_logger.write(random_trajectories(7, 1)[0])  # In an open file: not readable yet.
   directories = [tmp_path / 'never_written', tmp_path / 'open', *two_actor_dirs]
   assert len(list(episode_dataset(directories))) == 20
@@ -253,7 +260,7 @@ def test_reading_nothing_readable_names_the_paths(tmp_path):
 
 def test_every_written_episode_is_readable_before_the_logger_is_closed(tmp_path):
   trajectories = random_trajectories(3, 5)
-  logger = EpisodeLogger(tmp_path, max_episodes_per_file=2)
+  logger = EpisodeLogger(tmp_path, schema=SCHEMA, max_episodes_per_file=2)
   for trajectory in trajectories:
     logger.write(trajectory)
   # Chorus readers take the open file's episode from the journal; plain tfds sees the
@@ -272,14 +279,16 @@ def test_logger_rejects_bad_arguments_with_the_fix(tmp_path):
   with pytest.raises(ValueError, match='max_episodes_per_file must be >= 1'):
     EpisodeLogger(tmp_path, max_episodes_per_file=0)
   trajectory = random_trajectories(0, 1)[0]
-  with EpisodeLogger(tmp_path) as logger:
+  with EpisodeLogger(tmp_path, schema=SCHEMA) as logger:
     with pytest.raises(ValueError, match='non-empty 1-D prompt'):
-      logger.write(core.Trajectory(
-          prompt_tokens=np.zeros(0, np.int32), completion_tokens=trajectory.completion_tokens,
-          behaviour_logprobs=trajectory.behaviour_logprobs, reward=0.0, terminated=True,
-          param_version=0))
+      logger.write(dataclasses.replace(trajectory, prompt_tokens=np.zeros(0, np.int32)))
+    with pytest.raises(ValueError, match=r"lacks the fields \['count'\]"):
+      logger.write(dataclasses.replace(trajectory, extras={
+          name: value for name, value in trajectory.extras.items() if name != 'count'}))
   with pytest.raises(RuntimeError, match='open a new one'):
     logger.write(trajectory)
+  with pytest.raises(ValueError, match='another schema'):
+    EpisodeLogger(tmp_path)  # The core schema: this directory holds SCHEMA's episodes.
 
 
 def _start_writer(directory, count, max_episodes_per_file, *, hang):
@@ -301,7 +310,7 @@ def test_sigkill_loses_no_episode_whose_write_returned(tmp_path):
   assert_same_trajectories(read_trajectories(tmp_path), expected[:7])
   assert len(list(episode_dataset(tmp_path))) == 6
   # A restarted writer first moves it into a closed file, then appends.
-  with EpisodeLogger(tmp_path, max_episodes_per_file=3) as logger:
+  with EpisodeLogger(tmp_path, schema=SCHEMA, max_episodes_per_file=3) as logger:
     assert len(list(episode_dataset(tmp_path))) == 7
     logger.write(expected[7])
   assert_same_trajectories(read_trajectories(tmp_path), expected)
@@ -311,14 +320,14 @@ def test_sigkill_loses_no_episode_whose_write_returned(tmp_path):
 @pytest.mark.parametrize('emptied', ['dataset_info.json', 'features.json'])
 def test_metadata_emptied_by_a_kill_mid_rewrite_is_repaired_on_reopen(tmp_path, emptied):
   expected = random_trajectories(1, 5)
-  with EpisodeLogger(tmp_path, max_episodes_per_file=2) as logger:
+  with EpisodeLogger(tmp_path, schema=SCHEMA, max_episodes_per_file=2) as logger:
     for trajectory in expected:
       logger.write(trajectory)
   # What a SIGKILL inside tfds' in-place rewrite leaves behind (seen in most random kills).
   (tmp_path / emptied).write_text('')
   with pytest.raises(ValueError, match='repair_episode_directory'):
     read_trajectories(tmp_path)
-  EpisodeLogger(tmp_path).close()
+  EpisodeLogger(tmp_path, schema=SCHEMA).close()
   assert_same_trajectories(read_trajectories(tmp_path), expected)
 
 
@@ -335,7 +344,8 @@ def test_sigkills_at_spread_moments_keep_every_acknowledged_episode(tmp_path):
     writer.send_signal(signal.SIGKILL)
     writer.wait()
   for i in range(len(writers)):
-    EpisodeLogger(tmp_path / str(i)).close()  # Repairs the metadata if the kill broke it.
+    # Repairs the metadata if the kill broke it.
+    EpisodeLogger(tmp_path / str(i), schema=SCHEMA).close()
     got = read_trajectories(tmp_path / str(i))
     # Every acknowledged episode, and at most the one in progress at the kill beyond.
     assert len(got) >= acknowledged
@@ -343,7 +353,7 @@ def test_sigkills_at_spread_moments_keep_every_acknowledged_episode(tmp_path):
 
 
 def _write_then_wait(directory, count, max_episodes_per_file, hang):
-  logger = EpisodeLogger(directory, max_episodes_per_file=max_episodes_per_file)
+  logger = EpisodeLogger(directory, schema=SCHEMA, max_episodes_per_file=max_episodes_per_file)
   for trajectory in random_trajectories(0, count):
     logger.write(trajectory)
     print(f'wrote {trajectory.episode_id}', flush=True)

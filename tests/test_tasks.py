@@ -7,12 +7,12 @@ from chorus import core
 from chorus.actors import tasks
 
 
-@pytest.mark.parametrize('name', sorted(tasks.TASKS))
-def test_built_in_task_implements_the_task_protocol_and_its_reward(name):
-  task = tasks.make_task(name)
+@pytest.mark.parametrize('tag', sorted(tasks.TASK_CLASSES))
+def test_built_in_task_implements_the_task_protocol_and_its_reward(tag):
+  task = tasks.make_task(core.TaskConfig.by_tag(tag)())
   assert isinstance(task, core.Task)
   assert isinstance(task.tokenizer, core.Tokenizer)
-  assert task.name == name
+  assert task.name == tag
   rng = np.random.default_rng(0)
   for prompt in [task.train_prompt(rng), *task.eval_prompts()[:2]]:
     assert task.prompt_from_id(prompt.prompt_id) == prompt

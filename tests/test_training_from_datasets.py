@@ -9,17 +9,19 @@ import pytest
 
 from chorus import configs
 from chorus import models
+from chorus.actors import demonstrations
 from chorus.datasets import EpisodeLogger
 from chorus.launch import evaluate
 from chorus.launch import experiment
 from chorus.launch import nodes
+from chorus.launch import run_dir as layout
 from chorus.metrics import read_metrics
 from chorus.models.checkpoints import Checkpointer
 
 
 def _small_config(**changes) -> experiment.ExperimentConfig:
   config = experiment.apply_overrides(configs.get_config('text_vtrace'), [
-      'task_config.num_eval_prompts=16', 'inference.max_batch_size=8'])
+      'task.num_eval_prompts=16', 'inference.max_batch_size=8'])
   return dataclasses.replace(config, **changes)
 
 
@@ -27,7 +29,7 @@ def test_warm_start_learns_the_episodes_of_a_dataset_instead_of_the_tasks(tmp_pa
   # A dataset that answers every prompt with "7": the task's own demonstrations never do.
   config = _small_config()
   task = config.make_task()
-  source = nodes.demonstrations(config, task)
+  source = demonstrations.demonstrations(task, config.seed)
   with EpisodeLogger(tmp_path / 'sevens' / 'writer_000') as logger:
     for _ in range(64):
       demonstration = next(source)
@@ -40,9 +42,9 @@ def test_warm_start_learns_the_episodes_of_a_dataset_instead_of_the_tasks(tmp_pa
   run_dir = str(tmp_path / 'run')
   os.makedirs(run_dir)
   nodes.warm_start(config, run_dir, should_stop=lambda: False)
-  history = read_metrics(nodes.metrics_path(run_dir), node='warm_start')
+  history = read_metrics(layout.metrics_path(run_dir), node='warm_start')
   assert history[-1]['nll'] < 0.2 < history[0]['nll']
-  params = Checkpointer(nodes.warm_start_dir(run_dir)).restore(
+  params = Checkpointer(layout.warm_start_dir(run_dir)).restore(
       models.init_params(config.model, jax.random.PRNGKey(0)))
   prompt = task.eval_prompts()[0]
   logits, _ = models.forward_completions(
@@ -57,7 +59,7 @@ def _fake_run(run_dir: str, config: experiment.ExperimentConfig, seed: int, step
   with open(os.path.join(run_dir, 'config.json'), 'w') as file:
     json.dump(experiment.to_dict(config), file)
   learner = nodes.make_learner(config, models.init_params(config.model, jax.random.PRNGKey(seed)))
-  checkpointer = Checkpointer(nodes.learner_checkpoint_dir(run_dir))
+  checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   checkpointer.save(step, learner.state)
   checkpointer.close()
 

@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 
+from chorus import core
 from chorus import models
 from chorus.actors.music import captions
 from chorus.actors.music import features as features_lib
@@ -21,7 +22,7 @@ _MELODY_STEPS = (-2, -1, -1, 0, 1, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
-class MusicTaskConfig:
+class MusicTaskConfig(core.TaskConfig, tag='music_captions'):
   """Caption-to-music with rewards measured on the decoded audio.
 
   Attributes:

@@ -1,12 +1,19 @@
-"""The V-trace learner: one optax update per batch of on-policy-ish completions."""
+"""V-trace (IMPALA, arXiv 1802.01561): actor-critic with off-policy correction.
+
+Models: the policy and the frozen reference (the KL penalty's pi_ref). Actors: one
+completion per prompt from the policy, scored by the task. Learner: the IMPALA loss
+with V-trace targets (learners/vtrace.py) on token-level rewards, a KL penalty to the
+reference folded into every token's reward. Batches: the actors' trajectories through a
+Reverb queue, which bounds the policy lag.
+"""
 import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from chorus import core
-from chorus import models
+from chorus.actors import rollouts
+from chorus.agents import builder as builder_lib
 from chorus.learners import learner as learner_lib
 from chorus.learners import policy
 from chorus.learners import token_mdp
@@ -14,7 +21,7 @@ from chorus.learners import vtrace
 
 
 @dataclasses.dataclass(frozen=True)
-class VTraceConfig:
+class VTraceConfig(builder_lib.AgentConfig, tag='vtrace'):
   """V-trace loss and the rewards it sees (ALGORITHMS.md defaults).
 
   Attributes:
@@ -37,18 +44,18 @@ class VTraceConfig:
   entropy_cost: float = 0.001
 
 
-def make_vtrace_learner(decoder_config: models.DecoderConfig, config: VTraceConfig, *, params,
-                        reference_params, optimizer: optax.GradientTransformation
-                        ) -> learner_lib.Learner:
-  """V-trace actor-critic against a frozen reference (the KL penalty's pi_ref)."""
+def make_vtrace_learner(context: builder_lib.LearnerContext,
+                        config: VTraceConfig) -> learner_lib.Learner:
+  """V-trace actor-critic against the frozen reference of `context`."""
+  model, reference_params = context.model, context.reference_params
 
   def loss_fn(params, aux, batch: core.TrajectoryBatch):
     del aux  # V-trace follows no extra networks.
     mask = batch.completion_mask
-    target = policy.evaluate_actions(decoder_config, params, batch)
-    reference = policy.evaluate_actions(decoder_config, reference_params, batch)
+    target = policy.evaluate_actions(model, params, batch)
+    reference = policy.evaluate_actions(model, reference_params, batch)
     reference_logprobs = jax.lax.stop_gradient(reference.logprobs)
-    rewards = token_mdp.token_rewards(batch.rewards, mask, batch.behaviour_logprobs,
+    rewards = token_mdp.token_rewards(batch.reward, mask, batch.behaviour_logprobs,
                                       reference_logprobs, config.kl_coef)
     discounts = token_mdp.token_discounts(mask, batch.terminated, config.discount)
     loss, metrics = vtrace.vtrace_loss(
@@ -59,8 +66,19 @@ def make_vtrace_learner(decoder_config: models.DecoderConfig, config: VTraceConf
     real = mask.astype(jnp.float32)
     metrics['kl_to_reference'] = (
         ((batch.behaviour_logprobs - reference_logprobs) * real).sum(axis=1).mean())
-    metrics['task_reward'] = batch.rewards.mean()
-    metrics['completion_length'] = real.sum(axis=1).mean()
-    return loss, metrics
+    return loss, {**metrics, **policy.batch_metrics(batch)}
 
-  return learner_lib.Learner(loss_fn, params=params, optimizer=optimizer)
+  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer)
+
+
+@builder_lib.register
+class VTraceBuilder(builder_lib.AgentBuilder):
+  """On-policy actor-critic from a replay queue."""
+  config_class = VTraceConfig
+  progress_metrics = (('kl_to_reference', 'kl'),)
+
+  def make_rollout(self, client, task, actor_config):
+    return rollouts.PolicyRollout(client, task, actor_config)
+
+  def make_learner(self, context):
+    return make_vtrace_learner(context, self.config)

@@ -1,0 +1,40 @@
+"""A task's demonstrations as trajectories: for the warm start and for recorded datasets."""
+from collections.abc import Iterator
+
+import numpy as np
+
+from chorus import core
+from chorus import schema
+
+
+def demonstrations(task: core.Task, seed: int, *, seed_offset: int = 7
+                   ) -> Iterator[core.Trajectory]:
+  """Endless Trajectory of the task's demonstrations (behaviour log-probs unknown: 0).
+
+  Deterministic given (seed, seed_offset). Prompts without a demonstration
+  (`task.demonstration` returns None) are skipped.
+  """
+  rng = np.random.default_rng([seed, seed_offset])
+  episode_id = 0
+  while True:
+    prompt = task.train_prompt(rng)
+    completion = task.demonstration(prompt, rng)
+    if completion is None:
+      continue
+    components = task.reward_components(prompt, completion)
+    yield core.Trajectory(
+        prompt_tokens=np.asarray(task.demonstration_prompt_tokens(prompt, rng), np.int32),
+        completion_tokens=np.asarray(completion, np.int32),
+        behaviour_logprobs=np.zeros(len(completion), np.float32),
+        reward=float(sum(components.values())), terminated=True, param_version=0,
+        temperature=0.0, model_name='demonstrator', prompt_id=prompt.prompt_id,
+        episode_id=episode_id, task=task.name, seed=seed, reward_components=components)
+    episode_id += 1
+
+
+def demonstration_batches(task: core.Task, seed: int, batch_size: int,
+                          spec: core.SequenceSpec) -> Iterator[core.TrajectoryBatch]:
+  """Endless TrajectoryBatch of the task's demonstrations (core fields only)."""
+  source = demonstrations(task, seed)
+  while True:
+    yield schema.CORE_SCHEMA.batch_trajectories([next(source) for _ in range(batch_size)], spec)
