@@ -103,13 +103,17 @@ class JournalRead:
 
   Attributes:
     records: (index, trajectory) of each whole record, in write order.
-    dropped_bytes: bytes after the last whole record (the episode whose write was in
-      progress when the writer died), 0 for a clean journal.
+    dropped_bytes: bytes after the last whole record, 0 for a clean journal.
     problem: why the bytes were dropped, as a clause; None when none were.
+    torn: the dropped bytes are a record cut short at the end of the journal: the
+      episode whose write was in progress when the writer died, which a crash may leave.
+      False for other damage (bytes that are no record, a checksum that does not match,
+      a record that does not decode), which no crash of the writer leaves.
   """
   records: list[tuple[int, core.Trajectory]]
   dropped_bytes: int = 0
   problem: str | None = None
+  torn: bool = False
 
 
 def read_journal(directory: str | os.PathLike) -> JournalRead:
@@ -121,9 +125,10 @@ def read_journal(directory: str | os.PathLike) -> JournalRead:
     return JournalRead([])
   records, offset = [], 0
   while offset < len(data):
-    problem = None
+    problem, torn = None, False
     if len(data) - offset < _RECORD_HEADER.size:
-      problem = 'a record header cut short'
+      head = data[offset:offset + len(_MAGIC)]
+      problem, torn = 'a record header cut short', head == _MAGIC[:len(head)]
     else:
       magic, length, crc = _RECORD_HEADER.unpack_from(data, offset)
       start = offset + _RECORD_HEADER.size
@@ -131,7 +136,7 @@ def read_journal(directory: str | os.PathLike) -> JournalRead:
       if magic != _MAGIC:
         problem = 'bytes that are not a journal record'
       elif len(payload) < length:
-        problem = f'a record cut short ({len(payload)} of {length} bytes)'
+        problem, torn = f'a record cut short ({len(payload)} of {length} bytes)', True
       elif zlib.crc32(payload) != crc:
         problem = 'a record whose checksum does not match'
       else:
@@ -140,7 +145,7 @@ def read_journal(directory: str | os.PathLike) -> JournalRead:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
           problem = f'a record that does not decode ({error})'
     if problem:
-      return JournalRead(records, len(data) - offset, problem)
+      return JournalRead(records, len(data) - offset, problem, torn)
     offset = start + length
   return JournalRead(records)
 

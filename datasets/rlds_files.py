@@ -53,8 +53,8 @@ class CorruptEpisodeFileError(ValueError):
   def __init__(self, path: str | os.PathLike, reason: str):
     self.path, self.reason = os.fspath(path), reason
     super().__init__(
-        f'{self.path} {reason}. Pass skip_corrupt=True (`chorus datasets ... --skip-corrupt`) '
-        'to read every other episode and list what was left out.')
+        f'{self.path} {reason}. Pass skip_corrupt=True (`--skip-corrupt` of `chorus run` and '
+        '`chorus datasets`) to read every other episode and list what was left out.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +71,8 @@ class SkippedFile:
   episodes_read: int
 
   def __str__(self) -> str:
-    kept = (f'read the {self.episodes_read} episodes before the damage'
-            if self.episodes_read else 'read nothing from it')
+    kept = f'read {self.episodes_read} of its episodes' if self.episodes_read else (
+        'read nothing from it')
     return f'{self.path} {self.reason}; {kept}'
 
 

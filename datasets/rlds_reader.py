@@ -59,11 +59,22 @@ class EpisodeRead:
     return sum(self.episodes_per_directory.values())
 
 
+class _MissingMetadata(FileNotFoundError):
+  """A metadata file missing beside the other (momentarily, while a writer creates them)."""
+
+
 def _retry_while_rewritten(load, directories: list[str]):
   """Calls `load`, retrying while a live writer has its metadata files half written."""
   for attempt in range(_METADATA_READ_ATTEMPTS):
     try:
       return load()
+    except _MissingMetadata as error:
+      if attempt == _METADATA_READ_ATTEMPTS - 1:
+        raise rlds_files.CorruptEpisodeFileError(
+            error.args[0], 'is missing beside the directory\'s other metadata file, so its '
+            'episodes cannot be decoded. Rebuild it with `chorus datasets repair DIR` once no '
+            'process writes there') from error
+      time.sleep(_METADATA_RETRY_SECONDS)
     except rlds_files.METADATA_ERRORS as error:
       if attempt == _METADATA_READ_ATTEMPTS - 1:
         broken = next(filter(None, map(rlds_files.broken_metadata_file, directories)), None)
@@ -80,8 +91,15 @@ def _directory_builder(directory: str) -> tfds.core.DatasetBuilder | None:
   """The tfds builder of a writer directory; None while it has no closed file."""
   if not os.path.exists(os.path.join(directory, 'dataset_info.json')):
     return None
-  builder = _retry_while_rewritten(lambda: tfds.builder_from_directory(directory),
-                                   [directory])
+
+  def load():
+    # tfds writes the two files one after the other when the first file closes.
+    for name in rlds_files.METADATA_FILES:
+      if not os.path.exists(os.path.join(directory, name)):
+        raise _MissingMetadata(os.path.join(directory, name))
+    return tfds.builder_from_directory(directory)
+
+  builder = _retry_while_rewritten(load, [directory])
   split = builder.info.splits.get(rlds_files.SPLIT)
   return builder if split and split.num_examples else None
 
@@ -124,65 +142,129 @@ def _stack_steps(episode):
 class EpisodeSources:
   """The checked episode records of writer directories, before decoding (see `episode_sources`).
 
+  Records are numbered in read order; `records()` yields (record id, serialized episode),
+  so that a record whose bytes pass the file check but do not decode as an episode is
+  named by its file and position (`trajectories` reports it: raises, or with
+  `skip_corrupt` lists it in `skipped` and goes on).
+
   Attributes:
     directories: the writer directories, folders expanded.
     segments: in read order, (path, count) for the first `count` records of an episode
-      file, or a list of serialized episodes (a directory's journalled ones).
+      file, or (journal path, serialized episodes) for a directory's journalled ones.
     features: the tfds schema that decodes every record.
     episodes_per_directory, skipped, from_journal, schema: as in EpisodeRead.
     to_trajectory: decoded episode (numpy, steps stacked) -> core.Trajectory.
+    skip_corrupt: report undecodable records in `skipped` instead of raising.
   """
   directories: list[str]
-  segments: list[tuple[str, int] | list[bytes]]
+  segments: list[tuple[str, int] | tuple[str, list[bytes]]]
   features: tfds.features.FeaturesDict
   episodes_per_directory: dict[str, int]
   skipped: list[rlds_files.SkippedFile]
   from_journal: dict[str, int]
   to_trajectory: Callable[[dict], core.Trajectory]
   schema: schema_lib.TrajectorySchema
+  skip_corrupt: bool = False
 
   @property
   def num_episodes(self) -> int:
     return sum(self.episodes_per_directory.values())
 
+  def _segment_sizes(self) -> list[int]:
+    return [count if isinstance(count, int) else len(count) for _, count in self.segments]
+
+  def locate(self, record_id: int) -> tuple[str, int]:
+    """(file, position in it) of a record id."""
+    for (path, _), size in zip(self.segments, self._segment_sizes()):
+      if record_id < size:
+        return path, record_id
+      record_id -= size
+    raise IndexError(f'No record {record_id} in these sources.')
+
   def records(self) -> tf.data.Dataset:
-    """Every serialized episode, in read order."""
-    datasets, files = [], []
+    """Every (record id, serialized episode), in read order."""
+    datasets, files, first_id = [], [], 0
 
     def flush_files():
       if files:
-        paths, counts = zip(*files)
-        slices = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(counts, np.int64)))
+        paths, counts, first_ids = zip(*files)
+        slices = tf.data.Dataset.from_tensor_slices(
+            (list(paths), np.asarray(counts, np.int64), np.asarray(first_ids, np.int64)))
         # take(count) stops before any damage found by the check, so it is never read.
-        datasets.append(slices.flat_map(
-            lambda path, count: tf.data.TFRecordDataset(path).take(count)))
+        datasets.append(slices.flat_map(lambda path, count, first: tf.data.Dataset.zip((
+            tf.data.Dataset.range(first, first + count),
+            tf.data.TFRecordDataset(path).take(count)))))
         files.clear()
 
-    for segment in self.segments:
-      if isinstance(segment, tuple):
-        files.append(segment)
+    for (path, content), size in zip(self.segments, self._segment_sizes()):
+      if isinstance(content, int):
+        files.append((path, content, first_id))
       else:
         flush_files()
-        datasets.append(tf.data.Dataset.from_tensor_slices(tf.constant(segment, tf.string)))
+        datasets.append(tf.data.Dataset.from_tensor_slices(
+            (np.arange(first_id, first_id + size, dtype=np.int64), tf.constant(content))))
+      first_id += size
     flush_files()
     return functools.reduce(lambda a, b: a.concatenate(b), datasets)
 
   def decoded(self, records: tf.data.Dataset) -> tf.data.Dataset:
-    """Serialized episodes -> decoded episodes with their steps stacked into [T] arrays."""
-    return records.map(self.features.deserialize_example,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).map(_stack_steps)
+    """(id, serialized) -> (id, decoded episode with steps stacked into [T] arrays).
 
-  def trajectories(self, records: tf.data.Dataset | None = None) -> Iterator[core.Trajectory]:
-    """The episodes of `records` (default: all, in read order) as Trajectories."""
+    Records that do not decode are dropped here; `trajectories` names them.
+    """
+    return records.map(
+        lambda record_id, record: (record_id, self.features.deserialize_example(record)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors().map(
+            lambda record_id, episode: (record_id, _stack_steps(episode)))
+
+  def trajectories(self, records: tf.data.Dataset | None = None,
+                   expected_ids=None) -> Iterator[core.Trajectory]:
+    """The episodes of `records` (default: all, in read order) as Trajectories.
+
+    Args:
+      records: a dataset made from `records()` (shuffled, taken, ...).
+      expected_ids: the ids `records` holds (default: every id); those that did not
+        decode are reported once the pass is over.
+
+    Raises:
+      CorruptEpisodeFileError: a record does not decode and skip_corrupt is False.
+    """
     records = self.records() if records is None else records
-    for episode in self.decoded(records).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-      yield self.to_trajectory(episode)
+    expected = set(range(sum(self._segment_sizes())) if expected_ids is None
+                   else expected_ids)
+    seen = set()
+    decoded = self.decoded(records).prefetch(tf.data.AUTOTUNE)
+    for record_id, episode in decoded.as_numpy_iterator():
+      try:
+        trajectory = self.to_trajectory(episode)
+      except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        self._report_undecodable(int(record_id), f'is not a Chorus episode ({error})')
+        seen.add(int(record_id))
+        continue
+      seen.add(int(record_id))
+      yield trajectory
+    for record_id in sorted(expected - seen):
+      self._report_undecodable(record_id, 'does not decode with the directory\'s features')
+
+  def _report_undecodable(self, record_id: int, problem: str) -> None:
+    path, position = self.locate(record_id)
+    reason = f'has a record (episode {position} of the file) that {problem}'
+    if not self.skip_corrupt:
+      raise rlds_files.CorruptEpisodeFileError(path, reason)
+    if any(s.path == path and s.reason == reason for s in self.skipped):
+      return  # Reported in an earlier pass over the records.
+    _LOG.warning('Skipped damaged RLDS data: %s %s.', path, reason)
+    size = next(len(c) if isinstance(c, list) else c for p, c in self.segments if p == path)
+    self.skipped.append(rlds_files.SkippedFile(path, reason, size - 1))
+    directory = next(d for d in self.episodes_per_directory
+                     if os.path.samefile(d, os.path.dirname(path)))
+    self.episodes_per_directory[directory] -= 1
 
 
 def _journalled(directory: str, journal: journal_lib.JournalRead, num_listed: int,
                 features: tfds.features.FeaturesDict) -> list[bytes]:
   """The serialized episodes of a directory's journal that its listed files do not hold."""
-  if journal.dropped_bytes:
+  if journal.dropped_bytes and journal.torn:
     _LOG.warning('%s: dropped the last %d bytes of %s, %s: the episode whose write was in '
                  'progress (still being written, or its writer died).', directory,
                  journal.dropped_bytes, journal_lib.JOURNAL_NAME, journal.problem)
@@ -251,9 +333,16 @@ def episode_sources(directories: rlds_files.Directories, *, skip_corrupt: bool =
           segments.append((os.fspath(path), intact))
           episodes_per_directory[directory] += intact
     if journal is not None:
+      if journal.dropped_bytes and not journal.torn:
+        damage = (f'holds {journal.dropped_bytes} bytes of damage after its '
+                  f'{len(journal.records)} whole records ({journal.problem})')
+        if not skip_corrupt:
+          raise rlds_files.CorruptEpisodeFileError(journal_lib.journal_path(directory), damage)
+        skipped.append(rlds_files.SkippedFile(journal_lib.journal_path(directory), damage,
+                                              len(journal.records)))
       journalled = _journalled(directory, journal, num_listed, directory_features)
       if journalled:
-        segments.append(journalled)
+        segments.append((journal_lib.journal_path(directory), journalled))
         episodes_per_directory[directory] += len(journalled)
         from_journal[directory] = len(journalled)
   if not segments:
@@ -263,7 +352,7 @@ def episode_sources(directories: rlds_files.Directories, *, skip_corrupt: bool =
   return EpisodeSources(paths, segments, features, episodes_per_directory, skipped,
                         from_journal,
                         rlds_schema.trajectory if mapping is None else mapping.trajectory,
-                        schema)
+                        schema, skip_corrupt)
 
 
 def read_episodes(directories: rlds_files.Directories, *, skip_corrupt: bool = False,
@@ -295,10 +384,11 @@ def read_episodes(directories: rlds_files.Directories, *, skip_corrupt: bool = F
       a field the dataset does not have.
   """
   sources = episode_sources(directories, skip_corrupt=skip_corrupt, mapping=mapping)
-  records = sources.records()
+  records, expected_ids = sources.records(), None
   if max_episodes is not None:
     records = records.take(max_episodes)
-  return EpisodeRead(trajectories=list(sources.trajectories(records)),
+    expected_ids = range(min(max_episodes, sources.num_episodes))
+  return EpisodeRead(trajectories=list(sources.trajectories(records, expected_ids)),
                      episodes_per_directory=sources.episodes_per_directory,
                      skipped=sources.skipped, features=sources.features,
                      from_journal=sources.from_journal, schema=sources.schema)

@@ -23,9 +23,10 @@ class RepairReport:
     recovered: journalled episodes written into a new closed file (those of the file that
       was open when the writer died).
     recovered_file: that file; None when nothing was recovered.
-    dropped_bytes: bytes of a torn last journal record dropped (the episode whose write
-      was in progress), 0 if none.
+    dropped_bytes: bytes of the journal after its last whole record, dropped, 0 if none.
     dropped_reason: what those bytes were, as a clause; None if none.
+    dropped_torn: the dropped bytes were a record cut short by the kill (the episode
+      whose write was in progress); False: damage that no crash of the writer leaves.
   """
   directory: str
   num_episodes: int
@@ -33,6 +34,7 @@ class RepairReport:
   recovered_file: str | None = None
   dropped_bytes: int = 0
   dropped_reason: str | None = None
+  dropped_torn: bool = False
 
   def __str__(self) -> str:
     text = f'{self.directory}: {self.num_episodes} episodes in closed files'
@@ -40,8 +42,9 @@ class RepairReport:
       text += (f', of which {self.recovered} recovered from its journal into '
                f'{os.path.basename(self.recovered_file)}')
     if self.dropped_bytes:
-      text += (f'; dropped the episode in progress at the kill ({self.dropped_bytes} bytes: '
-               f'{self.dropped_reason})')
+      what = ('the episode in progress at the kill' if self.dropped_torn
+              else f'damage in {journal_lib.JOURNAL_NAME}')
+      text += f'; dropped {what} ({self.dropped_bytes} bytes: {self.dropped_reason})'
     return text
 
 
@@ -112,7 +115,7 @@ def repair_episode_directory(directory: str | os.PathLike, *,
   # Only now: a kill before this leaves the journal to redo the same recovery.
   journal_lib.truncate_journal(data_dir)
   report = RepairReport(os.fspath(data_dir), sum(shard_lengths), len(recovered),
-                        recovered_file, journal.dropped_bytes, journal.problem)
+                        recovered_file, journal.dropped_bytes, journal.problem, journal.torn)
   if recovered or journal.dropped_bytes:
     _LOG.warning('Repaired RLDS directory %s.', report)
   return report

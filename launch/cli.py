@@ -23,14 +23,15 @@ def _run(args) -> int:
   config = dataclasses.replace(config, plugins=config.plugins + tuple(args.plugin))
   overrides = list(args.set)
   for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
-                      ('seed', 'seed'), ('replay_dataset', 'replay_dataset')):
+                      ('seed', 'seed'), ('replay_dataset', 'replay_dataset'),
+                      ('skip_corrupt', 'skip_corrupt')):
     value = getattr(args, flag)
     if value is not None:
       overrides.append(f'{field}={value}')
   try:
     config = experiment.apply_overrides(config, overrides)
     config.check()
-  except ValueError as error:
+  except (ValueError, FileNotFoundError) as error:  # Damaged datasets are ValueErrors too.
     print(f'chorus run: {error}', file=sys.stderr)
     return 2
   run_dir = args.run_dir or os.path.join(
@@ -92,6 +93,9 @@ def main(argv=None) -> int:
                           help='train from a recorded RLDS dataset (a run\'s rlds/ folder) '
                           'instead of actors: offline soft-Q through Reverb, or inverse '
                           'soft-Q on demonstrations (default: config, usually none)')
+  run_parser.add_argument('--skip-corrupt', action='store_const', const=True,
+                          help='read recorded datasets around damaged files and records, '
+                          'logging what was left out (default: stop and name the first)')
   run_parser.add_argument('--launcher', choices=('local', 'ray'), default='local',
                           help='where nodes run: processes on this machine (default) or a Ray '
                           'cluster')

@@ -13,6 +13,7 @@ from typing import Any
 
 from chorus import agents
 from chorus import core
+from chorus import datasets
 from chorus import models
 from chorus import plugins as plugins_lib
 from chorus.actors import reverse_digits
@@ -72,6 +73,8 @@ class ExperimentConfig:
     replay_dataset: RLDS dataset directory (a run's rlds/ folder, or any directory of
       writer directories) to train from instead of actors, for agents that can (soft_q
       replays it through a Reverb table, inverse_soft_q reads it as demonstrations).
+    skip_corrupt: read recorded datasets (replay_dataset, warm_start.dataset) around damaged
+      files and records, logging what was left out, instead of stopping at the first.
     launcher: restarts and stop timeout of every launcher, and the Ray launcher's
       resource requests (where this experiment runs, not what it trains).
     plugins: modules or .py files imported in every process before this config is read,
@@ -95,6 +98,7 @@ class ExperimentConfig:
   num_replay_servers: int = 1
   rlds_episodes_per_file: int = 100
   replay_dataset: str = ''
+  skip_corrupt: bool = False
   launcher: LauncherConfig = LauncherConfig()
   plugins: tuple[str, ...] = ()
 
@@ -117,10 +121,17 @@ class ExperimentConfig:
     return agents.make_builder(self.agent)
 
   def check(self) -> None:
-    """Raises ValueError if the agent cannot train on this task or data."""
+    """Raises ValueError if the agent cannot train on this task or data.
+
+    Recorded datasets are checked too (every file, without decoding): a damaged one raises
+    datasets.CorruptEpisodeFileError naming the file unless `skip_corrupt`, and a missing
+    one FileNotFoundError, before any process starts.
+    """
     builder = self.builder()
     builder.check(self.make_task())
     builder.data(self.replay_dataset)
+    for dataset in filter(None, (self.replay_dataset, self.warm_start.dataset)):
+      datasets.episode_sources(dataset, skip_corrupt=self.skip_corrupt)
 
   @property
   def guided_task(self) -> bool:

@@ -54,7 +54,8 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
   metrics = MetricsWriter(layout.metrics_path(run_dir), 'warm_start')
   if config.warm_start.dataset:
     batches = datasets.trajectory_batches(config.warm_start.dataset, config.warm_start.batch_size,
-                                          config.sequence, seed=config.seed)
+                                          config.sequence, seed=config.seed,
+                                          skip_corrupt=config.skip_corrupt)
   else:
     batches = demonstrations.demonstration_batches(config.make_task(), config.seed,
                                                    config.warm_start.batch_size, config.sequence)
@@ -142,7 +143,8 @@ def dataset_replayer(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   builder = config.builder()
   path = builder.data(config.replay_dataset).dataset_path(run_dir)
   count = datasets.fill_replay(path, replay_addresses, config.replay.table, builder.schema(),
-                               config.sequence, should_stop=should_stop)
+                               config.sequence, skip_corrupt=config.skip_corrupt,
+                               should_stop=should_stop)
   logging.info('Replayed %d recorded episodes from %s', count, path)
   MetricsWriter(layout.metrics_path(run_dir), 'dataset_replayer').write(kind='dataset_replay',
                                                                         episodes=count)
@@ -217,7 +219,7 @@ def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: 
   if data.source == agents.DataSource.DATASET:
     return datasets.trajectory_batches(data.dataset_path(run_dir), config.learner.batch_size,
                                        config.sequence, schema=builder.schema(),
-                                       seed=config.seed)
+                                       seed=config.seed, skip_corrupt=config.skip_corrupt)
   return dataset.batch_iterator(replay_addresses, config.replay.table, config.learner.batch_size,
                                 builder.schema(), config.sequence)
 

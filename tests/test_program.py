@@ -156,3 +156,23 @@ def test_configs_reject_combinations_that_cannot_train():
   with pytest.raises(ValueError, match="no `preference_pair`.*kind=programmatic"):
     experiment.apply_overrides(configs.get_config('music_vtrace'), [
         'agent=bond', 'agent.reward_model.kind=learned']).check()
+
+
+def test_a_damaged_replay_dataset_stops_the_cli_before_anything_starts(tmp_path, capsys):
+  from chorus.datasets import EpisodeLogger  # pylint: disable=g-import-not-at-top
+  from test_rlds_episodes import random_trajectories  # pylint: disable=g-import-not-at-top
+  dataset = tmp_path / 'rlds' / 'actor_000'
+  with EpisodeLogger(dataset, max_episodes_per_file=2) as logger:
+    for trajectory in random_trajectories(0, 4):
+      logger.write(dataclasses.replace(trajectory, extras={}))
+  damaged = dataset / 'chorus_episodes-train.tfrecord-00000'
+  damaged.write_bytes(damaged.read_bytes()[:-10])
+  run_dir = tmp_path / 'never'
+  assert cli.main(['run', '--config', 'text_soft_q', '--run-dir', str(run_dir),
+                   '--replay-dataset', str(tmp_path / 'rlds')]) == 2
+  error = capsys.readouterr().err
+  assert str(damaged) in error and '--skip-corrupt' in error
+  assert len(error.strip().splitlines()) == 1 and not run_dir.exists()
+  # With --skip-corrupt the check passes: the run would read the other file.
+  experiment.apply_overrides(configs.get_config('text_soft_q'), [
+      f'replay_dataset={tmp_path / "rlds"}', 'skip_corrupt=true']).check()

@@ -220,6 +220,47 @@ def test_broken_metadata_skips_its_directory_and_names_the_file(tmp_path):
   assert_same_trajectories(result.trajectories, good)
 
 
+def test_a_record_that_passes_the_checksum_but_is_no_episode_is_named_or_skipped(tmp_path):
+  expected, middle = _three_files(tmp_path)
+  records = list(tf.data.TFRecordDataset(str(middle)).as_numpy_iterator())
+  records[2] = b'\x0a\x03abc' + b'garbage' * 10  # A valid TFRecord, but no episode.
+  with tf.io.TFRecordWriter(str(middle)) as writer:
+    for record in records:
+      writer.write(record)
+  with pytest.raises(CorruptEpisodeFileError, match=f'{middle} has a record .episode 2 of '
+                     'the file. that does not decode'):
+    read_trajectories(tmp_path)
+  result = read_episodes(tmp_path, skip_corrupt=True)
+  assert_same_trajectories(result.trajectories, expected[:6] + expected[7:])
+  assert [(s.path, s.episodes_read) for s in result.skipped] == [(str(middle), 3)]
+  assert result.episodes_per_directory == {str(tmp_path): 9}
+
+
+def test_a_missing_metadata_file_is_named_not_blamed_on_an_old_tfds(tmp_path):
+  good, _ = _three_files(tmp_path / 'actor_000')
+  _three_files(tmp_path / 'actor_001')
+  (tmp_path / 'actor_001' / 'features.json').unlink()
+  with pytest.raises(CorruptEpisodeFileError, match='actor_001/features.json is missing'):
+    read_trajectories(tmp_path)
+  result = read_episodes(tmp_path, skip_corrupt=True)
+  assert [s.path for s in result.skipped] == [str(tmp_path / 'actor_001' / 'features.json')]
+  assert_same_trajectories(result.trajectories, good)
+
+
+def test_a_garbage_journal_is_named_while_a_torn_last_record_is_not_damage(tmp_path):
+  expected, _ = _three_files(tmp_path)
+  journal = tmp_path / 'episodes.journal'
+  journal.write_bytes(b'not a journal at all' * 5)
+  with pytest.raises(CorruptEpisodeFileError, match='episodes.journal holds 100 bytes of '
+                     'damage after its 0 whole records .bytes that are not a journal record'):
+    read_trajectories(tmp_path)
+  result = read_episodes(tmp_path, skip_corrupt=True)
+  assert [s.path for s in result.skipped] == [str(journal)]
+  assert_same_trajectories(result.trajectories, expected)
+  journal.write_bytes(b'CHJ')  # A kill inside the first bytes of an append: not damage.
+  assert_same_trajectories(read_trajectories(tmp_path), expected)
+
+
 def test_raw_rlds_steps_put_reward_discount_and_flags_on_the_last_token(two_actor_dirs):
   builder = tfds.builder_from_directories(list(two_actor_dirs))
   assert builder.info.splits['train'].num_examples == 20
