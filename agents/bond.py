@@ -130,7 +130,7 @@ def make_bond_learner(context: builder_lib.LearnerContext,
                              aux={ANCHOR_MODEL: context.params},
                              update_aux=learner_lib.polyak_update(config.anchor_update_rate,
                                                                   ANCHOR_MODEL),
-                             published_aux=(ANCHOR_MODEL,))
+                             published_aux=(ANCHOR_MODEL,), mesh=context.mesh)
 
 
 @builder_lib.register

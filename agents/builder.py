@@ -119,8 +119,10 @@ class LearnerContext:
     sequence: prompt and completion lengths.
     task: the experiment's task.
     params: the parameters to start from (the warm start's).
-    reference_params: the frozen reference (the warm start's).
+    reference_params: the frozen reference (the warm start's); learners take it as a
+      constant (`Learner(constants=...)`), so that it is sharded like the policy.
     optimizer: the optax optimiser the experiment configures.
+    mesh: the learner's device mesh (models/sharding.py), or None for one device.
   """
   model: models.DecoderConfig
   sequence: core.SequenceSpec
@@ -128,6 +130,7 @@ class LearnerContext:
   params: Any
   reference_params: Any
   optimizer: Any
+  mesh: Any = None
 
 
 class DataSource(enum.Enum):

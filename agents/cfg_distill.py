@@ -62,7 +62,7 @@ class DiversityPairRollout:
 def make_cfg_distill_learner(context: builder_lib.LearnerContext,
                              config: CFGDistillConfig) -> learner_lib.Learner:
   """Batches hold caption prompts, the student's samples and their diversity rewards."""
-  model, teacher_params = context.model, context.reference_params
+  model = context.model
   unconditional_prompt = context.task.unconditional_prompt_tokens()
 
   def logits(params, prompt_tokens, prompt_mask, batch: core.TrajectoryBatch):
@@ -70,7 +70,7 @@ def make_cfg_distill_learner(context: builder_lib.LearnerContext,
                                       batch.completion_tokens, batch.completion_mask)[0]
 
   def loss_fn(params, aux, batch: core.TrajectoryBatch):
-    del aux
+    teacher_params = aux['teacher']
     batch_size, prompt_len = batch.prompt_tokens.shape
     null_tokens, null_mask = models.left_pad_prompts([unconditional_prompt] * batch_size,
                                                      prompt_len)
@@ -91,7 +91,9 @@ def make_cfg_distill_learner(context: builder_lib.LearnerContext,
                    completion_length=batch.completion_mask.sum(axis=1).mean())
     return loss, metrics
 
-  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer)
+  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
+                             constants={'teacher': context.reference_params},
+                             mesh=context.mesh)
 
 
 @builder_lib.register

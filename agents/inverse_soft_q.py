@@ -51,7 +51,8 @@ def make_inverse_soft_q_learner(context: builder_lib.LearnerContext,
         td_coef=config.td_coef, discount=config.discount)
     return loss, {**metrics, **policy.batch_metrics(batch)}
 
-  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer)
+  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
+                             mesh=context.mesh)
 
 
 def record_demonstrations(context: builder_lib.SetupContext, count: int):

@@ -116,7 +116,8 @@ def make_nash_md_learner(context: builder_lib.LearnerContext,
                                          kl_coef=config.kl_coef)
     return loss, {**metrics, **policy.batch_metrics(batch)}
 
-  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer)
+  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
+                             mesh=context.mesh)
 
 
 @builder_lib.register

@@ -49,14 +49,14 @@ class SoftQConfig(builder_lib.AgentConfig, tag='soft_q'):
 def make_soft_q_learner(context: builder_lib.LearnerContext,
                         config: SoftQConfig) -> learner_lib.Learner:
   """Soft Q-learning from replay (any behaviour policy) with a Polyak target network."""
-  model, reference_params = context.model, context.reference_params
+  model = context.model
 
   def soft_values(evaluation, reference):
     return evaluation.log_normalizers - reference.log_normalizers
 
   def loss_fn(params, aux, batch: core.TrajectoryBatch):
     reference = jax.lax.stop_gradient(policy.evaluate_actions(
-        model, reference_params, batch, with_log_normalizers=True))
+        model, aux['reference'], batch, with_log_normalizers=True))
     online = policy.evaluate_actions(model, params, batch, with_log_normalizers=True)
     target = policy.evaluate_actions(model, aux['target'], batch, with_log_normalizers=True)
     loss, metrics = soft_q.path_consistency_loss(
@@ -73,7 +73,9 @@ def make_soft_q_learner(context: builder_lib.LearnerContext,
   return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
                              aux={'target': context.params},
                              update_aux=learner_lib.polyak_update(config.target_update_rate,
-                                                                  'target'))
+                                                                  'target'),
+                             constants={'reference': context.reference_params},
+                             mesh=context.mesh)
 
 
 @builder_lib.register

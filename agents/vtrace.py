@@ -47,13 +47,12 @@ class VTraceConfig(builder_lib.AgentConfig, tag='vtrace'):
 def make_vtrace_learner(context: builder_lib.LearnerContext,
                         config: VTraceConfig) -> learner_lib.Learner:
   """V-trace actor-critic against the frozen reference of `context`."""
-  model, reference_params = context.model, context.reference_params
+  model = context.model
 
   def loss_fn(params, aux, batch: core.TrajectoryBatch):
-    del aux  # V-trace follows no extra networks.
     mask = batch.completion_mask
     target = policy.evaluate_actions(model, params, batch)
-    reference = policy.evaluate_actions(model, reference_params, batch)
+    reference = policy.evaluate_actions(model, aux['reference'], batch)
     reference_logprobs = jax.lax.stop_gradient(reference.logprobs)
     rewards = token_mdp.token_rewards(batch.reward, mask, batch.behaviour_logprobs,
                                       reference_logprobs, config.kl_coef)
@@ -68,7 +67,9 @@ def make_vtrace_learner(context: builder_lib.LearnerContext,
         ((batch.behaviour_logprobs - reference_logprobs) * real).sum(axis=1).mean())
     return loss, {**metrics, **policy.batch_metrics(batch)}
 
-  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer)
+  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
+                             constants={'reference': context.reference_params},
+                             mesh=context.mesh)
 
 
 @builder_lib.register

@@ -21,6 +21,7 @@ from chorus.actors import tasks
 from chorus.actors.actor import ActorConfig
 from chorus.inference_server.config import InferenceServerConfig
 from chorus.launch.launcher_config import LauncherConfig
+from chorus.models import sharding
 from chorus.learners.loop import LearnerConfig
 from chorus.learners.supervised import WarmStartConfig
 from chorus.replay.tables import ReplayConfig
@@ -57,6 +58,8 @@ class ExperimentConfig:
       one of its fields.
     task: the task: one task config, chosen by its tag like `agent`.
     model: the policy network.
+    mesh: the device mesh of each accelerator node (the learner now; see
+      models/sharding.py): devices along data, fsdp and tensor.
     sequence: prompt and completion lengths, shared by server, replay, RLDS and learner.
     warm_start: supervised warm start on the task's demonstrations (becomes the reference).
     inference: the inference server.
@@ -85,6 +88,7 @@ class ExperimentConfig:
   agent: agents.AgentConfig = agents.VTraceConfig()
   task: core.TaskConfig = reverse_digits.ReverseDigitsConfig()
   model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
+  mesh: sharding.MeshConfig = sharding.MeshConfig()
   sequence: core.SequenceSpec = core.SequenceSpec()
   warm_start: WarmStartConfig = WarmStartConfig()
   inference: InferenceServerConfig = InferenceServerConfig()

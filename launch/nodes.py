@@ -29,6 +29,7 @@ from chorus.learners import learner as learner_lib
 from chorus.learners import loop
 from chorus.learners import supervised
 from chorus.metrics import MetricsWriter
+from chorus.models import sharding
 from chorus.models.checkpoints import Checkpointer
 from chorus.replay import dataset
 from chorus.replay import tables
@@ -205,12 +206,13 @@ def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
 
 
 def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
-  """The agent's learner, starting from (and regularised to) `params`."""
+  """The agent's learner on this node's mesh, starting from (and regularised to) `params`."""
   return config.builder().make_learner(agents.LearnerContext(
       model=config.model, sequence=config.sequence, task=config.make_task(), params=params,
       reference_params=params,
       optimizer=learner_lib.make_optimizer(config.learner.learning_rate,
-                                           config.learner.max_grad_norm)))
+                                           config.learner.max_grad_norm),
+      mesh=sharding.make_mesh(config.mesh)))
 
 
 def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: list[str]):
@@ -233,7 +235,7 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   for publisher in publishers.values():
     publisher.wait_until_ready()
   if checkpointer.latest_step() is not None:  # Resume after a crash or restart.
-    learner_obj.state = checkpointer.restore(learner_obj.state)
+    learner_obj.restore(checkpointer.restore(learner_obj.state))
     logging.info('Learner resumed at step %d', learner_obj.step)
 
   def publish(models_to_publish: dict, version: int, resume: bool = False) -> float:

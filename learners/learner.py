@@ -1,19 +1,27 @@
 """One learner for every algorithm: a pure loss, the shared optimiser step, extra networks.
 
 An algorithm is a loss `loss_fn(params, aux, batch) -> (loss, metrics)` plus, where it
-needs them, auxiliary parameter trees that follow the policy after every step (soft-Q's
-Polyak target, BOND's EMA anchor). Auxiliary trees named in `published_aux` are pushed to
-the inference servers beside the policy, under their own model names.
+needs them, auxiliary parameter trees: ones that follow the policy after every step
+(soft-Q's Polyak target, BOND's EMA anchor), and frozen ones (`constants`: the reference
+model, a teacher). The loss sees both in `aux`. Auxiliary trees named in `published_aux`
+are pushed to the inference servers beside the policy, under their own model names.
+
+On a device mesh (models/sharding.py) the train state and the constants are placed by
+the partition rules and batches are split over the mesh's batch axes; the update is then
+one jit over sharded arrays, so each device holds its share of parameters and optimiser
+state.
 """
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import optax
 
 from chorus import core
 from chorus.learners import optimization
+from chorus.models import sharding
 
 LossFn = Callable[[Any, Mapping[str, Any], core.TrajectoryBatch], tuple[jax.Array, dict]]
 AuxUpdate = Callable[[Mapping[str, Any], Any], dict[str, Any]]
@@ -45,22 +53,54 @@ def polyak_update(rate: float, name: str) -> AuxUpdate:
 
 
 class Learner:
-  """Holds the train state; `update(batch)` is one jit-compiled optimiser step."""
+  """Holds the train state; `update(batch)` is one jit-compiled optimiser step.
+
+  Args:
+    loss_fn: `(params, aux, batch) -> (loss, metrics)`.
+    params: the initial policy parameters.
+    optimizer: the optax optimiser.
+    aux: auxiliary trees that `update_aux` moves after every step (checkpointed).
+    update_aux: `(aux, new params) -> aux`.
+    published_aux: aux trees pushed to the inference servers beside the policy.
+    constants: frozen trees the loss reads (the reference model, a teacher); not
+      checkpointed, never updated. In `aux` for the loss, beside the moving ones.
+    mesh: the device mesh to shard over; None runs on the default device.
+  """
 
   def __init__(self, loss_fn: LossFn, *, params, optimizer: optax.GradientTransformation,
                aux: Mapping[str, Any] | None = None, update_aux: AuxUpdate | None = None,
-               published_aux: Sequence[str] = ()):
-    aux = dict(aux or {})
+               published_aux: Sequence[str] = (), constants: Mapping[str, Any] | None = None,
+               mesh: Mesh | None = None):
+    aux, constants = dict(aux or {}), dict(constants or {})
     missing = [name for name in published_aux if name not in aux]
     if missing:
       raise ValueError(f'published_aux names {missing}, which are not among the auxiliary '
                        f'parameter trees {sorted(aux)}.')
+    clashes = sorted(set(aux) & set(constants))
+    if clashes:
+      raise ValueError(f'{clashes} are both moving auxiliary trees and constants; rename one.')
     self._loss_fn = loss_fn
     self._optimizer = optimizer
     self._update_aux = update_aux
     self._published_aux = tuple(published_aux)
-    self.state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), aux)
-    self._update = jax.jit(self._update_fn)
+    self.mesh = mesh
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), aux)
+    if mesh is None:
+      self.state, self._constants = state, constants
+      self._update = jax.jit(self._update_fn)
+    else:
+      self._state_shardings = sharding.named_shardings(state, mesh)
+      constant_shardings = sharding.named_shardings(constants, mesh)
+      self.state = jax.device_put(state, self._state_shardings)
+      self._constants = jax.device_put(constants, constant_shardings)
+      self._update = jax.jit(
+          self._update_fn,
+          in_shardings=(self._state_shardings, constant_shardings, sharding.batch_sharding(mesh)),
+          out_shardings=(self._state_shardings, sharding.replicated(mesh)))
+
+  def restore(self, state: TrainState):
+    """Takes `state` (a restored checkpoint) as the train state, placed as this learner's."""
+    self.state = state if self.mesh is None else jax.device_put(state, self._state_shardings)
 
   @property
   def params(self):
@@ -75,12 +115,14 @@ class Learner:
     return {'policy': self.state.params,
             **{name: self.state.aux[name] for name in self._published_aux}}
 
-  def _update_fn(self, state: TrainState, batch: core.TrajectoryBatch):
+  def _update_fn(self, state: TrainState, constants: dict[str, Any],
+                 batch: core.TrajectoryBatch):
     params, opt_state, metrics = optimization.optimizer_step(
-        self._loss_fn, self._optimizer, state.params, state.opt_state, state.aux, batch)
+        self._loss_fn, self._optimizer, state.params, state.opt_state,
+        {**state.aux, **constants}, batch)
     aux = self._update_aux(state.aux, params) if self._update_aux else state.aux
     return TrainState(params, opt_state, state.step + 1, aux), metrics
 
   def update(self, batch: core.TrajectoryBatch) -> dict[str, float]:
-    self.state, metrics = self._update(self.state, batch)
+    self.state, metrics = self._update(self.state, self._constants, batch)
     return {name: float(value) for name, value in jax.device_get(metrics).items()}
