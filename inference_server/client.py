@@ -85,13 +85,14 @@ def _call(name: str, method, request, timeout_s: float, address: str):
 
   wait_for_ready queues calls while the channel reconnects; a call that was in flight
   when the server died fails UNAVAILABLE and is sent again (generation and versioned
-  pushes are safe to repeat). Other errors are raised at once.
+  pushes are safe to repeat). Other errors are raised at once. `request` is the request,
+  or for a client-streaming method a callable making a new request iterator per attempt.
   """
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      return method(request, timeout=max(deadline - time.monotonic(), 0.001),
-                    wait_for_ready=True)
+      return method(request() if callable(request) else request,
+                    timeout=max(deadline - time.monotonic(), 0.001), wait_for_ready=True)
     except grpc.RpcError as error:
       if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -233,23 +234,39 @@ class InferenceClient(_Connection):
 
 
 class ParameterPublisher(_Connection):
-  """What a learner holds: pushes versioned parameters of one model to inference servers."""
+  """What a learner holds: pushes versioned parameters of one model to an inference server.
 
-  def __init__(self, address: str, model: str = 'policy', timeout_s: float = 60.0):
+  Args:
+    address: the server's host:port.
+    model: the served model's name.
+    timeout_s: how long one push may take, retries included.
+    chunk_bytes: the most tensor bytes in one streamed message.
+    wire_dtype: '' sends tensors as they are; 'bfloat16' sends floating ones at half size.
+  """
+
+  def __init__(self, address: str, model: str = 'policy', timeout_s: float = 60.0, *,
+               chunk_bytes: int = 4 << 20, wire_dtype: str = ''):
     super().__init__(address, timeout_s)
     self.model = model
+    self.chunk_bytes = chunk_bytes
+    self.wire_dtype = wire_dtype
 
   def publish(self, params: Any, version: int, resume: bool = False) -> float:
-    """Sends `params` as `version`; returns seconds taken. Raises InferenceError on failure.
+    """Streams `params` as `version` (param_stream.py); returns the seconds it took.
 
     `resume=True` lets a learner restarted from a checkpoint go back to its version.
+
+    Raises:
+      InferenceError: the server refused the push (a stale version, another architecture,
+        non-finite values) or did not take it in time; it serves what it served before.
     """
-    # Only learners publish, and they hold JAX already: importing models at the top would
-    # load JAX into every actor that imports this module for InferenceClient.
-    from chorus import models  # pylint: disable=g-import-not-at-top
+    # Only learners publish, and they hold JAX already: importing param_stream at the top
+    # would load JAX into every actor that imports this module for InferenceClient.
+    from chorus.inference_server import param_stream  # pylint: disable=g-import-not-at-top
     start = time.monotonic()
-    request = inference_pb2.UpdateParamsRequest(model=self.model, version=version,
-                                                params=models.params_to_bytes(params),
-                                                resume=resume)
-    _call('UpdateParams', self._stub.UpdateParams, request, self.timeout_s, self.address)
+    _call('StreamParams', self._stub.StreamParams,
+          lambda: param_stream.push_chunks(params, model=self.model, version=version,
+                                           resume=resume, chunk_bytes=self.chunk_bytes,
+                                           wire_dtype=self.wire_dtype),
+          self.timeout_s, self.address)
     return time.monotonic() - start

@@ -4,8 +4,9 @@ Light on purpose (no JAX, no server modules): actor processes import it through 
 """
 import dataclasses
 
-# Parameter pushes of real models exceed gRPC's 4 MiB default.
-MAX_MESSAGE_BYTES = 1 << 30
+# Generate and Score messages are small, and parameter pushes stream in chunks of a few
+# MiB (param_stream.py): nothing needs more, so nothing larger is even read.
+MAX_MESSAGE_BYTES = 16 << 20
 GRPC_OPTIONS = [('grpc.max_send_message_length', MAX_MESSAGE_BYTES),
                 ('grpc.max_receive_message_length', MAX_MESSAGE_BYTES)]
 

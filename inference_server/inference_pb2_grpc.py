@@ -24,9 +24,9 @@ class InferenceServiceStub(object):
                 request_serializer=chorus_dot_inference__server_dot_inference__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=chorus_dot_inference__server_dot_inference__pb2.ScoreResponse.FromString,
                 )
-        self.UpdateParams = channel.unary_unary(
-                '/chorus.inference.InferenceService/UpdateParams',
-                request_serializer=chorus_dot_inference__server_dot_inference__pb2.UpdateParamsRequest.SerializeToString,
+        self.StreamParams = channel.stream_unary(
+                '/chorus.inference.InferenceService/StreamParams',
+                request_serializer=chorus_dot_inference__server_dot_inference__pb2.ParamChunk.SerializeToString,
                 response_deserializer=chorus_dot_inference__server_dot_inference__pb2.UpdateParamsResponse.FromString,
                 )
         self.GetStatus = channel.unary_unary(
@@ -56,8 +56,12 @@ class InferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def UpdateParams(self, request, context):
-        """Replaces a model's parameters with a newer version; requests in flight finish on the old one.
+    def StreamParams(self, request_iterator, context):
+        """Replaces a model's parameters with a newer version, streamed tensor by tensor in
+        bounded chunks: a header first, then each tensor's bytes in order. The new version is
+        assembled beside the served one and swapped in only when every tensor arrived whole
+        and checked; a broken or cut stream leaves the served version untouched. Requests in
+        flight finish on the old version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,9 +87,9 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=chorus_dot_inference__server_dot_inference__pb2.ScoreRequest.FromString,
                     response_serializer=chorus_dot_inference__server_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
-            'UpdateParams': grpc.unary_unary_rpc_method_handler(
-                    servicer.UpdateParams,
-                    request_deserializer=chorus_dot_inference__server_dot_inference__pb2.UpdateParamsRequest.FromString,
+            'StreamParams': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamParams,
+                    request_deserializer=chorus_dot_inference__server_dot_inference__pb2.ParamChunk.FromString,
                     response_serializer=chorus_dot_inference__server_dot_inference__pb2.UpdateParamsResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
@@ -138,7 +142,7 @@ class InferenceService(object):
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
     @staticmethod
-    def UpdateParams(request,
+    def StreamParams(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -148,8 +152,8 @@ class InferenceService(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/chorus.inference.InferenceService/UpdateParams',
-            chorus_dot_inference__server_dot_inference__pb2.UpdateParamsRequest.SerializeToString,
+        return grpc.experimental.stream_unary(request_iterator, target, '/chorus.inference.InferenceService/StreamParams',
+            chorus_dot_inference__server_dot_inference__pb2.ParamChunk.SerializeToString,
             chorus_dot_inference__server_dot_inference__pb2.UpdateParamsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -8,6 +8,7 @@ import numpy as np
 
 from chorus import core
 from chorus import models
+from chorus.inference_server import param_stream
 from chorus.inference_server import scoring as scoring_lib
 from chorus.inference_server.config import InferenceServerConfig
 from chorus.inference_server.lanes import GenerationLane
@@ -60,6 +61,10 @@ class ServedModel:
     self.sequence = sequence
     self._params_and_version = (params, version)
     self._template = jax.tree_util.tree_map(_shape_and_dtype, params)
+    self._treedef = jax.tree_util.tree_structure(params)
+    self.tensor_layout = tuple(
+        param_stream.TensorLayout(path, tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+        for path, leaf in param_stream.tensors(params))
     self._lock = threading.Lock()
     self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0,
                          score_requests=0, scored_sequences=0, score_batches=0)
@@ -168,6 +173,17 @@ class ServedModel:
     self.count(score_requests=1)
     return self._scoring.submit(rows)
 
+  def check_version(self, version: int, resume: bool = False) -> None:
+    """Raises StaleVersionError unless `version` may replace the served one."""
+    current = self.param_version
+    if version <= current and not resume:
+      raise StaleVersionError(f'Model {self.name!r} already serves version {current}; '
+                              f'version {version} is not newer. Versions must increase.')
+
+  def unflatten(self, arrays: list) -> Any:
+    """A parameter tree of this model's structure from its tensors in `tensor_layout` order."""
+    return jax.tree_util.tree_unflatten(self._treedef, arrays)
+
   def update_params(self, params: Any, version: int, resume: bool = False):
     """Swaps in newer parameters; the batch running now finishes on the old ones.
 
@@ -178,10 +194,7 @@ class ServedModel:
                        '(tree, shapes or dtypes); send the full float32 parameter tree of the '
                        'same DecoderConfig.')
     with self._lock:
-      current = self.param_version
-      if version <= current and not resume:
-        raise StaleVersionError(f'Model {self.name!r} already serves version {current}; '
-                                f'version {version} is not newer. Versions must increase.')
+      self.check_version(version, resume)
       self._params_and_version = (jax.device_put(params), version)
       self.counters['param_updates'] += 1
 

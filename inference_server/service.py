@@ -23,6 +23,7 @@ import grpc
 from chorus import models
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
+from chorus.inference_server import param_stream
 from chorus.inference_server.config import GRPC_OPTIONS
 from chorus.inference_server.config import InferenceServerConfig
 from chorus.inference_server.lanes import Row
@@ -243,20 +244,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         response.preferences.append(result.score)
     return response
 
-  def UpdateParams(self, request, context):
-    model = self._model(request.model, context)
-    try:
-      params = models.params_from_bytes(request.params)
-    except Exception as error:  # pylint: disable=broad-except
+  def StreamParams(self, request_iterator, context):
+    """Assembles a pushed version from its chunks (param_stream.py), then swaps it in."""
+    first = next(request_iterator, None)
+    if first is None or not first.HasField('header'):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'Could not decode the parameters for {model.name!r}: {error!r}. Send '
-                    'models.params_to_bytes(params).')
+                    'A parameter push starts with a header (param_stream.push_chunks).')
+    header = first.header
+    model = self._model(header.model, context)
     try:
-      model.update_params(params, request.version, request.resume)
+      model.check_version(header.version, header.resume)  # Before any bytes arrive.
+      assembly = param_stream.Assembly(header, model.tensor_layout)
+      for chunk in request_iterator:
+        assembly.add(chunk)
+      model.update_params(model.unflatten(assembly.arrays()), header.version, header.resume)
     except StaleVersionError as error:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-    except ValueError as error:
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    except param_stream.PushError as error:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'Push to {model.name!r} refused: {error}')
     return inference_pb2.UpdateParamsResponse(version=model.param_version)
 
   def GetStatus(self, request, context):

@@ -277,28 +277,13 @@ def test_params_of_another_architecture_are_invalid_and_not_served(client, publi
     publisher.publish(wrong_params, served + 1)
 
   assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
-  assert 'do not match its architecture' in str(raised.value)
-  assert repr(MODEL) in str(raised.value)
+  assert f'Push to {MODEL!r} refused' in str(raised.value)
+  assert (f'embedder/embedding is sent with shape ({VOCAB_SIZE + 1}, 64); the model has '
+          f'({VOCAB_SIZE}, 64)' in str(raised.value) or "unexpected ['layer_2/" in str(raised.value))
   _assert_serves(client, expected_version=served)
   # The rejected push did not use up its version number.
   publisher.publish(other_params, served + 1)
   assert _served_version(client) == served + 1
-
-
-@pytest.mark.parametrize('payload', [b'not msgpack at all', b'', b'\x01', b'\xc1'],
-                         ids=['text', 'empty', 'msgpack_int', 'reserved_byte'])
-def test_garbage_params_bytes_are_invalid_and_not_served(client, address, payload):
-  served = _served_version(client)
-  with grpc.insecure_channel(address) as channel:
-    stub = inference_pb2_grpc.InferenceServiceStub(channel)
-    with pytest.raises(grpc.RpcError) as raised:
-      stub.UpdateParams(inference_pb2.UpdateParamsRequest(model=MODEL, version=served + 1,
-                                                          params=payload),
-                        timeout=_CLIENT_TIMEOUT_S)
-
-  assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-  assert repr(MODEL) in raised.value.details()
-  _assert_serves(client, expected_version=served)
 
 
 def test_update_params_of_unknown_model_is_not_found(address, other_params):

@@ -298,7 +298,7 @@ def test_reward_model_rejects_params_of_another_architecture(address, client):
     with pytest.raises(InferenceError) as raised:
       publisher.publish(_params('wide'), served + 1)
   assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
-  assert "'reward' do not match its architecture" in str(raised.value)
+  assert "Push to 'reward' refused: Tensor" in str(raised.value)
   assert client.status()['reward']['param_version'] == served
 
 

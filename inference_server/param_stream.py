@@ -1,0 +1,176 @@
+"""Parameters as a stream of bounded chunks: the learner's pushes to the inference servers.
+
+A push is one client-streaming call (`StreamParams`): a header naming the model, the
+version and every tensor (path, dtype, shape), then each tensor's bytes in order, in
+chunks of at most `chunk_bytes`, the chunk that completes a tensor carrying the CRC-32 of
+all its bytes. No message holds the whole tree, so no message-size cap limits the model
+size, and the sender holds one tensor on the host at a time.
+
+The server assembles the new version beside the one it serves (`Assembly`): as soon as a
+tensor's bytes are in, they are checked (size, checksum, finite values) and moved to the
+device, so the server holds at most one extra copy of the parameters and one tensor's
+buffer. It swaps only once every tensor arrived whole and checked; a stream that breaks
+or ends early leaves the served version untouched. Floating tensors may travel as
+bfloat16 (half the bytes), cast back to the served dtype on arrival.
+"""
+from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+import zlib
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from chorus.inference_server import inference_pb2
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+WIRE_DTYPES = ('', 'bfloat16')  # '': each tensor's own dtype.
+
+
+def _path_text(path) -> str:
+  return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', key))) for key in path)
+
+
+def tensors(tree) -> list[tuple[str, jax.Array | np.ndarray]]:
+  """(path, array) of every leaf of a parameter tree, in tree order."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(_path_text(path), leaf) for path, leaf in leaves]
+
+
+def _wire_dtype(dtype: np.dtype, wire_dtype: str) -> np.dtype:
+  if wire_dtype == 'bfloat16' and np.issubdtype(dtype, np.floating):
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(dtype)
+
+
+def push_chunks(params, *, model: str, version: int, resume: bool = False,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                wire_dtype: str = '') -> Iterator[inference_pb2.ParamChunk]:
+  """The messages of one push of `params` (see the module docstring).
+
+  Args:
+    params: the parameter tree (device or host arrays).
+    model: the served model's name.
+    version: the version to serve.
+    resume: a restarted learner going back to its checkpoint's version.
+    chunk_bytes: the most tensor bytes in one message.
+    wire_dtype: '' sends each tensor as it is; 'bfloat16' sends floating tensors at half
+      size (the server casts them back to its dtype).
+  """
+  if chunk_bytes < 1:
+    raise ValueError(f'chunk_bytes must be >= 1, got {chunk_bytes}.')
+  if wire_dtype not in WIRE_DTYPES:
+    raise ValueError(f'wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}.')
+  leaves = tensors(params)
+  yield inference_pb2.ParamChunk(header=inference_pb2.ParamsHeader(
+      model=model, version=version, resume=resume, tensors=[
+          inference_pb2.TensorHeader(
+              path=path, dtype=_wire_dtype(np.dtype(leaf.dtype), wire_dtype).name,
+              shape=list(np.shape(leaf)))
+          for path, leaf in leaves]))
+  for _, leaf in leaves:
+    host = np.asarray(jax.device_get(leaf))
+    wire = np.ascontiguousarray(host.astype(_wire_dtype(host.dtype, wire_dtype), copy=False))
+    data = memoryview(wire.reshape(-1).view(np.uint8))  # Bytes, whatever the dtype.
+    crc = zlib.crc32(data)
+    starts = range(0, len(data), chunk_bytes) if len(data) else [0]
+    for start in starts:
+      last = start + chunk_bytes >= len(data)
+      chunk = inference_pb2.ParamChunk(data=bytes(data[start:start + chunk_bytes]))
+      if last:
+        chunk.tensor_crc32 = crc
+      yield chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+  """What a served model's tensor must be: its path, shape and dtype."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+
+class PushError(ValueError):
+  """A push that cannot be served; the message says what was wrong and never the payload."""
+
+
+class Assembly:
+  """One pushed version, assembled beside the served one from a stream's chunks.
+
+  Args:
+    header: the stream's first message's header.
+    layout: the served model's tensors, in tree order.
+    place: moves a finished host array to the device (and its sharding).
+  """
+
+  def __init__(self, header: inference_pb2.ParamsHeader, layout: Sequence[TensorLayout],
+               place: Callable[[np.ndarray], jax.Array] = jax.device_put):
+    self._place = place
+    self._order = [tensor.path for tensor in layout]
+    expected = {tensor.path: tensor for tensor in layout}
+    sent = [tensor.path for tensor in header.tensors]
+    if sorted(sent) != sorted(expected) or len(set(sent)) != len(sent):
+      missing = sorted(set(expected) - set(sent))
+      unexpected = sorted(set(sent) - set(expected))
+      raise PushError(f'The push names {len(sent)} tensors where the model has '
+                      f'{len(expected)}: missing {missing[:5]}, unexpected {unexpected[:5]}. '
+                      'Push the full parameter tree of the served architecture.')
+    self._tensors = []  # (layout, wire dtype, byte size) in the order sent.
+    for tensor in header.tensors:
+      served = expected[tensor.path]
+      try:
+        wire = np.dtype(ml_dtypes.bfloat16 if tensor.dtype == 'bfloat16' else tensor.dtype)
+      except TypeError:
+        raise PushError(f'Tensor {tensor.path} is sent as unknown dtype {tensor.dtype[:32]!r}.'
+                        ) from None
+      if tuple(tensor.shape) != served.shape:
+        raise PushError(f'Tensor {tensor.path} is sent with shape {tuple(tensor.shape)}; the '
+                        f'model has {served.shape}.')
+      if wire != served.dtype and not (wire.name == 'bfloat16'
+                                       and np.issubdtype(served.dtype, np.floating)):
+        raise PushError(f'Tensor {tensor.path} is sent as {wire.name}; the model holds '
+                        f'{served.dtype.name} (or takes bfloat16 for floating tensors).')
+      self._tensors.append((served, wire, int(np.prod(served.shape)) * wire.itemsize))
+    self._arrays: dict[str, jax.Array] = {}
+    self._index = 0
+    self._buffer = bytearray()
+
+  @property
+  def complete(self) -> bool:
+    return self._index == len(self._tensors)
+
+  def add(self, chunk: inference_pb2.ParamChunk) -> None:
+    """Takes the next chunk; raises PushError on anything but the expected bytes."""
+    if chunk.HasField('header'):
+      raise PushError('A second header in one push; send one header, then the bytes.')
+    if self.complete:
+      raise PushError('Bytes after the last tensor; the push sent more than its header said.')
+    served, wire, size = self._tensors[self._index]
+    self._buffer += chunk.data
+    if len(self._buffer) > size:
+      raise PushError(f'Tensor {served.path} got {len(self._buffer)} bytes, more than its '
+                      f'{size}.')
+    finishes = len(self._buffer) == size
+    if chunk.HasField('tensor_crc32') != finishes:
+      raise PushError(f'Tensor {served.path}: a checksum must come with, and only with, the '
+                      'chunk that completes the tensor.')
+    if not finishes:
+      return
+    if zlib.crc32(self._buffer) != chunk.tensor_crc32:
+      raise PushError(f'Tensor {served.path} arrived with a checksum that does not match '
+                      'its bytes; it was damaged on the way.')
+    host = np.frombuffer(self._buffer, wire).reshape(served.shape).astype(served.dtype)
+    if np.issubdtype(served.dtype, np.floating) and not np.isfinite(host).all():
+      raise PushError(f'Tensor {served.path} holds NaN or infinite values; the server '
+                      'serves only finite parameters.')
+    self._arrays[served.path] = self._place(host)
+    self._buffer = bytearray()
+    self._index += 1
+
+  def arrays(self) -> list[jax.Array]:
+    """The assembled tensors in tree order; PushError unless every one arrived."""
+    if not self.complete:
+      served = self._tensors[self._index][0]
+      raise PushError(f'The push ended after {self._index} of {len(self._tensors)} tensors '
+                      f'(in the middle of {served.path}); the served version is unchanged.')
+    return [self._arrays[path] for path in self._order]

@@ -1,0 +1,177 @@
+"""Streamed parameter pushes: chunks, checks, and a swap only when everything arrived whole."""
+import zlib
+
+import grpc
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from chorus import core
+from chorus import models
+from chorus.inference_server import inference_pb2
+from chorus.inference_server import inference_pb2_grpc
+from chorus.inference_server import param_stream
+from chorus.inference_server.client import InferenceClient
+from chorus.inference_server.client import InferenceError
+from chorus.inference_server.client import ParameterPublisher
+from chorus.inference_server.config import InferenceServerConfig
+from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.service import start_server
+
+_CONFIG = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
+_SPEC = core.SequenceSpec(8, 8)
+
+
+def _params(seed: int):
+  return models.init_params(_CONFIG, jax.random.PRNGKey(seed))
+
+
+def _layout(params):
+  return [param_stream.TensorLayout(path, tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+          for path, leaf in param_stream.tensors(params)]
+
+
+def _assemble(chunks, layout):
+  chunks = iter(chunks)
+  assembly = param_stream.Assembly(next(chunks).header, layout)
+  for chunk in chunks:
+    assembly.add(chunk)
+  return assembly.arrays()
+
+
+@pytest.mark.parametrize('chunk_bytes', [1000, 64, 1 << 20])
+def test_a_push_reassembles_every_tensor_exactly_in_bounded_chunks(chunk_bytes):
+  params = _params(0)
+  chunks = list(param_stream.push_chunks(params, model='policy', version=3,
+                                         chunk_bytes=chunk_bytes))
+  assert all(len(chunk.data) <= chunk_bytes for chunk in chunks)
+  assert chunks[0].header.version == 3 and not chunks[0].data
+  arrays = _assemble(chunks, _layout(params))
+  for got, (_, expected) in zip(arrays, param_stream.tensors(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_bfloat16_on_the_wire_halves_the_bytes_and_comes_back_as_float32():
+  params = _params(0)
+  full = sum(len(c.data) for c in param_stream.push_chunks(params, model='p', version=1))
+  chunks = list(param_stream.push_chunks(params, model='p', version=1, wire_dtype='bfloat16'))
+  assert sum(len(c.data) for c in chunks) == full // 2
+  arrays = _assemble(chunks, _layout(params))
+  for got, (_, expected) in zip(arrays, param_stream.tensors(params)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.asarray(expected).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def _corrupted(kind: str):
+  """The chunks of a push damaged one way."""
+  params = _params(0)
+  chunks = list(param_stream.push_chunks(params, model='p', version=1, chunk_bytes=4096))
+  if kind == 'flipped_byte':
+    data = bytearray(chunks[1].data)
+    data[0] ^= 0xFF
+    chunks[1].data = bytes(data)
+  elif kind == 'nan':
+    bad = jax.tree_util.tree_map(lambda x: x, params)
+    bad['final_norm']['scale'] = bad['final_norm']['scale'].at[0].set(jnp.nan)
+    chunks = list(param_stream.push_chunks(bad, model='p', version=1, chunk_bytes=4096))
+  elif kind == 'cut':
+    chunks = chunks[:len(chunks) // 2]
+  elif kind == 'extra_bytes':
+    chunks.append(inference_pb2.ParamChunk(data=b'more'))
+  elif kind == 'missing_checksum':
+    next(c for c in chunks[1:] if c.HasField('tensor_crc32')).ClearField('tensor_crc32')
+  elif kind == 'wrong_shape':
+    chunks[0].header.tensors[0].shape[0] += 1
+  return chunks, _layout(params)
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('flipped_byte', 'checksum that does not match'),
+    ('nan', 'final_norm/scale holds NaN or infinite values'),
+    ('cut', r'ended after \d+ of 22 tensors'),
+    ('extra_bytes', 'Bytes after the last tensor'),
+    ('missing_checksum', 'checksum must come with'),
+    ('wrong_shape', 'is sent with shape'),
+])
+def test_a_damaged_push_is_refused_with_the_reason(kind, message):
+  chunks, layout = _corrupted(kind)
+  with pytest.raises(param_stream.PushError, match=message):
+    _assemble(chunks, layout)
+
+
+@pytest.fixture(name='server', scope='module')
+def fixture_server():
+  served = ServedModel('policy', _CONFIG, _params(0), version=0,
+                       config=InferenceServerConfig(max_batch_size=2), sequence=_SPEC)
+  grpc_server, port = start_server({'policy': served}, '127.0.0.1:0')
+  yield f'127.0.0.1:{port}', served
+  grpc_server.stop(grace=1).wait()
+  served.close()
+
+
+def test_a_stream_cut_half_way_leaves_the_old_version_served_and_answering(server):
+  address, served = server
+  before = served.param_version
+  chunks = list(param_stream.push_chunks(_params(1), model='policy', version=before + 1,
+                                         chunk_bytes=4096))
+
+  def cut_short():
+    yield from chunks[:len(chunks) // 2]
+    raise RuntimeError('the learner died mid-push')
+
+  with grpc.insecure_channel(address) as channel:
+    with pytest.raises(grpc.RpcError):
+      inference_pb2_grpc.InferenceServiceStub(channel).StreamParams(cut_short(), timeout=30)
+    # A stream that simply ends early is refused too, naming where it stopped.
+    with pytest.raises(grpc.RpcError) as raised:
+      inference_pb2_grpc.InferenceServiceStub(channel).StreamParams(
+          iter(chunks[:len(chunks) // 2]), timeout=30)
+  assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert 'the served version is unchanged' in raised.value.details()
+  with InferenceClient(address) as client:
+    assert client.status()['policy']['param_version'] == before
+    assert client.generate([[1, 5]]).param_version == before
+  with ParameterPublisher(address, timeout_s=30) as publisher:
+    publisher.publish(_params(1), before + 1)  # The refused pushes used up nothing.
+  assert served.param_version == before + 1
+
+
+def test_a_refused_push_never_echoes_its_bytes(server):
+  address, _ = server
+  secret = b'SECRET-PAYLOAD' * 100
+  header = inference_pb2.ParamChunk(header=inference_pb2.ParamsHeader(
+      model='policy', version=10**6, tensors=[
+          inference_pb2.TensorHeader(path=p, dtype=t.dtype.name, shape=list(t.shape))
+          for p, t in ((t.path, t) for t in _layout(_params(0)))]))
+  with grpc.insecure_channel(address) as channel:
+    with pytest.raises(grpc.RpcError) as raised:
+      inference_pb2_grpc.InferenceServiceStub(channel).StreamParams(
+          iter([header, inference_pb2.ParamChunk(data=secret, tensor_crc32=zlib.crc32(secret))]),
+          timeout=30)
+  assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert b'SECRET' not in raised.value.details().encode()
+
+
+@pytest.mark.slow
+def test_a_push_of_a_tree_over_one_gib_is_served():
+  # One big embedding (33k x 8192 float32 = 1.08 GB) in a one-layer decoder.
+  config = models.DecoderConfig(vocab_size=33_000, num_layers=1, embed_dim=8192, num_heads=1,
+                                num_kv_heads=1, head_dim=8, mlp_dim=8, max_seq_len=16)
+  params = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
+  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), params)
+  assert sum(x.nbytes for x in jax.tree_util.tree_leaves(zeros)) > 2**30
+  served = ServedModel('policy', config, zeros, version=0, config=InferenceServerConfig(),
+                       sequence=_SPEC)
+  grpc_server, port = start_server({'policy': served}, '127.0.0.1:0')
+  try:
+    ones = jax.tree_util.tree_map(np.ones_like, zeros)
+    with ParameterPublisher(f'127.0.0.1:{port}', timeout_s=600) as publisher:
+      publisher.publish(ones, 1)
+    assert served.param_version == 1
+    assert float(served.params_and_version()[0]['embedder']['embedding'][-1, -1]) == 1.0
+  finally:
+    grpc_server.stop(grace=1).wait()
+    served.close()
