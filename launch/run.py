@@ -10,10 +10,11 @@ import os
 import signal
 import time
 
+from chorus import agents
 from chorus.actors.evaluation import evaluate
 from chorus.inference_server.client import InferenceClient
+from chorus.inference_server.client import InferenceError
 from chorus.launch import experiment
-from chorus import agents
 from chorus.launch import run_dir as layout
 from chorus.launch import program as program_lib
 from chorus.launch import report
@@ -85,6 +86,22 @@ def _write_audio_samples(config: experiment.ExperimentConfig, address: str, run_
   return paths
 
 
+def _wait_for_services(launcher, inference_address: str, should_stop,
+                       poll_s: float = 1.0):
+  """Waits until the first inference server answers, however long its start-up takes
+  (compiling every batch shape of big models can take minutes), as long as every
+  service node is alive; a node that dies is reported within `poll_s` (NodeFailed)."""
+  with InferenceClient(inference_address) as client:
+    while not should_stop():
+      launcher.poll()  # Raises NodeFailed, with the node's log, if a service died.
+      try:
+        client.wait_until_ready(timeout_s=poll_s)
+        return
+      except InferenceError:
+        continue
+  raise KeyboardInterrupt
+
+
 LAUNCHERS = ('local', 'ray')
 
 
@@ -129,8 +146,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
         raise KeyboardInterrupt
     launcher.start(by_kind[program_lib.SERVICE])
     inference_address = launcher.addresses[program_lib.inference_server_name(0)]
-    with InferenceClient(inference_address) as client:
-      client.wait_until_ready(timeout_s=300)
+    _wait_for_services(launcher, inference_address, stop)
     initial_eval = _evaluate(config, inference_address, min_version=0)
     if config.guided_task:
       _write_audio_samples(config, inference_address, run_dir, 'before')

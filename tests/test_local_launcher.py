@@ -116,3 +116,31 @@ def test_sigint_to_the_launcher_stops_every_node(tmp_path):
       log = file.read()
     assert 'Traceback' not in log, log[-2000:]
     assert log.rstrip().endswith('done'), f'{node} did not stop cleanly:\n{log[-2000:]}'
+
+
+def test_a_service_that_dies_during_start_up_is_reported_at_once(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from chorus.launch import experiment
+  from chorus.launch import local
+  from chorus.launch import program as program_lib
+  from chorus.launch import run as run_lib
+  from chorus.launch.launcher_config import LauncherConfig
+  # No warm-start checkpoint in this run directory: the inference server fails as it starts.
+  run_dir = str(tmp_path / 'run')
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+    json.dump(experiment.to_dict(experiment.ExperimentConfig()), file)
+  launcher = local.LocalLauncher(run_dir, LauncherConfig(max_restarts=0))
+  server = program_lib.Node('inference_server_0', 'inference_server', program_lib.SERVICE,
+                            kwargs=dict(server_index=0), serves=True, restart=True)
+  try:
+    launcher.start([server])
+    start = time.monotonic()
+    with pytest.raises(local.NodeFailed,
+                       match=r'inference_server_0 crashed 1 times[\s\S]*No checkpoint'):
+      run_lib._wait_for_services(launcher, launcher.addresses['inference_server_0'],
+                                 should_stop=lambda: False)
+    # The node's own start-up (imports, the failed restore) is most of this.
+    assert time.monotonic() - start < 120
+  finally:
+    launcher.close()
