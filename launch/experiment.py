@@ -55,7 +55,8 @@ class ExperimentConfig:
       agent=bond` switches to another agent's defaults, `--set agent.kl_coef=0.05` sets
       one of its fields.
     task: the task: one task config, chosen by its tag like `agent`.
-    model: the policy network.
+    model: the policy network: a decoder from scratch, or a pretrained checkpoint
+      (`--set model.pretrained=DIR`) whose tokenizer the task then encodes with.
     sequence: prompt and completion lengths, shared by server, replay, RLDS and learner.
     warm_start: supervised warm start on the task's demonstrations (becomes the reference).
     inference: the inference server.
@@ -81,7 +82,7 @@ class ExperimentConfig:
   seed: int = 0
   agent: agents.AgentConfig = agents.VTraceConfig()
   task: core.TaskConfig = reverse_digits.ReverseDigitsConfig()
-  model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
+  model: models.ModelConfig = models.ModelConfig()
   sequence: core.SequenceSpec = core.SequenceSpec()
   warm_start: WarmStartConfig = WarmStartConfig()
   inference: InferenceServerConfig = InferenceServerConfig()
@@ -111,7 +112,8 @@ class ExperimentConfig:
                        f'{type(self.task).__name__}.')
 
   def make_task(self) -> core.Task:
-    return tasks.make_task(self.task)
+    """The task, encoding with the policy's tokenizer when the model is pretrained."""
+    return tasks.make_task(self.task, tokenizer=self.model.tokenizer())
 
   def builder(self) -> agents.AgentBuilder:
     return agents.make_builder(self.agent)
@@ -176,6 +178,8 @@ def from_dict(cls, data: dict, path: str = 'config'):
 def load_experiment(data: dict) -> ExperimentConfig:
   """The ExperimentConfig of a run's config.json, its plugins imported first."""
   plugins_lib.import_plugins(data.get('plugins', ()))
+  if 'vocab_size' in data.get('model', {}):  # Written before `model` held a ModelConfig.
+    data = dict(data, model={'decoder': data['model']})
   return from_dict(ExperimentConfig, data)
 
 
