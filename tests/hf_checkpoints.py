@@ -2,7 +2,7 @@
 
 Nothing can be downloaded here, so the tests make their own: a SentencePiece tokenizer
 trained on digit-reversal text (Gemma's special ids: pad 0, eos 1, bos 2, unk 3; digits
-split, no dummy prefix, as Gemma's tokenizer) and tiny random Gemma / Gemma 2 models
+split, no dummy prefix, whitespace kept, as in Gemma's tokenizer) and tiny random Gemma / Gemma 2 models
 saved with `save_pretrained`.
 """
 import io
@@ -30,7 +30,8 @@ def train_sentencepiece(path: str, lines: list[str] | None = None) -> str:
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter(lines or digit_reversal_lines(2000)), model_writer=model,
       vocab_size=40, hard_vocab_limit=False, model_type='bpe', split_digits=True,
-      add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+      add_dummy_prefix=False, remove_extra_whitespaces=False, pad_id=0, eos_id=1, bos_id=2,
+      unk_id=3, minloglevel=2)
   with open(path, 'wb') as file:
     file.write(model.getvalue())
   return path
