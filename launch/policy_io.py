@@ -3,6 +3,8 @@
 What `chorus sample` and `chorus export` do; the commands themselves (model_commands.py)
 import this only when they run, since it loads JAX.
 """
+import os
+
 import jax
 import numpy as np
 
@@ -56,15 +58,19 @@ def complete_text(policy: models.Pretrained, prompt: str, **options) -> tuple[li
 def export_run(run_dir: str, output: str, step: int | None = None) -> tuple[int, list[str]]:
   """Writes a run's policy as a Hugging Face-layout checkpoint (see models.save_pretrained).
 
-  The tokenizer files are the pretrained model's; a run from scratch has a task's own
-  tokenizer (characters), which no checkpoint file format holds, so none are written.
+  The tokenizer files are the pretrained model's; a run from scratch on a text task gets
+  its character tokenizer as a tokenizer.json; a music run's tokenizer has no file format.
 
   Returns:
     (the step exported, the paths written).
   """
   config = evaluate.load_config(run_dir)
   policy, step = from_run(run_dir, step)
-  tokenizer_files = policy.tokenizer.files if config.model.pretrained else ()
-  return step, models.save_pretrained(
+  written = models.save_pretrained(
       output, policy.config, policy.params, bos_token_id=policy.tokenizer.bos_id,
-      pad_token_id=policy.tokenizer.pad_id, tokenizer_files=tokenizer_files)
+      pad_token_id=policy.tokenizer.pad_id,
+      tokenizer_files=policy.tokenizer.files if config.model.pretrained else ())
+  if isinstance(policy.tokenizer, models.CharTokenizer):
+    written.append(policy.tokenizer.save_tokenizer_json(
+        os.path.join(output, models.text_tokenizers.TOKENIZER_JSON_FILE)))
+  return step, written

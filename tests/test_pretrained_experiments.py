@@ -99,6 +99,28 @@ def test_warm_start_starts_from_the_checkpoint_and_export_writes_what_it_trained
   assert stdout.getvalue() == text + '\n'  # Greedy: the seed does not matter.
 
 
+def test_a_run_from_scratch_exports_with_its_character_tokenizer_as_tokenizer_json(tmp_path):
+  config = experiment.apply_overrides(configs.get_config('text_vtrace'),
+                                      ['warm_start.steps=2', 'warm_start.batch_size=4'])
+  run_dir = str(tmp_path / 'run')
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, 'config.json'), 'w') as file:
+    json.dump(experiment.to_dict(config), file)
+  nodes.warm_start(config, run_dir, should_stop=lambda: False)
+  output = str(tmp_path / 'exported')
+  _, written = policy_io.export_run(run_dir, output)
+  assert sorted(os.path.basename(path) for path in written) == [
+      'config.json', 'model.safetensors', 'tokenizer.json']
+  exported = models.load_pretrained(output)
+  task = config.make_task()
+  text = task.prompt_from_id('90210').text
+  assert isinstance(exported.tokenizer, models.HuggingFaceTokenizer)
+  assert exported.tokenizer.encode(text) == task.tokenizer.encode(text)
+  assert (exported.tokenizer.bos_id, exported.tokenizer.eos_id) == (models.BOS_ID, models.EOS_ID)
+  assert exported.tokenizer.decode(task.encode_completion('01209') + [5]) == '01209'
+  assert exported.config == config.model.decoder
+
+
 def test_sample_names_what_is_wrong_with_a_directory(tmp_path):
   with contextlib.redirect_stderr(io.StringIO()) as stderr:
     assert cli.main(['sample', '--model', str(tmp_path), '--prompt', 'x']) == 2
