@@ -2,8 +2,8 @@
 
 Nothing can be downloaded here, so the tests make their own: a SentencePiece tokenizer
 trained on digit-reversal text (Gemma's special ids: pad 0, eos 1, bos 2, unk 3; digits
-split, no dummy prefix, whitespace kept, as in Gemma's tokenizer) and tiny random Gemma / Gemma 2 models
-saved with `save_pretrained`.
+split, no dummy prefix, whitespace kept, as in Gemma's tokenizer) and tiny random Gemma /
+Gemma 2 models saved with `save_pretrained`.
 """
 import io
 import os
