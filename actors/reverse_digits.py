@@ -60,9 +60,11 @@ class ReverseDigitsTask:
   # Kinds of sloppy answers in preference pairs (see `corrupted_answer`).
   corruptions = ('swap', 'drop', 'extra', 'substitute', 'random')
 
-  def __init__(self, config: ReverseDigitsConfig = ReverseDigitsConfig()):
+  def __init__(self, config: ReverseDigitsConfig = ReverseDigitsConfig(),
+               tokenizer: core.Tokenizer | None = None):
+    """A task encoding with `tokenizer` (the policy's; default: a CharTokenizer)."""
     self.config = config
-    self.tokenizer = models.CharTokenizer()
+    self.tokenizer = models.CharTokenizer() if tokenizer is None else tokenizer
 
   @property
   def max_prompt_tokens(self) -> int:
@@ -70,7 +72,9 @@ class ReverseDigitsTask:
 
   @property
   def max_answer_tokens(self) -> int:
-    return self.config.max_digits + 1  # Digits and EOS.
+    """Tokens of a longest answer and EOS (exact for tokenizers that split digits, as the
+    CharTokenizer and Gemma's do)."""
+    return len(self.encode_completion('0' * self.config.max_digits))
 
   def prompt_from_id(self, digits: str) -> Prompt:
     """The prompt whose prompt_id is `digits` (as episode logs record it)."""
@@ -120,10 +124,10 @@ class ReverseDigitsTask:
     return self.encode_prompt(prompt)
 
   def encode_prompt(self, prompt: Prompt) -> list[int]:
-    return [models.BOS_ID] + self.tokenizer.encode(prompt.text)
+    return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt.text)
 
   def encode_completion(self, text: str) -> list[int]:
-    return self.tokenizer.encode(text) + [models.EOS_ID]
+    return self.tokenizer.encode(text) + [self.tokenizer.eos_id]
 
   def reward_components(self, prompt: Prompt, completion_tokens) -> dict[str, float]:
     """Every term of the reward by name; episode logs record them all."""
@@ -139,7 +143,7 @@ class ReverseDigitsTask:
   @property
   def max_preference_completion_tokens(self) -> int:
     """Longest encoded candidate of `preference_pair` (an extra digit, then EOS)."""
-    return self.config.max_digits + 2
+    return len(self.encode_completion('0' * (self.config.max_digits + 1)))
 
   def corrupted_answer(self, prompt: Prompt, kind: str, rng: np.random.Generator) -> str:
     """A candidate answer of one kind from `CORRUPTIONS`.

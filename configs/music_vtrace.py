@@ -22,7 +22,8 @@ def get_config() -> ExperimentConfig:
   return ExperimentConfig(
       name='music_vtrace',
       task=task_config,
-      model=models.DecoderConfig.tiny(music.MusicTask(task_config).vocab_size),
+      model=models.ModelConfig(
+          decoder=models.DecoderConfig.tiny(music.MusicTask(task_config).vocab_size)),
       # Short on purpose: the pretrained model leaves room for RL to raise adherence (and
       # for guidance to help, which it barely does after 150 steps).
       warm_start=WarmStartConfig(steps=60, batch_size=64, learning_rate=3e-3),

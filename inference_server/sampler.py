@@ -188,15 +188,24 @@ def _check_fits(config: decoder_lib.DecoderConfig, prompt_len: int, max_new_toke
 
 
 def _draw(logits, temperature, rng):
-  """Samples from softmax(logits / temperature) per row; returns (token, logprob)."""
-  log_probs = jax.nn.log_softmax(logits / temperature[:, None], axis=-1)
-  token = jax.random.categorical(rng, log_probs, axis=-1).astype(jnp.int32)
-  return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+  """Samples from softmax(logits / temperature) per row; returns (token, logprob).
+
+  A row of temperature 0 takes the argmax, with log-prob 0 (a point mass).
+  """
+  greedy = temperature == 0
+  log_probs = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, temperature)[:, None], axis=-1)
+  sampled = jax.random.categorical(rng, log_probs, axis=-1).astype(jnp.int32)
+  token = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+  logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+  return token, jnp.where(greedy, 0.0, logprob)
 
 
-def _make_decode_loop(next_logits: NextTokenLogits, prompt_len: int,
-                      max_new_tokens: int) -> Callable[..., SampleOutput]:
-  """The jitted loop `(params, prompt_tokens, prompt_mask, temperature, row_max, rng)`."""
+def _make_decode_loop(next_logits: NextTokenLogits, prompt_len: int, max_new_tokens: int,
+                      eos_id: int) -> Callable[..., SampleOutput]:
+  """The jitted loop `(params, prompt_tokens, prompt_mask, temperature, row_max, rng)`.
+
+  A row is done when it samples `eos_id` or reaches its row_max tokens.
+  """
   cache_len = prompt_len + max_new_tokens
 
   @jax.jit
@@ -213,7 +222,7 @@ def _make_decode_loop(next_logits: NextTokenLogits, prompt_len: int,
       tokens = tokens.at[:, step].set(token)
       logprobs = logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
       lengths = lengths + active
-      is_eos = active & (token == tokenizer.EOS_ID)
+      is_eos = active & (token == eos_id)
       done = done | is_eos | (lengths >= row_max_new_tokens)
       return tokens, logprobs, lengths, terminated | is_eos, done
 
@@ -253,8 +262,8 @@ def _make_decode_loop(next_logits: NextTokenLogits, prompt_len: int,
       raise ValueError(f'prompt_tokens has shape {prompt_tokens.shape}; this sampler was '
                        f'built for prompts of length {prompt_len}.')
     temperature_host = np.asarray(temperature)
-    if not np.all(temperature_host > 0):
-      raise ValueError(f'Every temperature must be > 0; got {temperature_host}.')
+    if not np.all(temperature_host >= 0):
+      raise ValueError(f'Every temperature must be >= 0 (0 is greedy); got {temperature_host}.')
     row_max = np.asarray(max_new_tokens_per_row)
     if np.any(row_max < 1) or np.any(row_max > max_new_tokens):
       raise ValueError(f'Each max_new_tokens must be in 1..{max_new_tokens}; got {row_max}.')
@@ -272,7 +281,7 @@ def make_sampler(config: decoder_lib.DecoderConfig, prompt_len: int,
     params: decoder parameters.
     prompt_tokens: [B, prompt_len] int32, left padded (see `left_pad_prompts`).
     prompt_mask: [B, prompt_len] bool.
-    temperature: [B] float32, each > 0.
+    temperature: [B] float32, each >= 0 (0: greedy, the argmax with log-prob 0).
     max_new_tokens: [B] int32, each in 1 .. `max_new_tokens` of the factory.
     rng: a PRNG key; the same key and inputs give the same output.
 
@@ -281,7 +290,8 @@ def make_sampler(config: decoder_lib.DecoderConfig, prompt_len: int,
   batch size B.
   """
   _check_fits(config, prompt_len, max_new_tokens)
-  return _make_decode_loop(decoder_logits(config), prompt_len, max_new_tokens)
+  return _make_decode_loop(decoder_logits(config), prompt_len, max_new_tokens,
+                           config.eos_token_id)
 
 
 def make_paired_sampler(config: decoder_lib.DecoderConfig,
@@ -302,7 +312,8 @@ def make_paired_sampler(config: decoder_lib.DecoderConfig,
   _check_fits(config, prompt_len, max_new_tokens)
   if second_config is not None:
     _check_fits(second_config, prompt_len, max_new_tokens)
-  decode = _make_decode_loop(paired_logits(config, second_config), prompt_len, max_new_tokens)
+  decode = _make_decode_loop(paired_logits(config, second_config), prompt_len, max_new_tokens,
+                             config.eos_token_id)
 
   def sample(params, second_params, coef, prompt_tokens, prompt_mask, second_prompt_tokens,
              second_prompt_mask, temperature, max_new_tokens_per_row, rng):

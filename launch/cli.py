@@ -10,6 +10,7 @@ from chorus import configs
 from chorus import plugins as plugins_lib
 from chorus.datasets import cli as datasets_cli
 from chorus.launch import experiment
+from chorus.launch import model_commands
 
 
 def _run(args) -> int:
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
   configs_parser.add_argument('name', nargs='?')
   configs_parser.set_defaults(handler=_configs)
   datasets_cli.add_datasets_parser(commands)
+  model_commands.add_model_parsers(commands)
   args = parser.parse_args(argv)
   return args.handler(args)
 

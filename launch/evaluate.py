@@ -37,15 +37,29 @@ def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | N
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No learner checkpoint in {layout.learner_checkpoint_dir(run_dir)}.')
-  template = nodes.make_learner(config, models.init_params(config.model, jax.random.PRNGKey(0)))
+  template = nodes.make_learner(
+      config, models.init_params(config.model.decoder_config(), jax.random.PRNGKey(0)))
   params = checkpointer.restore(template.state, step=step).params
   checkpointer.close()
   return params, step
 
 
+def load_policy(run_dir: str, config: experiment.ExperimentConfig, step: int | None = None):
+  """(policy params, step) of a run: its learner checkpoint, else its warm start (step 0).
+
+  Raises:
+    FileNotFoundError: the run has neither, or not the learner checkpoint `step`.
+  """
+  learner_dir = layout.learner_checkpoint_dir(run_dir)
+  if step is None and (not os.path.isdir(learner_dir)
+                       or Checkpointer(learner_dir).latest_step() is None):
+    return nodes.warm_start_params(config, run_dir), 0
+  return load_params(run_dir, config, step)
+
+
 def _evaluate_served(config: experiment.ExperimentConfig, params, version: int, **options) -> dict:
   """`evaluate` of `params` served as 'policy' by an in-process server on loopback."""
-  served = ServedModel('policy', config.model, params, version=version,
+  served = ServedModel('policy', config.model.decoder_config(), params, version=version,
                        config=config.inference, sequence=config.sequence)
   server, port = start_server({'policy': served}, '127.0.0.1:0')
   try:

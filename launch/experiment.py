@@ -57,7 +57,8 @@ class ExperimentConfig:
       agent=bond` switches to another agent's defaults, `--set agent.kl_coef=0.05` sets
       one of its fields.
     task: the task: one task config, chosen by its tag like `agent`.
-    model: the policy network.
+    model: the policy network: a decoder from scratch, or a pretrained checkpoint
+      (`--set model.pretrained=DIR`) whose tokenizer the task then encodes with.
     mesh: the device mesh of each accelerator node (the learner now; see
       models/sharding.py): devices along data, fsdp and tensor.
     sequence: prompt and completion lengths, shared by server, replay, RLDS and learner.
@@ -87,7 +88,7 @@ class ExperimentConfig:
   seed: int = 0
   agent: agents.AgentConfig = agents.VTraceConfig()
   task: core.TaskConfig = reverse_digits.ReverseDigitsConfig()
-  model: models.DecoderConfig = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
+  model: models.ModelConfig = models.ModelConfig()
   mesh: sharding.MeshConfig = sharding.MeshConfig()
   sequence: core.SequenceSpec = core.SequenceSpec()
   warm_start: WarmStartConfig = WarmStartConfig()
@@ -119,7 +120,8 @@ class ExperimentConfig:
                        f'{type(self.task).__name__}.')
 
   def make_task(self) -> core.Task:
-    return tasks.make_task(self.task)
+    """The task, encoding with the policy's tokenizer when the model is pretrained."""
+    return tasks.make_task(self.task, tokenizer=self.model.tokenizer())
 
   def builder(self) -> agents.AgentBuilder:
     return agents.make_builder(self.agent)
@@ -191,6 +193,8 @@ def from_dict(cls, data: dict, path: str = 'config'):
 def load_experiment(data: dict) -> ExperimentConfig:
   """The ExperimentConfig of a run's config.json, its plugins imported first."""
   plugins_lib.import_plugins(data.get('plugins', ()))
+  if 'vocab_size' in data.get('model', {}):  # Written before `model` held a ModelConfig.
+    data = dict(data, model={'decoder': data['model']})
   return from_dict(ExperimentConfig, data)
 
 

@@ -38,12 +38,15 @@ from chorus.replay.writer import TrajectoryWriter
 StopFn = Callable[[], bool]
 
 
-def _initial_params(config: ExperimentConfig, model: models.DecoderConfig | None = None):
-  return models.init_params(model or config.model, jax.random.PRNGKey(config.seed))
+def _param_shapes(model: models.DecoderConfig):
+  """The parameter tree of `model` as shapes: a restore template, nothing allocated."""
+  return jax.eval_shape(lambda rng: models.init_params(model, rng), jax.random.PRNGKey(0))
 
 
-def _warm_start_params(config: ExperimentConfig, run_dir: str):
-  return Checkpointer(layout.warm_start_dir(run_dir)).restore(_initial_params(config))
+def warm_start_params(config: ExperimentConfig, run_dir: str):
+  """The warm start's policy parameters (version 0, the reference)."""
+  return Checkpointer(layout.warm_start_dir(run_dir)).restore(
+      _param_shapes(config.model.decoder_config()))
 
 
 def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
@@ -61,8 +64,9 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
     batches = demonstrations.demonstration_batches(config.make_task(), config.seed,
                                                    config.warm_start.batch_size, config.sequence)
   start = time.monotonic()
-  params, history = supervised.warm_start(config.model, config.warm_start, batches,
-                                          _initial_params(config))
+  params, history = supervised.warm_start(
+      config.model.decoder_config(), config.warm_start, batches,
+      config.model.initial_params(jax.random.PRNGKey(config.seed)))
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     metrics.write(kind='warm_start', **record)
   Checkpointer(layout.warm_start_dir(run_dir)).save(0, params)
@@ -76,7 +80,8 @@ def setup(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, step: 
   if step not in steps:
     raise ValueError(f'The agent has no setup step {step!r}; its steps: {sorted(steps)}.')
   context = agents.SetupContext(
-      run_dir=run_dir, task=config.make_task(), model=config.model, sequence=config.sequence,
+      run_dir=run_dir, task=config.make_task(), model=config.model.decoder_config(),
+      sequence=config.sequence,
       seed=config.seed, metrics=MetricsWriter(layout.metrics_path(run_dir), step),
       should_stop=should_stop, rlds_episodes_per_file=config.rlds_episodes_per_file)
   steps[step].run(context)
@@ -95,20 +100,20 @@ def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port:
 
 def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:
   """The policy and the frozen reference (the warm start), and what the agent adds."""
-  warm_start_params = _warm_start_params(config, run_dir)
+  warm_params = warm_start_params(config, run_dir)
+  policy_model = config.model.decoder_config()
 
-  def serve(name, params, model=config.model, kind='decoder'):
+  def serve(name, params, model=policy_model, kind='decoder'):
     return ServedModel(name, model, params, version=0, config=config.inference,
                        sequence=config.sequence, kind=kind)
 
-  served = {name: serve(name, warm_start_params)
+  served = {name: serve(name, warm_params)
             for name in (agents.POLICY_MODEL, agents.REFERENCE_MODEL)}
-  for spec in config.builder().served_models(config.model):
-    model = spec.model or config.model
-    params = warm_start_params
+  for spec in config.builder().served_models(policy_model):
+    model = spec.model or policy_model
+    params = warm_params
     if spec.checkpoint is not None:
-      params = Checkpointer(f'{run_dir}/{spec.checkpoint}').restore(
-          _initial_params(config, model))
+      params = Checkpointer(f'{run_dir}/{spec.checkpoint}').restore(_param_shapes(model))
     served[spec.name] = serve(spec.name, params, model, spec.kind)
   return served
 
@@ -208,8 +213,8 @@ def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
 def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
   """The agent's learner on this node's mesh, starting from (and regularised to) `params`."""
   return config.builder().make_learner(agents.LearnerContext(
-      model=config.model, sequence=config.sequence, task=config.make_task(), params=params,
-      reference_params=params,
+      model=config.model.decoder_config(), sequence=config.sequence, task=config.make_task(),
+      params=params, reference_params=params,
       optimizer=learner_lib.make_optimizer(config.learner.learning_rate,
                                            config.learner.max_grad_norm),
       mesh=sharding.make_mesh(config.mesh)))
@@ -228,7 +233,7 @@ def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: 
 
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
             inference_addresses: list[str], replay_addresses: list[str]):
-  learner_obj = make_learner(config, _warm_start_params(config, run_dir))
+  learner_obj = make_learner(config, warm_start_params(config, run_dir))
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   publishers = {(address, name): ParameterPublisher(address, model=name)
                 for address in inference_addresses for name in learner_obj.published_params()}

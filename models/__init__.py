@@ -1,6 +1,6 @@
-"""Token models: the Gemma-style decoder and the character tokenizer."""
+"""Token models: the Gemma-family decoder, its checkpoints in the Hugging Face layout, and
+tokenizers (characters, SentencePiece, tokenizer.json)."""
 from chorus.models.decoder import Decoder
-from chorus.models.decoder import DecoderConfig
 from chorus.models.decoder import DecoderOutput
 from chorus.models.decoder import forward_completions
 from chorus.models.decoder import init_cache
@@ -11,6 +11,14 @@ from chorus.models.decoder import params_from_bytes
 from chorus.models.decoder import params_to_bytes
 from chorus.models.decoder import positions_from_mask
 from chorus.models.decoder import right_pad_completions
+from chorus.models.decoder_config import DecoderConfig
+from chorus.models.model_config import ModelConfig
+from chorus.models.pretrained import load_pretrained
+from chorus.models.pretrained import Pretrained
+from chorus.models.pretrained import save_pretrained
+from chorus.models.text_tokenizers import HuggingFaceTokenizer
+from chorus.models.text_tokenizers import load_tokenizer
+from chorus.models.text_tokenizers import SentencePieceTokenizer
 from chorus.models.tokenizer import BOS_ID
 from chorus.models.tokenizer import CharTokenizer
 from chorus.models.tokenizer import EOS_ID

@@ -22,12 +22,17 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def restore(self, template, step: int | None = None):
-    """The tree saved at `step` (default: the newest), with the structure of `template`."""
+    """The tree saved at `step` (default: the newest), with the structure of `template`.
+
+    `template` holds arrays or jax.ShapeDtypeStructs (from `jax.eval_shape`: nothing is
+    allocated for it).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}; train or warm-start first.')
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+        else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self):

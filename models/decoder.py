@@ -7,9 +7,12 @@ give the same numbers, so every positional convention lives here:
 * Prompts are left padded with PAD (0) and `token_mask` False on the padding.
 * RoPE positions count real tokens only: `positions_from_mask(mask)`.
 * Padding keys are never attended to; a padding query's output is finite garbage.
+* A local (sliding-window) layer's query sees the keys less than `sliding_window`
+  positions before it, with or without a cache.
+
+The architecture is `DecoderConfig` (decoder_config.py): Chorus's tiny models and the
+Gemma family (Gemma, Gemma 2) are configs of this one module.
 """
-import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -19,73 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chorus.models.decoder_config import DecoderConfig
+
 # Finite, so that a row with no valid key (a padding query) softmaxes to a uniform
 # distribution instead of NaN.
 _MASKED_LOGIT = -1e30
-_SUPPORTED_DTYPES = ('float32', 'bfloat16')
 
 Params = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-  """Sizes of a decoder.
-
-  Attributes:
-    vocab_size: number of token ids.
-    num_layers: number of transformer blocks.
-    embed_dim: width of the residual stream.
-    num_heads: query heads per block.
-    num_kv_heads: key/value heads per block (grouped-query attention; 1 is multi-query).
-      Must divide `num_heads`.
-    head_dim: width of one head; even, for RoPE.
-    mlp_dim: hidden width of the GeGLU MLP.
-    max_seq_len: longest prompt + completion the model is meant to see.
-    rope_base: RoPE wavelength base.
-    logit_softcap: if set, logits are `cap * tanh(logits / cap)`.
-    dtype: compute and KV-cache dtype ('float32' or 'bfloat16'); parameters, logits
-      and values stay float32.
-  """
-  vocab_size: int
-  num_layers: int
-  embed_dim: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  max_seq_len: int
-  rope_base: float = 10_000.0
-  logit_softcap: float | None = None
-  dtype: str = 'float32'
-
-  def __post_init__(self):
-    for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
-                 'head_dim', 'mlp_dim', 'max_seq_len'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f'DecoderConfig.{name} must be a positive int; got {value!r}.')
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f'num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} '
-          '(each key/value head serves a whole group of query heads).')
-    if self.head_dim % 2:
-      raise ValueError(f'head_dim must be even for RoPE; got {self.head_dim}.')
-    if self.logit_softcap is not None and self.logit_softcap <= 0:
-      raise ValueError(f'logit_softcap must be positive or None; got {self.logit_softcap}.')
-    if self.dtype not in _SUPPORTED_DTYPES:
-      raise ValueError(f'dtype must be one of {_SUPPORTED_DTYPES}; got {self.dtype!r}.')
-
-  @classmethod
-  def tiny(cls, vocab_size: int) -> 'DecoderConfig':
-    """About 0.1M parameters: trains in seconds on a CPU; for tests and demos."""
-    return cls(vocab_size=vocab_size, num_layers=2, embed_dim=64, num_heads=4,
-               num_kv_heads=2, head_dim=16, mlp_dim=256, max_seq_len=64)
-
-  @classmethod
-  def small(cls, vocab_size: int) -> 'DecoderConfig':
-    """About 13M parameters: big enough that batching matters when serving."""
-    return cls(vocab_size=vocab_size, num_layers=6, embed_dim=384, num_heads=6,
-               num_kv_heads=2, head_dim=64, mlp_dim=1536, max_seq_len=256)
 
 
 class KVCache(NamedTuple):
@@ -130,15 +73,33 @@ def _apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap): Gemma 2's soft-capping of logits; identity for cap None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 class RMSNorm(nn.Module):
-  """Gemma's RMSNorm: the scale starts at zero and multiplies by (1 + scale)."""
+  """Gemma's RMSNorm: the scale starts at zero and multiplies by (1 + scale), in float32."""
+  epsilon: float = 1e-6
+  param_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],))
+    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],),
+                       jnp.dtype(self.param_dtype))
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
-    return (normed * (1.0 + scale)).astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                                 + self.epsilon)
+    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def _norm(config: DecoderConfig, name: str) -> RMSNorm:
+  return RMSNorm(config.rms_norm_eps, config.param_dtype, name=name)
+
+
+def _dense(config: DecoderConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
+  return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=jnp.dtype(config.dtype),
+                         param_dtype=jnp.dtype(config.param_dtype), name=name)
 
 
 class Attention(nn.Module):
@@ -152,7 +113,8 @@ class Attention(nn.Module):
     Args:
       x: [B, L, E] normed inputs.
       positions: [B, L] RoPE positions.
-      attend_mask: [B, L, S] bool, which keys each query may see (S = L without cache).
+      attend_mask: [B, L, S] bool, which keys each query may see (S = L without cache);
+        a local layer's mask already holds its sliding window.
       layer_cache: None or (keys, values), each [B, S, K, H].
       cache_index: slot of the first of the L new tokens.
 
@@ -161,11 +123,9 @@ class Attention(nn.Module):
     """
     config = self.config
     dtype = jnp.dtype(config.dtype)
-    dense = lambda features, name: nn.DenseGeneral(
-        features, use_bias=False, dtype=dtype, name=name)
-    q = dense((config.num_heads, config.head_dim), 'query')(x)
-    k = dense((config.num_kv_heads, config.head_dim), 'key')(x)
-    v = dense((config.num_kv_heads, config.head_dim), 'value')(x)
+    q = _dense(config, (config.num_heads, config.head_dim), 'query')(x)
+    k = _dense(config, (config.num_kv_heads, config.head_dim), 'key')(x)
+    v = _dense(config, (config.num_kv_heads, config.head_dim), 'value')(x)
     q = _apply_rope(q, positions, config.rope_base)
     k = _apply_rope(k, positions, config.rope_base)
 
@@ -180,41 +140,48 @@ class Attention(nn.Module):
     groups = config.num_heads // config.num_kv_heads
     q = q.reshape(batch, length, config.num_kv_heads, groups, config.head_dim)
     scores = jnp.einsum('blkgh,bskh->bkgls', q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(config.head_dim)
+    scores = scores * (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+    scores = _softcap(scores, config.attn_logit_softcap)
     scores = jnp.where(attend_mask[:, None, None], scores, _MASKED_LOGIT)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     attended = jnp.einsum('bkgls,bskh->blkgh', probs, v)
     attended = attended.reshape(batch, length, config.num_heads, config.head_dim)
-    out = nn.DenseGeneral(config.embed_dim, axis=(-2, -1), use_bias=False, dtype=dtype,
-                          name='out')(attended)
+    out = _dense(config, config.embed_dim, 'out', axis=(-2, -1))(attended)
     return out, layer_cache
 
 
 class GeGLU(nn.Module):
-  """Gated MLP: down(gelu(gate(x)) * up(x))."""
+  """Gated MLP: down(gelu(gate(x)) * up(x)), GELU in its tanh approximation as in Gemma."""
   config: DecoderConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     config = self.config
-    dtype = jnp.dtype(config.dtype)
-    gate = nn.Dense(config.mlp_dim, use_bias=False, dtype=dtype, name='gate')(x)
-    up = nn.Dense(config.mlp_dim, use_bias=False, dtype=dtype, name='up')(x)
-    return nn.Dense(config.embed_dim, use_bias=False, dtype=dtype,
-                    name='down')(nn.gelu(gate) * up)
+    gate = _dense(config, config.mlp_dim, 'gate')(x)
+    up = _dense(config, config.mlp_dim, 'up')(x)
+    return _dense(config, config.embed_dim, 'down')(nn.gelu(gate, approximate=True) * up)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  With Gemma 2's post-norms the attention and MLP outputs are normed again before
+  each residual add.
+  """
   config: DecoderConfig
 
   @nn.compact
   def __call__(self, x, positions, attend_mask, layer_cache, cache_index):
-    attended, layer_cache = Attention(self.config, name='attention')(
-        RMSNorm(name='attention_norm')(x), positions, attend_mask, layer_cache, cache_index)
+    config = self.config
+    attended, layer_cache = Attention(config, name='attention')(
+        _norm(config, 'attention_norm')(x), positions, attend_mask, layer_cache, cache_index)
+    if config.use_post_attn_norm:
+      attended = _norm(config, 'post_attention_norm')(attended)
     x = x + attended
-    x = x + GeGLU(self.config, name='mlp')(RMSNorm(name='mlp_norm')(x))
-    return x, layer_cache
+    transformed = GeGLU(config, name='mlp')(_norm(config, 'mlp_norm')(x))
+    if config.use_post_ffw_norm:
+      transformed = _norm(config, 'post_mlp_norm')(transformed)
+    return x + transformed, layer_cache
 
 
 class Decoder(nn.Module):
@@ -246,34 +213,45 @@ class Decoder(nn.Module):
     embedder = nn.Embed(
         config.vocab_size, config.embed_dim,
         embedding_init=nn.initializers.normal(stddev=config.embed_dim ** -0.5),
-        name='embedder')
-    x = embedder(tokens).astype(dtype) * jnp.asarray(math.sqrt(config.embed_dim), dtype)
+        param_dtype=jnp.dtype(config.param_dtype), name='embedder')
+    x = embedder(tokens)
+    # The normaliser is cast to the embedding's dtype first, as in Gemma's reference
+    # code and transformers (sqrt(3072) is 55.5 in bfloat16).
+    x = (x * jnp.asarray(config.embed_dim ** 0.5, x.dtype)).astype(dtype)
 
     query_slots = jnp.arange(length)
     if cache is None:
-      key_mask = token_mask
-      key_slots = query_slots
+      key_mask, key_slots, key_positions = token_mask, query_slots, positions
     else:
       key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, cache_index))
       key_slots = jnp.arange(key_mask.shape[1])
       query_slots = query_slots + cache_index
+      key_positions = positions_from_mask(key_mask)
     causal = key_slots[None, :] <= query_slots[:, None]  # [L, S]
     attend_mask = causal[None] & key_mask[:, None, :]  # [B, L, S]
+    masks = {None: attend_mask}
+    if config.sliding_window is not None:
+      # Local layers see the last `sliding_window` tokens by position, so the window is
+      # a mask over the whole cache and the cache keeps one layout for every layer.
+      distance = positions[:, :, None] - key_positions[:, None, :]  # [B, L, S]
+      masks[config.sliding_window] = attend_mask & (distance < config.sliding_window)
 
     new_keys, new_values = [], []
     for layer in range(config.num_layers):
       layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
       x, layer_cache = Block(config, name=f'layer_{layer}')(
-          x, positions, attend_mask, layer_cache, cache_index)
+          x, positions, masks[config.layer_window(layer)], layer_cache, cache_index)
       if layer_cache is not None:
         new_keys.append(layer_cache[0])
         new_values.append(layer_cache[1])
 
-    hidden = RMSNorm(name='final_norm')(x).astype(jnp.float32)
-    logits = hidden @ embedder.embedding.T
-    if config.logit_softcap is not None:
-      logits = config.logit_softcap * jnp.tanh(logits / config.logit_softcap)
-    values = nn.Dense(1, name='value_head')(hidden)[..., 0]
+    hidden = _norm(config, 'final_norm')(x)
+    # Tied embeddings; float32 accumulation without a float32 copy of the table.
+    logits = jnp.einsum('ble,ve->blv', hidden, embedder.embedding.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    logits = _softcap(logits, config.logit_softcap)
+    values = nn.Dense(1, param_dtype=jnp.dtype(config.param_dtype),
+                      name='value_head')(hidden.astype(jnp.float32))[..., 0]
     new_cache = None if cache is None else KVCache(
         tuple(new_keys), tuple(new_values), key_mask)
     return DecoderOutput(logits, values, new_cache)

@@ -1,6 +1,8 @@
 """Character tokenizer for the built-in tasks."""
 from collections.abc import Iterable, Sequence
 
+import tokenizers
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -42,3 +44,20 @@ class CharTokenizer:
 
   def decode_batch(self, batch: Sequence[Iterable[int]]) -> list[str]:
     return [self.decode(ids) for ids in batch]
+
+  def save_tokenizer_json(self, path: str) -> str:
+    """Writes this tokenizer as a Hugging Face tokenizer.json (same ids); returns `path`.
+
+    One token per character, concatenated back on decoding; '<pad>', '<bos>' and '<eos>'
+    are the special ids 0, 1 and 2 (an exported checkpoint's config.json names them).
+    """
+    specials = ['<pad>', '<bos>', '<eos>']
+    vocab = {token: index for index, token in enumerate(specials)}
+    vocab.update(self._ids)
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<pad>'))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex('.'),
+                                                              behavior='isolated')
+    tokenizer.decoder = tokenizers.decoders.Fuse()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(path)
+    return path

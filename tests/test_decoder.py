@@ -16,6 +16,13 @@ CONFIGS = {
     'multi_query_softcap': models.DecoderConfig(
         vocab_size=VOCAB_SIZE, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=1,
         head_dim=8, mlp_dim=64, max_seq_len=32, logit_softcap=5.0),
+    # Gemma 2's features, with a window shorter than the prompts.
+    'local_global_windowed': models.DecoderConfig(
+        vocab_size=VOCAB_SIZE, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+        head_dim=12, mlp_dim=64, max_seq_len=32, logit_softcap=5.0, attn_logit_softcap=4.0,
+        query_pre_attn_scalar=20.0, sliding_window=3,
+        layer_types=('sliding_attention', 'full_attention'), use_post_attn_norm=True,
+        use_post_ffw_norm=True),
 }
 
 
@@ -76,8 +83,9 @@ def test_forward_completions_aligns_logits_with_the_token_they_predict():
   assert logits.shape == (3, COMPLETION_LEN, VOCAB_SIZE)
 
 
-def test_more_left_padding_does_not_change_outputs_of_real_tokens():
-  config = CONFIGS['tiny_gqa']
+@pytest.mark.parametrize('config_name', ['tiny_gqa', 'local_global_windowed'])
+def test_more_left_padding_does_not_change_outputs_of_real_tokens(config_name):
+  config = CONFIGS[config_name]
   params = models.init_params(config, jax.random.PRNGKey(2))
   completion = _completions(len(PROMPTS))
   completion_mask = np.ones_like(completion, bool)

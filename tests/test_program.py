@@ -54,9 +54,9 @@ def test_resolve_replaces_address_handles_inside_lists_and_dicts():
 
 def test_overrides_parse_types_and_reject_unknown_fields_with_the_known_ones():
   config = experiment.apply_overrides(_config(), [
-      'learner.batch_size=64', 'agent.kl_coef=0.1', 'model.logit_softcap=30',
+      'learner.batch_size=64', 'agent.kl_coef=0.1', 'model.decoder.logit_softcap=30',
       'actor.model=policy', 'num_actors=2'])
-  assert (config.learner.batch_size, config.agent.kl_coef, config.model.logit_softcap,
+  assert (config.learner.batch_size, config.agent.kl_coef, config.model.decoder.logit_softcap,
           config.num_actors) == (64, 0.1, 30.0, 2)
   with pytest.raises(ValueError, match="no field 'batchsize'.*batch_size"):
     experiment.apply_overrides(config, ['learner.batchsize=3'])

@@ -112,10 +112,10 @@ def test_same_rng_gives_the_same_output(tiny_setup):
   assert not np.array_equal(first.tokens, other.tokens)
 
 
-def test_sampler_rejects_non_positive_temperature_and_bad_limits(tiny_setup):
+def test_sampler_rejects_negative_temperature_and_bad_limits(tiny_setup):
   _, params, sample = tiny_setup
-  with pytest.raises(ValueError, match='temperature must be > 0'):
-    _sample(sample, params, 0.0, MAX_NEW_TOKENS, seed=0)
+  with pytest.raises(ValueError, match=r'temperature must be >= 0 \(0 is greedy\)'):
+    _sample(sample, params, -0.5, MAX_NEW_TOKENS, seed=0)
   with pytest.raises(ValueError, match=f'must be in 1..{MAX_NEW_TOKENS}'):
     _sample(sample, params, 1.0, MAX_NEW_TOKENS + 1, seed=0)
   with pytest.raises(ValueError, match='exceeds the model max_seq_len'):

@@ -45,10 +45,10 @@ def test_warm_start_learns_the_episodes_of_a_dataset_instead_of_the_tasks(tmp_pa
   history = read_metrics(layout.metrics_path(run_dir), node='warm_start')
   assert history[-1]['nll'] < 0.2 < history[0]['nll']
   params = Checkpointer(layout.warm_start_dir(run_dir)).restore(
-      models.init_params(config.model, jax.random.PRNGKey(0)))
+      models.init_params(config.model.decoder, jax.random.PRNGKey(0)))
   prompt = task.eval_prompts()[0]
   logits, _ = models.forward_completions(
-      config.model, params, *models.left_pad_prompts([task.encode_prompt(prompt)], 16),
+      config.model.decoder, params, *models.left_pad_prompts([task.encode_prompt(prompt)], 16),
       jax.numpy.asarray([task.encode_completion('7')]), jax.numpy.ones((1, 2), bool))
   assert int(logits[0, 0].argmax()) == task.encode_completion('7')[0]
 
@@ -58,7 +58,8 @@ def _fake_run(run_dir: str, config: experiment.ExperimentConfig, seed: int, step
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, 'config.json'), 'w') as file:
     json.dump(experiment.to_dict(config), file)
-  learner = nodes.make_learner(config, models.init_params(config.model, jax.random.PRNGKey(seed)))
+  learner = nodes.make_learner(config, models.init_params(config.model.decoder,
+                                                        jax.random.PRNGKey(seed)))
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   checkpointer.save(step, learner.state)
   checkpointer.close()
@@ -76,7 +77,7 @@ def test_interpolation_endpoints_are_the_two_runs_and_models_must_match(tmp_path
   assert both[1]['reward'] == evaluate.interpolate_runs(run_b, run_b, [0.0])[0]['reward']
   assert both[0]['reward'] != both[1]['reward']
   other = str(tmp_path / 'other')
-  _fake_run(other, dataclasses.replace(config, model=models.DecoderConfig.small(
-      config.model.vocab_size)), seed=3)
+  _fake_run(other, dataclasses.replace(config, model=models.ModelConfig(
+      decoder=models.DecoderConfig.small(config.model.decoder.vocab_size))), seed=3)
   with pytest.raises(ValueError, match='different models'):
     evaluate.interpolate_runs(run_a, other, [0.5])
