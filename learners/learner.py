@@ -6,6 +6,10 @@ needs them, auxiliary parameter trees: ones that follow the policy after every s
 model, a teacher). The loss sees both in `aux`. Auxiliary trees named in `published_aux`
 are pushed to the inference servers beside the policy, under their own model names.
 
+A policy with LoRA adapters (models/lora.py) trains only its adapters: the train state,
+its checkpoints and its pushes hold the adapters (and the auxiliary trees that mirror the
+policy hold theirs), while the frozen weights are a constant the loss combines them with.
+
 On a device mesh (models/sharding.py) the train state and the constants are placed by
 the partition rules and batches are split over the mesh's batch axes; the update is then
 one jit over sharded arrays, so each device holds its share of parameters and optimiser
@@ -21,6 +25,7 @@ import optax
 
 from chorus import core
 from chorus.learners import optimization
+from chorus.models import lora
 from chorus.models import sharding
 
 LossFn = Callable[[Any, Mapping[str, Any], core.TrajectoryBatch], tuple[jax.Array, dict]]
@@ -34,6 +39,9 @@ class TrainState(NamedTuple):
   step: jax.Array
   aux: dict[str, Any]
 
+
+# The constant holding a LoRA policy's frozen weights.
+_FROZEN = 'frozen_weights'
 
 # Re-exported: callers build the learner's optimizer as `learner_lib.make_optimizer`.
 make_optimizer = optimization.make_optimizer
@@ -84,6 +92,18 @@ class Learner:
     self._update_aux = update_aux
     self._published_aux = tuple(published_aux)
     self.mesh = mesh
+    # With adapters, the trained trees are the adapters of the policy and of the aux trees
+    # shaped like it; the loss sees them combined with the frozen weights.
+    self._mirrors_policy = ()
+    if lora.has_adapters(params):
+      frozen, adapters = lora.split(params)
+      structure = jax.tree_util.tree_structure(params)
+      self._mirrors_policy = tuple(name for name, tree in aux.items()
+                                   if jax.tree_util.tree_structure(tree) == structure)
+      aux = {name: lora.split(tree)[1] if name in self._mirrors_policy else tree
+             for name, tree in aux.items()}
+      constants[_FROZEN] = frozen
+      params = adapters
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), aux)
     if mesh is None:
       self.state, self._constants = state, constants
@@ -98,6 +118,17 @@ class Learner:
           in_shardings=(self._state_shardings, constant_shardings, sharding.batch_sharding(mesh)),
           out_shardings=(self._state_shardings, sharding.replicated(mesh)))
 
+  def full_params(self, params=None):
+    """The policy's whole parameter tree: `params` (default: the current ones), combined
+    with the frozen weights when only adapters train."""
+    params = self.state.params if params is None else params
+    return lora.combine(self._constants[_FROZEN], params) if self.trains_adapters else params
+
+  @property
+  def trains_adapters(self) -> bool:
+    """Whether only LoRA adapters train (and are checkpointed and pushed)."""
+    return _FROZEN in self._constants
+
   def restore(self, state: TrainState):
     """Takes `state` (a restored checkpoint) as the train state, placed as this learner's."""
     self.state = state if self.mesh is None else jax.device_put(state, self._state_shardings)
@@ -111,14 +142,24 @@ class Learner:
     return int(self.state.step)
 
   def published_params(self) -> dict[str, Any]:
-    """Served model name -> parameters to push: the policy and the published aux trees."""
+    """Served model name -> parameters to push: the policy and the published aux trees
+    (only their adapters when only adapters train; the servers hold the frozen weights)."""
     return {'policy': self.state.params,
             **{name: self.state.aux[name] for name in self._published_aux}}
+
+  def _loss(self, params, aux, batch):
+    """`loss_fn` on whole trees: adapters combined with the frozen weights, if any."""
+    frozen = aux.get(_FROZEN)
+    if frozen is None:
+      return self._loss_fn(params, aux, batch)
+    aux = {name: lora.combine(frozen, tree) if name in self._mirrors_policy else tree
+           for name, tree in aux.items() if name != _FROZEN}
+    return self._loss_fn(lora.combine(frozen, params), aux, batch)
 
   def _update_fn(self, state: TrainState, constants: dict[str, Any],
                  batch: core.TrajectoryBatch):
     params, opt_state, metrics = optimization.optimizer_step(
-        self._loss_fn, self._optimizer, state.params, state.opt_state,
+        self._loss, self._optimizer, state.params, state.opt_state,
         {**state.aux, **constants}, batch)
     aux = self._update_aux(state.aux, params) if self._update_aux else state.aux
     return TrainState(params, opt_state, state.step + 1, aux), metrics
