@@ -106,9 +106,10 @@ class JournalRead:
     dropped_bytes: bytes after the last whole record, 0 for a clean journal.
     problem: why the bytes were dropped, as a clause; None when none were.
     torn: the dropped bytes are a record cut short at the end of the journal: the
-      episode whose write was in progress when the writer died, which a crash may leave.
-      False for other damage (bytes that are no record, a checksum that does not match,
-      a record that does not decode), which no crash of the writer leaves.
+      episode whose write was in progress when the writer died, or a last record whose
+      checksum does not match (a machine crash can leave its blocks unwritten). False for
+      damage no crash leaves: bytes that are no record, a bad checksum with records after
+      it, a record that does not decode.
   """
   records: list[tuple[int, core.Trajectory]]
   dropped_bytes: int = 0
@@ -139,6 +140,7 @@ def read_journal(directory: str | os.PathLike) -> JournalRead:
         problem, torn = f'a record cut short ({len(payload)} of {length} bytes)', True
       elif zlib.crc32(payload) != crc:
         problem = 'a record whose checksum does not match'
+        torn = start + length == len(data)
       else:
         try:
           records.append(_decode_payload(payload))
