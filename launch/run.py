@@ -12,13 +12,15 @@ import time
 
 from chorus.actors.evaluation import evaluate
 from chorus.inference_server.client import InferenceClient
-from chorus.launch import experiment
 from chorus import agents
+from chorus.launch import cost
+from chorus.launch import experiment
 from chorus.launch import run_dir as layout
 from chorus.launch import program as program_lib
 from chorus.launch import report
 from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch.local import LocalLauncher
+from chorus.metrics import MetricsWriter
 
 
 class _StopRequested:
@@ -115,6 +117,9 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   with open(layout.config_path(run_dir), 'w') as file:
     json.dump(config_dict, file, indent=2)
   metrics_path = layout.metrics_path(run_dir)
+  # The launcher's own CPU (progress lines, supervision); its children meter themselves.
+  meter = cost.CpuMeter(MetricsWriter(metrics_path, cost.LAUNCHER_NODE).write,
+                        include_children=False)
   stop = _StopRequested()
   program = program_lib.make_program(config)
   by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}
@@ -138,7 +143,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
              f'{initial_eval["reward"]:.3f}, exact match {initial_eval["exact_match"]:.3f}')
     if stop():
       raise KeyboardInterrupt
-    rl_start = time.monotonic()
+    rl_start_time = time.time()  # Wall time: the nodes' CPU samples carry time.time().
     launcher.start(by_kind[program_lib.WORKER] + by_kind[program_lib.MAIN])
     progress = report.Progress(metrics_path, config.learner.max_steps,
                                config.builder().progress_metrics)
@@ -150,7 +155,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
         next_print += progress_every_s
     if stop():
       raise KeyboardInterrupt  # `finally` stops the learner first, then actors, then services.
-    rl_seconds = time.monotonic() - rl_start
+    rl_end_time = time.time()
     launcher.stop((program_lib.WORKER,))
     final_eval = _evaluate(config, inference_address, min_version=config.learner.max_steps)
     if config.guided_task:
@@ -159,8 +164,9 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
              f'exact match {final_eval["exact_match"]:.3f}')
   finally:
     launcher.close()
+    meter.stop()
   summary = report.summarize(run_dir, metrics_path, config_dict, initial_eval=initial_eval,
-                             final_eval=final_eval, rl_seconds=rl_seconds,
+                             final_eval=final_eval, rl_window=(rl_start_time, rl_end_time),
                              wall_seconds=time.monotonic() - start, restarts=launcher.restarts)
   report.plot_curves(run_dir, metrics_path, initial_eval=initial_eval, final_eval=final_eval)
   logging.info('summary: %s', summary)

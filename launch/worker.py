@@ -2,7 +2,8 @@
 
 The launcher writes RUN_DIR/config.json and RUN_DIR/nodes/NODE.json (role and resolved
 kwargs). SIGTERM or SIGINT asks the node to stop; it finishes its current step, closes
-its files and exits 0.
+its files and exits 0. The node's CPU time goes to metrics.jsonl every few seconds and
+when it ends (launch/cost.py).
 """
 import json
 import logging
@@ -27,6 +28,11 @@ def main(argv: list[str]) -> int:
     signal.signal(signum, lambda *unused: stop.set())
   logging.basicConfig(level=logging.INFO, format=f'%(asctime)s {node} %(levelname)s %(message)s')
   # pylint: disable=g-import-not-at-top  (slow imports: TF and JAX)
+  from chorus.launch import cost
+  from chorus.launch import run_dir as layout
+  from chorus.metrics import MetricsWriter
+  # Before the slow imports, so that the node's start-up is part of what it costs.
+  meter = cost.CpuMeter(MetricsWriter(layout.metrics_path(run_dir), node).write)
   from chorus.launch import experiment
   from chorus.launch import nodes
   with open(os.path.join(run_dir, 'config.json')) as file:
@@ -34,7 +40,10 @@ def main(argv: list[str]) -> int:
   with open(node_spec_path(run_dir, node)) as file:
     spec = json.load(file)
   logging.info('starting role %s with %s', spec['role'], spec['kwargs'])
-  nodes.ENTRY_POINTS[spec['role']](config, run_dir, stop.is_set, **spec['kwargs'])
+  try:
+    nodes.ENTRY_POINTS[spec['role']](config, run_dir, stop.is_set, **spec['kwargs'])
+  finally:
+    meter.stop()
   logging.info('done')
   return 0
 

@@ -56,11 +56,13 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
     batch = next(batches)
     wait_seconds = time.monotonic() - wait_start
     lag = step - np.asarray(batch.param_version)
+    update_start = time.monotonic()
     update_metrics = learner.update(batch)
+    update_seconds = time.monotonic() - update_start
     step = learner.step
     trajectories_seen += len(batch.reward)
     update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
-                          batch_wait_seconds=wait_seconds)
+                          batch_wait_seconds=wait_seconds, update_seconds=update_seconds)
     if step % config.publish_every == 0 or step == config.max_steps:
       update_metrics['publish_seconds'] = publish(learner.published_params(), step)
     for name, value in update_metrics.items():
@@ -70,6 +72,10 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
       means = {name: float(np.mean(values)) for name, values in window.items()}
       means['max_policy_lag'] = float(np.max(window['max_policy_lag']))
       means['trajectories_per_second'] = trajectories_seen / elapsed
+      # Share of the window's wall time inside updates: what prefetching and background
+      # publishing raise.
+      means['duty_cycle'] = float(np.sum(window['update_seconds'])) / elapsed
+      means['window_seconds'] = elapsed
       metrics.write(kind='learner', step=step, **means)
       if summary_writer:
         with summary_writer.as_default(step=step):
