@@ -231,8 +231,8 @@ def test_a_run_with_a_sigkilled_actor_reads_back_every_episode_it_sent(
   missing = collections.Counter(sent) - collections.Counter(recorded)
   assert not missing, f'{sum(missing.values())} episodes that reached replay are not in RLDS'
   # RLDS also holds what the killed actor logged but had not yet put into replay: at most
-  # the rest of its last request.
-  assert len(recorded) - len(sent) < _PROMPTS_PER_REQUEST
+  # its last request (logged first, then sent to replay in one flush).
+  assert len(recorded) - len(sent) <= _PROMPTS_PER_REQUEST
   by_actor = collections.Counter(t.actor_id for t in episodes)
   assert by_actor[0] == 12 and by_actor[1] >= 60 - 12
   for actor_id in (0, 1):
