@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from chorus import core
+from chorus.learners import background
 from chorus.metrics import MetricsWriter
 
 
@@ -34,13 +35,16 @@ class LearnerConfig:
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
-                publish: Callable[[dict[str, object], int], float], checkpoint: Callable[[int, object], None],
-                metrics: MetricsWriter, tensorboard_dir: str | None = None,
+                publish: Callable[[dict[str, object], int], None],
+                checkpoint: Callable[[int, object], None], metrics: MetricsWriter,
+                tensorboard_dir: str | None = None,
                 should_stop: Callable[[], bool] = lambda: False) -> int:
   """Runs `learner.update` on `batches` until `config.max_steps`; returns the last step.
 
-  `publish(models, version)` pushes `learner.published_params()` (served model name ->
-  parameters) and returns the seconds it took.
+  `publish(models, version)` pushes or schedules `learner.published_params()` (served
+  model name -> parameters); its time is logged as `publish_seconds`, so a publisher that
+  pushes in the background (background.BackgroundPublisher.submit) keeps it near 0.
+  The next batch is read while an update runs (background.Prefetcher).
 
   Parameter version = learner step: the version pushed after k updates is k, so the policy
   lag of a batch is exactly (updates done so far) - (version that sampled it). After a
@@ -51,6 +55,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   window: dict[str, list[float]] = {}
   window_start, trajectories_seen = time.monotonic(), 0
   step = learner.step
+  batches = background.Prefetcher(batches)
   while step < config.max_steps and not should_stop():
     wait_start = time.monotonic()
     batch = next(batches)
@@ -64,7 +69,9 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
     update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
                           batch_wait_seconds=wait_seconds, update_seconds=update_seconds)
     if step % config.publish_every == 0 or step == config.max_steps:
-      update_metrics['publish_seconds'] = publish(learner.published_params(), step)
+      publish_start = time.monotonic()
+      publish(learner.published_params(), step)
+      update_metrics['publish_seconds'] = time.monotonic() - publish_start
     for name, value in update_metrics.items():
       window.setdefault(name, []).append(value)
     if step % config.log_every == 0 or step == config.max_steps:
