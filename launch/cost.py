@@ -9,7 +9,9 @@ launchers get it): every few seconds, and once when the node ends, it appends
 to metrics.jsonl: user + system CPU time of the process since it started and of the
 children it has waited for (`resource.getrusage`, the numbers that utime + stime +
 cutime + cstime of /proc/PID/stat give). The launcher meters its own process the same
-way under the name `launcher` (without its children: those are the nodes).
+way under the name `launcher` (without its children: those are the nodes). A node also
+marks the end of its start-up (imports, config: about 4 CPU-seconds for a node that
+loads TensorFlow), so that RL's cost can be told apart from that of starting processes.
 
 A run's summary then asks what each process spent between two moments (the RL phase:
 actors and learner started -> learner done), reading each process's CPU at a moment by
@@ -24,6 +26,7 @@ import threading
 import time
 
 CPU_KIND = 'cpu'
+STARTED_EVENT = 'started'
 LAUNCHER_NODE = 'launcher'
 # Held-out reward levels whose first crossing summary.json reports (`time_to_reward`).
 REWARD_THRESHOLDS = (0.90, 0.95)
@@ -59,13 +62,17 @@ class CpuMeter:
     self._thread = threading.Thread(target=self._run, name='cpu_meter', daemon=True)
     self._thread.start()
 
-  def _sample(self):
+  def _sample(self, **extra):
     self._write(kind=CPU_KIND, pid=os.getpid(),
-                **process_cpu_seconds(self._include_children))
+                **process_cpu_seconds(self._include_children), **extra)
 
   def _run(self):
     while not self._stopped.wait(self._every_s):
       self._sample()
+
+  def mark_started(self):
+    """Writes a sample that ends this process's start-up (imports, config): its role begins."""
+    self._sample(event=STARTED_EVENT)
 
   def stop(self):
     """Stops sampling and writes the final sample."""
@@ -74,15 +81,18 @@ class CpuMeter:
     self._sample()
 
 
-def _samples_by_process(records: Iterable[dict]) -> dict[tuple[str, int], list[tuple[float, float]]]:
-  samples = {}
+def _samples_by_process(records: Iterable[dict]) -> tuple[dict, dict]:
+  """Each process's (time, cpu_seconds) samples, and its start-up's end sample if written."""
+  samples, started = {}, {}
   for record in records:
     if record.get('kind') == CPU_KIND:
-      samples.setdefault((record['node'], record['pid']), []).append(
-          (record['time'], record['cpu_seconds']))
+      key = (record['node'], record['pid'])
+      samples.setdefault(key, []).append((record['time'], record['cpu_seconds']))
+      if record.get('event') == STARTED_EVENT:
+        started[key] = (record['time'], record['cpu_seconds'])
   for series in samples.values():
     series.sort()
-  return samples
+  return samples, started
 
 
 def _cpu_at(series: Sequence[tuple[float, float]], when: float) -> float:
@@ -103,7 +113,7 @@ class CpuLedger:
   """
 
   def __init__(self, records: Iterable[dict]):
-    self._samples = _samples_by_process(records)
+    self._samples, self._started = _samples_by_process(records)
 
   def by_node(self, start: float = float('-inf'), end: float = float('inf')) -> dict[str, float]:
     """CPU-seconds per node (its processes summed: restarts) between wall times start, end."""
@@ -115,24 +125,38 @@ class CpuLedger:
   def total(self, start: float = float('-inf'), end: float = float('inf')) -> float:
     return sum(self.by_node(start, end).values())
 
+  def startup(self, start: float = float('-inf'), end: float = float('inf')) -> float:
+    """CPU-seconds of the start-up (up to `mark_started`) of processes begun in [start, end]."""
+    spent = 0.0
+    for key, series in self._samples.items():
+      if key in self._started and start <= series[0][0] <= end:
+        spent += _cpu_at(series, min(end, self._started[key][0]))
+    return spent
+
 
 def time_to_reward(records: Sequence[dict], ledger: CpuLedger, rl_start: float,
                    thresholds: Sequence[float] = REWARD_THRESHOLDS) -> dict[str, dict | None]:
   """When the evaluator's held-out reward first reached each threshold during RL.
 
   Returns:
-    {f'{threshold:.2f}': {cpu_seconds, wall_seconds, learner_step} or None if never}:
-    CPU of every process (nodes and launcher) and wall time from the start of the RL
-    phase to the evaluator's record (written when that evaluation finished), and the
-    parameter version it evaluated.
+    {f'{threshold:.2f}': {cpu_seconds, cpu_seconds_after_startup, wall_seconds,
+    learner_step} or None if never}: CPU of every process (nodes and launcher) and wall
+    time from the start of the RL phase to the evaluator's record (written when that
+    evaluation finished), the CPU less the start-up (imports, config) of the nodes started
+    for the RL phase, and the parameter version it evaluated.
   """
   evals = sorted((r for r in records if r.get('kind') == 'eval' and r['time'] >= rl_start),
                  key=lambda r: r['time'])
   reached = {}
   for threshold in thresholds:
     first = next((r for r in evals if r['reward'] >= threshold), None)
-    reached[f'{threshold:.2f}'] = None if first is None else dict(
-        cpu_seconds=ledger.total(rl_start, first['time']),
+    if first is None:
+      reached[f'{threshold:.2f}'] = None
+      continue
+    cpu_seconds = ledger.total(rl_start, first['time'])
+    reached[f'{threshold:.2f}'] = dict(
+        cpu_seconds=cpu_seconds,
+        cpu_seconds_after_startup=cpu_seconds - ledger.startup(rl_start, first['time']),
         wall_seconds=first['time'] - rl_start, learner_step=first['param_version'])
   return reached
 

@@ -91,9 +91,14 @@ def _cost(records: list[dict], rl_window: tuple[float, float], episodes: int) ->
   ledger = cost.CpuLedger(records)
   rl_cpu = ledger.by_node(*rl_window)
   total = sum(rl_cpu.values())
+  # Imports and config of the nodes started for RL (actors, learner, evaluator).
+  startup = ledger.startup(*rl_window)
+  per_episode = lambda seconds: 1000 * seconds / episodes if episodes else None
   return dict(
       rl_cpu_seconds=total,
-      cpu_ms_per_episode=1000 * total / episodes if episodes else None,
+      rl_startup_cpu_seconds=startup,
+      cpu_ms_per_episode=per_episode(total),
+      cpu_ms_per_episode_after_startup=per_episode(total - startup),
       rl_cpu_seconds_by_node=rl_cpu,
       cpu_seconds_by_node=ledger.by_node(),
       learner_duty_cycle=cost.learner_duty_cycle(records),

@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
   with open(node_spec_path(run_dir, node)) as file:
     spec = json.load(file)
   logging.info('starting role %s with %s', spec['role'], spec['kwargs'])
+  meter.mark_started()
   try:
     nodes.ENTRY_POINTS[spec['role']](config, run_dir, stop.is_set, **spec['kwargs'])
   finally:

@@ -70,6 +70,18 @@ def test_ledger_interpolates_each_process_and_sums_a_restarted_node():
   assert ledger.total(0.0, 4.0) == pytest.approx(8.0 + 1.0)
 
 
+def test_startup_counts_the_start_of_processes_begun_in_the_window():
+  records = [
+      _cpu('server', 1, 0.0, 1.0), dict(_cpu('server', 1, 1.0, 4.0), event='started'),
+      _cpu('learner', 2, 10.0, 0.1), dict(_cpu('learner', 2, 12.0, 3.0), event='started'),
+      _cpu('learner', 2, 20.0, 9.0),
+  ]
+  ledger = cost.CpuLedger(records)
+  assert ledger.startup() == pytest.approx(4.0 + 3.0)
+  assert ledger.startup(5.0, 30.0) == pytest.approx(3.0)  # The server started before.
+  assert ledger.startup(5.0, 11.0) == pytest.approx(0.1 + 2.9 / 2)  # Still starting.
+
+
 def test_time_to_reward_is_the_first_evaluation_at_each_threshold_after_rl_starts():
   records = [_cpu('server', 1, 0.0, 0.0), _cpu('server', 1, 100.0, 100.0)]
   records += [dict(node='evaluator', kind='eval', time=t, reward=r, param_version=v)
@@ -77,10 +89,10 @@ def test_time_to_reward_is_the_first_evaluation_at_each_threshold_after_rl_start
                               (40.0, 0.96, 55))]
   reached = cost.time_to_reward(records, cost.CpuLedger(records), rl_start=10.0,
                                 thresholds=(0.90, 0.95, 0.99))
-  assert reached['0.90'] == pytest.approx(dict(cpu_seconds=10.0, wall_seconds=10.0,
-                                               learner_step=30))
-  assert reached['0.95'] == pytest.approx(dict(cpu_seconds=30.0, wall_seconds=30.0,
-                                               learner_step=55))
+  assert reached['0.90'] == pytest.approx(dict(
+      cpu_seconds=10.0, cpu_seconds_after_startup=10.0, wall_seconds=10.0, learner_step=30))
+  assert reached['0.95'] == pytest.approx(dict(
+      cpu_seconds=30.0, cpu_seconds_after_startup=30.0, wall_seconds=30.0, learner_step=55))
   assert reached['0.99'] is None
 
 
