@@ -86,7 +86,7 @@ class Progress:
     return text
 
 
-def _cost(records: list[dict], rl_window: tuple[float, float], episodes: int) -> dict:
+def run_cost(records: list[dict], rl_window: tuple[float, float], episodes: int) -> dict:
   """CPU-seconds per node (whole run and RL phase), per episode, and the learner's duty cycle."""
   ledger = cost.CpuLedger(records)
   rl_cpu = ledger.by_node(*rl_window)
@@ -95,6 +95,7 @@ def _cost(records: list[dict], rl_window: tuple[float, float], episodes: int) ->
   startup = ledger.startup(*rl_window)
   per_episode = lambda seconds: 1000 * seconds / episodes if episodes else None
   return dict(
+      rl_window=list(rl_window),
       rl_cpu_seconds=total,
       rl_startup_cpu_seconds=startup,
       cpu_ms_per_episode=per_episode(total),
@@ -139,7 +140,7 @@ def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: di
       wall_seconds=wall_seconds,
       restarts=restarts,
       actor_episode_digests={node: r.get('episode_digest') for node, r in actor_final.items()},
-      cost=_cost(records, rl_window, episodes),
+      cost=run_cost(records, rl_window, episodes),
       time_to_reward=cost.time_to_reward(records, cost.CpuLedger(records), rl_window[0]),
   )
   with open(os.path.join(run_dir, 'summary.json'), 'w') as file:
