@@ -19,10 +19,12 @@ _END = object()
 
 
 class Prefetcher(Generic[T]):
-  """Iterates `items` one or more items ahead, in a daemon thread; same items, same order.
+  """Iterates `items` up to `buffer_size` items ahead, in a daemon thread; same items, same order.
 
-  An error raised by `items` is raised by the `next` call that would have returned the
-  item it failed on.
+  It reads an item only when a slot is free, so no more than `buffer_size` items are ever
+  taken from `items` before the caller asks for them (from a queue table, every row read
+  early waits, and its policy lag grows). An error raised by `items` is raised by the
+  `next` call that would have returned the item it failed on.
 
   Args:
     items: the iterator to read ahead of the caller (e.g. replay batches).
@@ -33,19 +35,21 @@ class Prefetcher(Generic[T]):
     if buffer_size < 1:
       raise ValueError(f'buffer_size must be >= 1, got {buffer_size}.')
     self._items = items
-    self._buffer: queue.Queue = queue.Queue(maxsize=buffer_size)
+    self._free_slots = threading.Semaphore(buffer_size)
+    self._buffer: queue.Queue = queue.Queue()
     self._done = False
     self._thread = threading.Thread(target=self._fill, name='prefetcher', daemon=True)
     self._thread.start()
 
   def _fill(self):
     try:
-      for item in self._items:
-        self._buffer.put((item, None))
+      while True:
+        self._free_slots.acquire()
+        self._buffer.put((next(self._items), None))
+    except StopIteration:
+      self._buffer.put((_END, None))
     except Exception as error:  # pylint: disable=broad-except
       self._buffer.put((_END, error))
-      return
-    self._buffer.put((_END, None))
 
   def __iter__(self) -> 'Prefetcher[T]':
     return self
@@ -59,6 +63,7 @@ class Prefetcher(Generic[T]):
       if error is not None:
         raise error
       raise StopIteration
+    self._free_slots.release()
     return item
 
 

@@ -35,7 +35,8 @@ def test_prefetcher_reads_the_next_batch_while_the_caller_works():
   deadline = time.monotonic() + 10
   while len(read) < 2 and time.monotonic() < deadline:  # The caller "updates" meanwhile.
     time.sleep(0.01)
-  assert read == [0, 1]  # The next batch is ready, no further (buffer of one).
+  time.sleep(0.2)  # Time to read a third batch, which a buffer of one must not do.
+  assert read == [0, 1]
 
 
 def test_prefetcher_raises_the_error_of_the_item_it_failed_on():
