@@ -14,10 +14,10 @@ def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int,
                    spec: core.SequenceSpec) -> Iterator[core.TrajectoryBatch]:
   """Yields TrajectoryBatch of exactly `batch_size` rows ([B, P], [B, T]: one XLA shape).
 
-  Reads through reverb.TrajectoryDataset, which streams samples, at most one batch ahead
-  per server: every row taken out of a queue table before the learner needs it is a row
-  whose policy lag grows while it waits (the learner loop reads the next batch during an
-  update, learners/background.py). With several servers, rows come from whichever server
+  Reads through reverb.TrajectoryDataset, which streams samples, a quarter of a batch in
+  flight per server: every row taken out of a queue table before the learner needs it is
+  a row whose policy lag grows while it waits (the learner loop already reads the next
+  batch during an update, learners/background.py). With several servers, rows come from whichever server
   has data first, so a slow shard never stalls the learner while others have data.
   """
   addresses = [addresses] if isinstance(addresses, str) else list(addresses)
@@ -25,7 +25,8 @@ def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int,
 
   def trajectories(address):
     return reverb.TrajectoryDataset(
-        server_address=address, table=table, max_in_flight_samples_per_worker=batch_size,
+        server_address=address, table=table,
+        max_in_flight_samples_per_worker=max(1, batch_size // 4),
         dtypes=tf.nest.map_structure(lambda spec: spec.dtype, signature),
         shapes=tf.nest.map_structure(lambda spec: spec.shape, signature))
 
