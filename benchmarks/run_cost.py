@@ -47,20 +47,12 @@ def run(seed: int, run_dir: str, overrides: list[str]) -> None:
     json.dump(dict(before=load_before, after=results.load_average()), file)
 
 
-def _rl_window(summary: dict, records: list[dict]) -> tuple[float, float]:
-  """The RL phase's wall-time window; runs from before it was recorded start with the learner."""
-  if 'rl_window' in summary['cost']:
-    return tuple(summary['cost']['rl_window'])
-  start = min(r['time'] for r in records if r.get('kind') == 'cpu' and r['node'] == 'learner')
-  return start, start + summary['rl_seconds']
-
-
 def report_row(run_dir: str) -> dict:
   """A run's numbers, recounted from its metrics.jsonl with this version's accounting."""
   with open(os.path.join(run_dir, 'summary.json')) as file:
     summary = json.load(file)
   records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
-  rl_window = _rl_window(summary, records)
+  rl_window = tuple(summary['cost']['rl_window'])
   ledger = cost.CpuLedger(records)
   evals = sorted((r for r in records if r.get('kind') == 'eval' and r['time'] >= rl_window[0]),
                  key=lambda r: r['time'])

@@ -3,8 +3,8 @@
 Every node process meters itself (`CpuMeter`, started by launch/worker.py, so both
 launchers get it): every few seconds, and once when the node ends, it appends
 
-    {"node": NAME, "kind": "cpu", "pid": PID, "cpu_seconds": ..., "user_seconds": ...,
-     "system_seconds": ..., "time": ...}
+    {"node": "cpu_meter", "kind": "cpu", "process": NODE, "pid": PID, "cpu_seconds": ...,
+     "user_seconds": ..., "system_seconds": ..., "time": ...}
 
 to metrics.jsonl: user + system CPU time of the process since it started and of the
 children it has waited for (`resource.getrusage`, the numbers that utime + stime +
@@ -19,13 +19,17 @@ linear interpolation between its samples: 0 before its first sample (it had not
 started, or had only just), its last value after its last (it had ended). A process
 that was SIGKILLed loses what it spent after its last sample.
 """
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 import os
 import resource
 import threading
-import time
+
+from chorus.metrics import MetricsWriter
 
 CPU_KIND = 'cpu'
+# The metrics "node" of CPU samples (the process's node is their `process`): readers of
+# one node's lines do not get them.
+METER_NODE = 'cpu_meter'
 STARTED_EVENT = 'started'
 LAUNCHER_NODE = 'launcher'
 # Held-out reward levels whose first crossing summary.json reports (`time_to_reward`).
@@ -46,15 +50,17 @@ class CpuMeter:
   """Writes this process's CPU time every `every_s` seconds and once more at `stop()`.
 
   Args:
-    write: MetricsWriter.write of the node (or any callable taking keyword values).
-    every_s: seconds between samples; the interpolation of `cpu_between` is this coarse.
+    metrics_path: the run's metrics.jsonl.
+    process: the node's name (or `launcher`).
+    every_s: seconds between samples; the interpolation of `CpuLedger` is this coarse.
     include_children: count children this process has waited for (nodes: yes; the
       launcher: no, its children are the nodes, which meter themselves).
   """
 
-  def __init__(self, write: Callable[..., None], every_s: float = 2.0,
+  def __init__(self, metrics_path: str, process: str, every_s: float = 2.0,
                include_children: bool = True):
-    self._write = write
+    self._writer = MetricsWriter(metrics_path, METER_NODE)
+    self._process = process
     self._every_s = every_s
     self._include_children = include_children
     self._stopped = threading.Event()
@@ -63,8 +69,8 @@ class CpuMeter:
     self._thread.start()
 
   def _sample(self, **extra):
-    self._write(kind=CPU_KIND, pid=os.getpid(),
-                **process_cpu_seconds(self._include_children), **extra)
+    self._writer.write(kind=CPU_KIND, process=self._process, pid=os.getpid(),
+                       **process_cpu_seconds(self._include_children), **extra)
 
   def _run(self):
     while not self._stopped.wait(self._every_s):
@@ -79,6 +85,7 @@ class CpuMeter:
     self._stopped.set()
     self._thread.join()
     self._sample()
+    self._writer.close()
 
 
 def _samples_by_process(records: Iterable[dict]) -> tuple[dict, dict]:
@@ -86,7 +93,7 @@ def _samples_by_process(records: Iterable[dict]) -> tuple[dict, dict]:
   samples, started = {}, {}
   for record in records:
     if record.get('kind') == CPU_KIND:
-      key = (record['node'], record['pid'])
+      key = (record['process'], record['pid'])
       samples.setdefault(key, []).append((record['time'], record['cpu_seconds']))
       if record.get('event') == STARTED_EVENT:
         started[key] = (record['time'], record['cpu_seconds'])

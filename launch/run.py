@@ -20,7 +20,6 @@ from chorus.launch import program as program_lib
 from chorus.launch import report
 from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch.local import LocalLauncher
-from chorus.metrics import MetricsWriter
 
 
 class _StopRequested:
@@ -118,8 +117,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     json.dump(config_dict, file, indent=2)
   metrics_path = layout.metrics_path(run_dir)
   # The launcher's own CPU (progress lines, supervision); its children meter themselves.
-  meter = cost.CpuMeter(MetricsWriter(metrics_path, cost.LAUNCHER_NODE).write,
-                        include_children=False)
+  meter = cost.CpuMeter(metrics_path, cost.LAUNCHER_NODE, include_children=False)
   stop = _StopRequested()
   program = program_lib.make_program(config)
   by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}

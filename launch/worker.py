@@ -30,9 +30,8 @@ def main(argv: list[str]) -> int:
   # pylint: disable=g-import-not-at-top  (slow imports: TF and JAX)
   from chorus.launch import cost
   from chorus.launch import run_dir as layout
-  from chorus.metrics import MetricsWriter
   # Before the slow imports, so that the node's start-up is part of what it costs.
-  meter = cost.CpuMeter(MetricsWriter(layout.metrics_path(run_dir), node).write)
+  meter = cost.CpuMeter(layout.metrics_path(run_dir), node)
   from chorus.launch import experiment
   from chorus.launch import nodes
   with open(os.path.join(run_dir, 'config.json')) as file:

@@ -13,14 +13,13 @@ from chorus.metrics import read_metrics
 _METERED_PROCESS = textwrap.dedent('''
     import subprocess, sys, threading, time
     from chorus.launch import cost
-    from chorus.metrics import MetricsWriter
 
     def burn(seconds):
       end = time.thread_time() + seconds
       while time.thread_time() < end:
         pass
 
-    meter = cost.CpuMeter(MetricsWriter(sys.argv[1], 'burner').write, every_s=0.2)
+    meter = cost.CpuMeter(sys.argv[1], 'burner', every_s=0.2)
     threads = [threading.Thread(target=burn, args=(0.6,)) for _ in range(2)]
     for thread in threads:
       thread.start()
@@ -53,8 +52,9 @@ def test_a_node_meter_sums_to_what_proc_reports_for_its_process_tree(tmp_path):
   assert cost.CpuLedger(samples).total() == samples[-1]['cpu_seconds']
 
 
-def _cpu(node, pid, time, cpu_seconds):
-  return dict(node=node, kind='cpu', pid=pid, time=time, cpu_seconds=cpu_seconds)
+def _cpu(process, pid, time, cpu_seconds):
+  return dict(node=cost.METER_NODE, kind='cpu', process=process, pid=pid, time=time,
+              cpu_seconds=cpu_seconds)
 
 
 def test_ledger_interpolates_each_process_and_sums_a_restarted_node():
