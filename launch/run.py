@@ -133,7 +133,9 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     launcher.start(by_kind[program_lib.SERVICE])
     inference_address = launcher.addresses[program_lib.inference_server_name(0)]
     with InferenceClient(inference_address) as client:
-      client.wait_until_ready(timeout_s=300)
+      # Compiling every batch bucket takes about 30 CPU-s; on a busy shared machine that
+      # has taken over 300 s of wall time.
+      client.wait_until_ready(timeout_s=900)
     initial_eval = _evaluate(config, inference_address, min_version=0)
     if config.guided_task:
       _write_audio_samples(config, inference_address, run_dir, 'before')
