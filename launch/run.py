@@ -164,10 +164,10 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
              f'exact match {final_eval["exact_match"]:.3f}')
   finally:
     launcher.close()
-    meter.stop()
+  report.plot_curves(run_dir, metrics_path, initial_eval=initial_eval, final_eval=final_eval)
+  meter.stop()  # After the plots (a CPU-second or two), before the summary that reads it.
   summary = report.summarize(run_dir, metrics_path, config_dict, initial_eval=initial_eval,
                              final_eval=final_eval, rl_window=(rl_start_time, rl_end_time),
                              wall_seconds=time.monotonic() - start, restarts=launcher.restarts)
-  report.plot_curves(run_dir, metrics_path, initial_eval=initial_eval, final_eval=final_eval)
   logging.info('summary: %s', summary)
   return summary

@@ -49,4 +49,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv))
+  code = main(sys.argv)
+  # The node has closed its files and servers. Skip the interpreter's teardown of
+  # TensorFlow and JAX: about 1 CPU-second per node, spent after the meter's last sample.
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
