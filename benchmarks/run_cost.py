@@ -24,12 +24,12 @@ import tempfile
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 
-from chorus.benchmarks import results  # pylint: disable=g-import-not-at-top,wrong-import-position
-from chorus.launch import cost  # pylint: disable=g-import-not-at-top,wrong-import-position
-from chorus.launch import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-from chorus.metrics import read_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from chorus.benchmarks import results
+from chorus.launch import cost
+from chorus.launch import report
+from chorus.metrics import read_metrics
 
 SECTION_TITLE = 'Default run: CPU per episode and time to reward'
 PLOT_NAME = 'run_cost.png'
@@ -125,9 +125,10 @@ def _format_section(command: str, rows: list[dict], plot_path: str) -> str:
   lines += ['', 'CPU-ms per episode by process (RL phase, mean over the seeds; start-up included):',
             '', '| process | CPU-ms / episode |', '|:---|---:|']
   for node in nodes:
-    per_episode = [1000 * row['cost']['rl_cpu_seconds_by_node'].get(node, 0.0)
-                   / row['episodes'] for row in rows]
-    lines.append(f'| {node} | {np.mean(per_episode):.3f} |')
+    per_episode = np.mean([1000 * row['cost']['rl_cpu_seconds_by_node'].get(node, 0.0)
+                           / row['episodes'] for row in rows])
+    if per_episode > 0:  # Setup nodes ended before RL.
+      lines.append(f'| {node} | {per_episode:.3f} |')
   lines += ['', f'![held-out reward against CPU-seconds of RL]({os.path.basename(plot_path)})']
   return '\n'.join(lines) + '\n'
 
