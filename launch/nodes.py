@@ -216,8 +216,9 @@ def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
   return config.builder().make_learner(agents.LearnerContext(
       model=config.model, sequence=config.sequence, task=config.make_task(), params=params,
       reference_params=params,
-      optimizer=learner_lib.make_optimizer(config.learner.learning_rate,
-                                           config.learner.max_grad_norm)))
+      optimizer=learner_lib.make_optimizer(
+          config.learner.learning_rate, config.learner.max_grad_norm,
+          decay_steps=config.learner.max_steps if config.learner.learning_rate_decay else 0)))
 
 
 def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: list[str]):

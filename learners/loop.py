@@ -18,7 +18,9 @@ class LearnerConfig:
 
   Attributes:
     batch_size: trajectories per update.
-    learning_rate: Adam learning rate.
+    learning_rate: Adam learning rate (its peak with `learning_rate_decay`).
+    learning_rate_decay: decay it linearly to 0 at `max_steps`: late, with a peaked policy
+      and rewards near their maximum, a constant rate let the policy drift away.
     max_grad_norm: global gradient-norm clip.
     max_steps: updates before the learner stops (and with it the run).
     publish_every: updates between parameter pushes to the inference servers.
@@ -27,6 +29,7 @@ class LearnerConfig:
   """
   batch_size: int = 32
   learning_rate: float = 1e-4
+  learning_rate_decay: bool = False
   max_grad_norm: float = 1.0
   max_steps: int = 400
   publish_every: int = 1
