@@ -31,7 +31,7 @@ def get_config() -> ExperimentConfig:
       # policy (Adam 3e-4, seed 0: 0.98 at step 480, 0.53 at 600; 2e-4: 0.97 -> 0.82 and
       # 0.87 on seeds 0 and 1; benchmarks/RESULTS.md): the rate decays to 0 at the end.
       replay=ReplayConfig(kind='queue', max_size=32),
-      learner=LearnerConfig(batch_size=32, learning_rate=3e-4, learning_rate_decay=True,
+      learner=LearnerConfig(batch_size=32, learning_rate=2e-4, learning_rate_decay=True,
                             max_steps=600),
       evaluation=EvalConfig(every_s=10.0),
       # Actor loops are threads of one process: one TensorFlow start-up (about 4 CPU-s)
