@@ -27,9 +27,9 @@ def get_config() -> ExperimentConfig:
       # actors make it so): this queue, the batch read ahead, a quarter batch in flight
       # from Reverb and the actors' requests, about 3 updates. Lag spikes of 6-8 updates
       # (a 64-row queue read 4 batches ahead, under load) collapsed seed 1 at Adam 2e-4.
-      # At a constant rate the policy drifted away late, with rewards near 1 and a peaked
-      # policy (Adam 3e-4, seed 0: 0.98 at step 480, 0.53 at 600; 2e-4: 0.97 -> 0.82 and
-      # 0.87 on seeds 0 and 1; benchmarks/RESULTS.md): the rate decays to 0 at the end.
+      # At a constant 2e-4 every seed drifted away late, with rewards near 1 and a peaked
+      # policy (0.97 -> 0.82, 0.87, 0.89), hence the decay to 0; 3e-4, constant or
+      # decaying, collapsed one seed in three (benchmarks/RESULTS.md).
       replay=ReplayConfig(kind='queue', max_size=32),
       learner=LearnerConfig(batch_size=32, learning_rate=2e-4, learning_rate_decay=True,
                             max_steps=600),
