@@ -57,7 +57,9 @@ class InferenceServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def UpdateParams(self, request, context):
-        """Replaces a model's parameters with a newer version; requests in flight finish on the old one.
+        """Replaces a model's parameters with a newer version. A dynamic batch in flight finishes
+        on the old one; the continuous scheduler's rows in flight continue on the new one from
+        their next decode step (their completions then report both versions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
