@@ -20,7 +20,7 @@ class Measurement:
   num_actors: int
   tokens_per_second: float
   requests: int
-  mean_latency_ms: float
+  p50_latency_ms: float
   p95_latency_ms: float
   cpu_share: float  # CPU time of the set-up's processes / (window x cores).
   machine_busy: float  # Busy CPU time of the whole machine / (window x cores).
@@ -28,6 +28,9 @@ class Measurement:
   server_requests: int | None = None
   server_batches: int | None = None
   server_sequences: int | None = None
+  server_tokens: int | None = None
+  server_row_steps: int | None = None  # Rows x decode steps computed, idle ones included.
+  server_compilations: int | None = None  # During the window; 0 after a good warm-up.
 
   @property
   def tokens_per_cpu_second(self) -> float:
@@ -35,10 +38,12 @@ class Measurement:
     return self.tokens_per_second / (self.cpu_share * os.cpu_count())
 
   @property
-  def mean_batch_size(self) -> float | None:
-    if not self.server_batches:
+  def fill(self) -> float | None:
+    """Generated tokens per decoder row-step the server computed: the share of batch rows
+    (dynamic) or slots (continuous) doing useful work, step by step."""
+    if not self.server_row_steps:
       return None
-    return self.server_sequences / self.server_batches
+    return self.server_tokens / self.server_row_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +86,12 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
     children.terminate(names)  # No grace on failure or Ctrl-C.
     raise
   children.stop(names)
-  latencies = [latency for result in results.values() for latency in result['latencies']]
+  latencies = sorted(latency for result in results.values() for latency in result['latencies'])
   measurement = Measurement(
       setup=setup, num_actors=num_actors,
       tokens_per_second=sum(result['tokens'] for result in results.values()) / settings.seconds,
       requests=sum(result['requests'] for result in results.values()),
-      mean_latency_ms=1000 * statistics.fmean(latencies) if latencies else float('nan'),
+      p50_latency_ms=1000 * statistics.median(latencies) if latencies else float('nan'),
       p95_latency_ms=(1000 * statistics.quantiles(latencies, n=20)[-1]
                       if len(latencies) >= 2 else float('nan')),
       cpu_share=cpu / (settings.seconds * os.cpu_count()),
@@ -95,5 +100,8 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
   if server:
     measurement.server_requests = status_after['requests'] - status_before['requests']
     measurement.server_batches = status_after['batches'] - status_before['batches']
-    measurement.server_sequences = status_after['sequences'] - status_before['sequences']
+    for field, counter in (('server_sequences', 'sequences'), ('server_tokens', 'generated_tokens'),
+                           ('server_row_steps', 'decoded_row_steps'),
+                           ('server_compilations', 'compilations')):
+      setattr(measurement, field, status_after[counter] - status_before[counter])
   return measurement

@@ -96,13 +96,14 @@ class ContinuousLane:
     return request.future
 
   def warm_up(self):
-    """Compiles decode and insert for every insert bucket, on a scratch copy of the slots."""
+    """Compiles insert and decode for every bucket, on a scratch copy of the slots."""
     shared, _ = read_params(self._model, self._second)
     state = self._empty(shared)
-    for size in self._decoder.insert_buckets():
+    for size in self._decoder.buckets():
       state = self._decoder.insert(shared, state, np.arange(size, dtype=np.int32),
                                    self._batch([PADDING_ROW] * size))
-    jax.block_until_ready(self._decoder.decode(shared, state))
+      state = self._decoder.decode(shared, state, size)
+    jax.block_until_ready(state)
 
   def close(self):
     self._closed.set()
@@ -127,7 +128,7 @@ class ContinuousLane:
         try:
           if state is None:
             state = self._empty(shared)
-          state, row_steps = self._step(shared, state, started, slots)
+          state, insert_rows, decode_rows = self._step(shared, state, started, slots)
           lengths, done = jax.device_get((state.lengths, state.done))
         except Exception as error:  # pylint: disable=broad-except
           # The slots' buffers were donated to the failed call: start again from empty
@@ -137,7 +138,7 @@ class ContinuousLane:
             _fail(request, error)
           slots = [None] * len(slots)
           continue
-        self._finish(state, slots, versions, lengths, done, row_steps)
+        self._finish(state, slots, versions, lengths, done, insert_rows, decode_rows)
     finally:
       for request in list(waiting) + list(_drain(self._arrivals)) + [
           slot.request for slot in slots if slot is not None]:
@@ -179,25 +180,29 @@ class ContinuousLane:
     return started
 
   def _step(self, shared, state: slots_lib.SlotState, started: list[tuple[int, Row]],
-            slots: list[_SlotRow | None]) -> tuple[slots_lib.SlotState, int]:
-    """Inserts the started rows, then decodes; returns the new state and the row-steps
-    run before the decode (the insert's bucket), for the fill counters."""
-    row_steps = 0
+            slots: list[_SlotRow | None]) -> tuple[slots_lib.SlotState, int, int]:
+    """Inserts the started rows, then decodes the bucket of slots that holds every busy
+    one; returns the new state and the decoder rows of each call (the insert's bucket,
+    0 without one; the decode's), for the fill counters."""
+    buckets = self._decoder.buckets()
+    insert_rows = 0
     if started:
-      bucket = next(size for size in self._decoder.insert_buckets() if size >= len(started))
+      bucket = next(size for size in buckets if size >= len(started))
       padding = bucket - len(started)
       slot_index = np.array([slot for slot, _ in started] + [len(slots)] * padding, np.int32)
       state = self._decoder.insert(
           shared, state, slot_index, self._batch([row for _, row in started]
                                                  + [PADDING_ROW] * padding))
-      row_steps = bucket
-    if any(slot is not None for slot in slots):
-      state = self._decoder.decode(shared, state)
-    return state, row_steps
+      insert_rows = bucket
+    busy = [index for index, slot in enumerate(slots) if slot is not None]
+    decode_rows = next(size for size in buckets if size > max(busy)) if busy else 0
+    if busy:
+      state = self._decoder.decode(shared, state, decode_rows)
+    return state, insert_rows, decode_rows
 
   def _finish(self, state: slots_lib.SlotState, slots: list[_SlotRow | None],
               versions: tuple[int, ...], lengths: np.ndarray, done: np.ndarray,
-              insert_row_steps: int):
+              insert_rows: int, decode_rows: int):
     """Records the call's versions for the rows that drew tokens, hands finished rows
     their results, frees their slots and counts."""
     drawn, decode_steps = 0, 0
@@ -225,9 +230,10 @@ class ContinuousLane:
       slot.request.unfinished -= 1
       if not slot.request.unfinished and not slot.request.future.done():
         slot.request.future.set_result(slot.request.results)
-    # Every slot computes in every decode step, busy or not: the fill counters see that.
+    # Every slot of the bucket computes in every decode step, busy or not: the fill
+    # counters see that.
     self._model.count(batches=1, sequences=len(finished), generated_tokens=drawn,
-                      decoded_row_steps=insert_row_steps + len(slots) * decode_steps)
+                      decoded_row_steps=insert_rows + decode_rows * decode_steps)
 
 
 def _fail(request: _Request, error: Exception):

@@ -3,10 +3,11 @@
 `scheduler.ContinuousScheduler` keeps up to `num_slots` rows decoding at once. Between
 decode calls it inserts waiting rows into free slots (`SlotDecoder.insert`: prefill their
 prompts, draw their first tokens) and collects the rows that finished; `decode` advances
-every busy slot by up to `steps_per_call` tokens. Every shape is fixed by the slot
-count, the insert bucket, prompt_len and max_new_tokens, so once each bucket has run
-nothing compiles again; `SlotDecoder.compilations` counts the traces (each one an XLA
-compilation, or a load from the persistent compilation cache).
+the first K slots by up to `steps_per_call` tokens, K the smallest bucket (a power of two,
+or the slot count) that holds every busy slot, so a half-empty server does not compute
+for idle slots. Every shape is fixed by the buckets, prompt_len and max_new_tokens, so
+once each bucket has run nothing compiles again; `SlotDecoder.compilations` counts the
+traces (each one an XLA compilation, or a load from the persistent compilation cache).
 
 Each slot decodes at its own offset while the decoder takes one cache index per call,
 so the per-row functions are vmapped over slots with a batch of one row inside; XLA
@@ -122,7 +123,7 @@ class SlotDecoder:
     self._traces = 0
     self._lock = threading.Lock()
     self.insert = self._counted_jit(self._insert, donate_argnums=1)
-    self.decode = self._counted_jit(self._decode, donate_argnums=1)
+    self.decode = self._counted_jit(self._decode, donate_argnums=1, static_argnums=2)
 
   @property
   def compilations(self) -> int:
@@ -131,8 +132,9 @@ class SlotDecoder:
     with self._lock:
       return self._traces
 
-  def insert_buckets(self) -> tuple[int, ...]:
-    """Row counts `insert` compiles for: powers of two up to the slot count, and it."""
+  def buckets(self) -> tuple[int, ...]:
+    """Powers of two below the slot count, and it: the row counts `insert` compiles for,
+    and the slot counts `decode` compiles for."""
     buckets, size = [], 1
     while size < self.num_slots:
       buckets.append(size)
@@ -187,7 +189,14 @@ class SlotDecoder:
         lambda slots, new: slots.at[slot_index].set(new.astype(slots.dtype), mode='drop'),
         state, rows)
 
-  def _decode(self, shared, state: SlotState) -> SlotState:
+  def _decode(self, shared, state: SlotState, num_slots: int) -> SlotState:
+    """Decodes the first `num_slots` slots (a bucket); the rest must be idle."""
+    if num_slots == self.num_slots:
+      return self._decode_slots(shared, state)
+    head = self._decode_slots(shared, jax.tree_util.tree_map(lambda x: x[:num_slots], state))
+    return jax.tree_util.tree_map(lambda x, y: x.at[:num_slots].set(y), state, head)
+
+  def _decode_slots(self, shared, state: SlotState) -> SlotState:
     """Runs up to `steps_per_call` decode steps, stopping early once every slot is done."""
     positions = jnp.arange(self.max_new_tokens)[None]
 
