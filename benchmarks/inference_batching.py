@@ -55,7 +55,7 @@ _MIXTURE_COEF = 0.125
 
 
 def _print_measurement(m: measure_lib.Measurement):
-  fill = f', fill {m.fill:.0%}' if m.fill is not None else ''
+  fill = f', fill {m.fill:.0%}, server {m.server_share:.0%} of CPU' if m.fill is not None else ''
   print(f'  N={m.num_actors:<3d} {m.setup:32s} {m.tokens_per_second:7.0f} tokens/s, '
         f'{m.tokens_per_cpu_second:5.0f} per CPU-s{fill}, {m.requests} requests, p50 '
         f'{m.p50_latency_ms:.0f} ms, CPU {m.cpu_share:.0%} (machine {m.machine_busy:.0%}), '

@@ -23,6 +23,7 @@ class Measurement:
   p50_latency_ms: float
   p95_latency_ms: float
   cpu_share: float  # CPU time of the set-up's processes / (window x cores).
+  server_share: float | None  # The server's part of that CPU time (None: unbatched).
   machine_busy: float  # Busy CPU time of the whole machine / (window x cores).
   rss_bytes: int  # All of the set-up's processes, sampled mid-window.
   server_requests: int | None = None
@@ -70,7 +71,7 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
   try:
     children.wait_for('ready', names, ready_timeout_s)
     pids = [children.processes[name].pid for name in names] + ([server.pid] if server else [])
-    cpu_before = sum(processes.cpu_seconds(pid) for pid in pids)
+    cpu_before = [processes.cpu_seconds(pid) for pid in pids]
     machine_busy_before, machine_total_before = processes.machine_cpu_seconds()
     status_before = server.status() if server else None
     start_time.value = start = time.monotonic()
@@ -78,7 +79,7 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
     time.sleep(settings.seconds / 2)
     rss = sum(processes.rss_bytes(pid) for pid in pids)
     time.sleep(max(0.0, start + settings.seconds - time.monotonic()))
-    cpu = sum(processes.cpu_seconds(pid) for pid in pids) - cpu_before
+    cpu = [processes.cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
     machine_busy, machine_total = processes.machine_cpu_seconds()
     status_after = server.status() if server else None
     results = children.wait_for('result', names, settings.seconds + 600)
@@ -94,7 +95,8 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
       p50_latency_ms=1000 * statistics.median(latencies) if latencies else float('nan'),
       p95_latency_ms=(1000 * statistics.quantiles(latencies, n=20)[-1]
                       if len(latencies) >= 2 else float('nan')),
-      cpu_share=cpu / (settings.seconds * os.cpu_count()),
+      cpu_share=sum(cpu) / (settings.seconds * os.cpu_count()),
+      server_share=cpu[-1] / sum(cpu) if server else None,
       machine_busy=(machine_busy - machine_busy_before) / (machine_total - machine_total_before),
       rss_bytes=rss)
   if server:

@@ -96,8 +96,8 @@ def scaling_section(command: str, info: dict[str, Any], settings: roles.Settings
       '',
       '| Actors | Set-up | Tokens/s | Tokens per CPU-s | vs unbatched (per CPU-s) | Fill '
       '| p50 latency (ms) | p95 latency (ms) | Requests | Compilations in window '
-      '| CPU used / machine busy | RSS (GiB) |',
-      '|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '| CPU used / machine busy | Server share of CPU | RSS (GiB) |',
+      '|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   unbatched = {m.num_actors: m for m in measurements if m.setup == UNBATCHED}
   for m in sorted(measurements, key=lambda m: (m.num_actors, m.setup != UNBATCHED, m.setup)):
@@ -106,11 +106,13 @@ def scaling_section(command: str, info: dict[str, Any], settings: roles.Settings
               if base and m is not base else '')
     fill = f'{m.fill:.0%}' if m.fill is not None else ''
     compilations = '' if m.server_compilations is None else str(m.server_compilations)
+    server_share = '' if m.server_share is None else f'{m.server_share:.0%}'
     lines.append(
         f'| {m.num_actors} | {m.setup} | {m.tokens_per_second:.0f} '
         f'| {m.tokens_per_cpu_second:.0f} | {versus} | {fill} | {m.p50_latency_ms:.0f} '
         f'| {m.p95_latency_ms:.0f} | {m.requests} | {compilations} '
-        f'| {m.cpu_share:.0%} / {m.machine_busy:.0%} | {m.rss_bytes / 2**30:.1f} |')
+        f'| {m.cpu_share:.0%} / {m.machine_busy:.0%} | {server_share} '
+        f'| {m.rss_bytes / 2**30:.1f} |')
   lines += [
       '',
       'Latency is per request (served: the `generate` round trip; unbatched: one sampler '
@@ -118,7 +120,9 @@ def scaling_section(command: str, info: dict[str, Any], settings: roles.Settings
       'padding rows and idle slots included), from the GetStatus counters\' increase in the '
       'window: the share of the batch doing useful work step by step. "CPU used" is the '
       'user+system CPU time of the set-up\'s processes (server included) over window x cores; '
-      '"machine busy" is the same for every process on the machine. Tokens per CPU-s = '
+      '"machine busy" is the same for every process on the machine; "server share" is the '
+      'server process\'s part of the set-up\'s CPU time (the rest is the actors). Tokens per '
+      'CPU-s = '
       'tokens/s / CPU-seconds used per second: the figure least moved by other programs '
       'sharing the machine. RSS is summed over the set-up\'s processes, sampled mid-window.',
       '',

@@ -96,12 +96,15 @@ class ContinuousLane:
     return request.future
 
   def warm_up(self):
-    """Compiles insert and decode for every bucket, on a scratch copy of the slots."""
+    """Compiles insert (every bucket and window) and decode (every bucket), on a scratch
+    copy of the slots."""
     shared, _ = read_params(self._model, self._second)
     state = self._empty(shared)
     for size in self._decoder.buckets():
-      state = self._decoder.insert(shared, state, np.arange(size, dtype=np.int32),
-                                   self._batch([PADDING_ROW] * size))
+      for window in self._decoder.windows():
+        state = self._decoder.insert(
+            shared, state, np.arange(size, dtype=np.int32),
+            self._decoder.cut(self._batch([PADDING_ROW] * size), window))
       state = self._decoder.decode(shared, state, size)
     jax.block_until_ready(state)
 
@@ -114,6 +117,23 @@ class ContinuousLane:
 
   def _empty(self, shared) -> slots_lib.SlotState:
     return self._decoder.empty(shared, self._batch([PADDING_ROW]))
+
+  def _inserts(self, started: list[tuple[int, Row]]):
+    """The insert calls for the started (slot, row) pairs: (slot_index [R], RowBatch),
+    R a bucket (padding rows go to slot num_slots, which drops them). Rows are grouped
+    by prompt window, so a row is prefilled alike whatever starts beside it."""
+    by_window = {}
+    for slot, row in started:
+      length = max(len(row.prompt), len(row.second_prompt or row.prompt))
+      window = next(w for w in self._decoder.windows() if w >= length)
+      by_window.setdefault(window, []).append((slot, row))
+    num_slots = self._decoder.num_slots
+    for window, group in by_window.items():
+      bucket = next(size for size in self._decoder.buckets() if size >= len(group))
+      padding = bucket - len(group)
+      slot_index = np.array([slot for slot, _ in group] + [num_slots] * padding, np.int32)
+      batch = self._batch([row for _, row in group] + [PADDING_ROW] * padding)
+      yield slot_index, self._decoder.cut(batch, window)
 
   def _run(self):
     waiting: collections.deque[_Request] = collections.deque()
@@ -182,18 +202,13 @@ class ContinuousLane:
   def _step(self, shared, state: slots_lib.SlotState, started: list[tuple[int, Row]],
             slots: list[_SlotRow | None]) -> tuple[slots_lib.SlotState, int, int]:
     """Inserts the started rows, then decodes the bucket of slots that holds every busy
-    one; returns the new state and the decoder rows of each call (the insert's bucket,
-    0 without one; the decode's), for the fill counters."""
+    one; returns the new state and the decoder rows of the calls (the inserts' buckets,
+    the decode's), for the fill counters."""
     buckets = self._decoder.buckets()
     insert_rows = 0
-    if started:
-      bucket = next(size for size in buckets if size >= len(started))
-      padding = bucket - len(started)
-      slot_index = np.array([slot for slot, _ in started] + [len(slots)] * padding, np.int32)
-      state = self._decoder.insert(
-          shared, state, slot_index, self._batch([row for _, row in started]
-                                                 + [PADDING_ROW] * padding))
-      insert_rows = bucket
+    for slot_index, batch in self._inserts(started):
+      state = self._decoder.insert(shared, state, slot_index, batch)
+      insert_rows += len(slot_index)
     busy = [index for index, slot in enumerate(slots) if slot is not None]
     decode_rows = next(size for size in buckets if size > max(busy)) if busy else 0
     if busy:

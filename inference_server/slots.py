@@ -5,13 +5,17 @@ decode calls it inserts waiting rows into free slots (`SlotDecoder.insert`: pref
 prompts, draw their first tokens) and collects the rows that finished; `decode` advances
 the first K slots by up to `steps_per_call` tokens, K the smallest bucket (a power of two,
 or the slot count) that holds every busy slot, so a half-empty server does not compute
-for idle slots. Every shape is fixed by the buckets, prompt_len and max_new_tokens, so
-once each bucket has run nothing compiles again; `SlotDecoder.compilations` counts the
-traces (each one an XLA compilation, or a load from the persistent compilation cache).
+for idle slots. An insert prefills only the last W positions of the left-padded prompts,
+W the smallest prompt window (prompt_len / 2 or prompt_len) that holds them, since a
+prefill costs as much per position as a decode step per row. Every shape is fixed by the
+buckets, the windows, prompt_len and max_new_tokens, so once each has run nothing
+compiles again; `SlotDecoder.compilations` counts the traces (each one an XLA
+compilation, or a load from the persistent compilation cache).
 
-Each slot decodes at its own offset while the decoder takes one cache index per call,
-so the per-row functions are vmapped over slots with a batch of one row inside; XLA
-turns that back into the batched matmuls of a plain batch. A row draws token k with
+Each slot decodes at its own offset (its prompt window plus its tokens so far) while the
+decoder takes one cache index per call, so the per-row functions are vmapped over slots
+with a batch of one row inside; XLA turns that back into the batched matmuls of a plain
+batch. A row draws token k with
 `fold_in(row_key, k)` (`sampler.draw`), so what it samples depends neither on the slot
 it sits in nor on what the other slots hold.
 """
@@ -30,8 +34,9 @@ class RowBatch(NamedTuple):
   """R rows to start, as arrays (built by `lanes.row_batch`).
 
   Attributes:
-    prompt_tokens: [R, P] int32, left padded.
-    prompt_mask: [R, P] bool.
+    prompt_tokens: [R, W] int32, left padded: W is the prompt window, P or a window
+      (see `SlotDecoder.cut`).
+    prompt_mask: [R, W] bool.
     row_inputs: per-row inputs of the next-token logits beside the prompt, leaves [R, ...]:
       () for one decoder, a `PairedRow` for a paired lane.
     request_keys: [R, 2] uint32, the PRNG key of each row's request.
@@ -51,7 +56,7 @@ class RowBatch(NamedTuple):
 
 class PairedRow(NamedTuple):
   """A paired row's own inputs (see `sampler.PairedInputs`): coef [R] float32, the second
-  pass's prompt [R, P] int32 and its mask [R, P] bool."""
+  pass's prompt [R, W] int32 and its mask [R, W] bool."""
   coef: Any
   second_prompt_tokens: Any
   second_prompt_mask: Any
@@ -62,10 +67,13 @@ class SlotState(NamedTuple):
 
   Attributes:
     decoding: the `NextTokenLogits` state of each slot's row (its KV caches).
-    row_inputs: as in `RowBatch`.
+    row_inputs: as in `RowBatch`, less what only the prefill reads (a paired row keeps
+      its coef).
     keys: [S, 2] uint32, each row's own PRNG key.
     temperature: [S] float32.
     max_new_tokens: [S] int32.
+    prompt_slots: [S] int32, the row's prompt window W: its prompt fills cache slots
+      0 .. W - 1 and its token k sits at slot W + k.
     tokens: [S, T] int32, PAD after the row's length.
     logprobs: [S, T] float32, log-prob of each token under the distribution that drew it;
       0 after the row's length.
@@ -78,11 +86,20 @@ class SlotState(NamedTuple):
   keys: jax.Array
   temperature: jax.Array
   max_new_tokens: jax.Array
+  prompt_slots: jax.Array
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
   terminated: jax.Array
   done: jax.Array
+
+
+def _step_inputs(row_inputs):
+  """What decode steps read of a row's inputs: a paired row's second prompt only feeds
+  its prefill (and has the insert's window as its width), so the slots keep coef alone."""
+  if isinstance(row_inputs, PairedRow):
+    return row_inputs._replace(second_prompt_tokens=None, second_prompt_mask=None)
+  return row_inputs
 
 
 def plain_bind(params, unused_row_inputs):
@@ -132,6 +149,24 @@ class SlotDecoder:
     with self._lock:
       return self._traces
 
+  def windows(self) -> tuple[int, ...]:
+    """The prompt windows `insert` compiles for: prompt_len / 2 (if at least 1) and
+    prompt_len."""
+    return tuple(sorted({max(self.prompt_len // 2, 1), self.prompt_len}))
+
+  def cut(self, batch: RowBatch, window: int) -> RowBatch:
+    """`batch` (prompts left padded to P) cut to their last `window` positions, one of
+    `windows()`; every prompt of it, second prompts included, must fit."""
+    if window not in self.windows():
+      raise ValueError(f'window {window} is not one of {self.windows()}.')
+    cut = lambda x: x[:, self.prompt_len - window:]
+    row_inputs = batch.row_inputs
+    if isinstance(row_inputs, PairedRow):
+      row_inputs = row_inputs._replace(second_prompt_tokens=cut(row_inputs.second_prompt_tokens),
+                                       second_prompt_mask=cut(row_inputs.second_prompt_mask))
+    return batch._replace(prompt_tokens=cut(batch.prompt_tokens),
+                          prompt_mask=cut(batch.prompt_mask), row_inputs=row_inputs)
+
   def buckets(self) -> tuple[int, ...]:
     """Powers of two below the slot count, and it: the row counts `insert` compiles for,
     and the slot counts `decode` compiles for."""
@@ -172,10 +207,11 @@ class SlotDecoder:
     keys = jax.vmap(jax.random.fold_in)(batch.request_keys,
                                         batch.row_index.astype(jnp.uint32))
     token, logprob = sampler_lib.draw(logits, batch.temperature, keys, 0)
-    num_rows = token.shape[0]
+    num_rows, window = batch.prompt_tokens.shape
     terminated = token == tokenizer.EOS_ID
     return SlotState(
-        decoding, batch.row_inputs, keys, batch.temperature, batch.max_new_tokens,
+        decoding, _step_inputs(batch.row_inputs), keys, batch.temperature, batch.max_new_tokens,
+        jnp.full(num_rows, window, jnp.int32),
         jnp.full((num_rows, self.max_new_tokens), tokenizer.PAD_ID,
                  jnp.int32).at[:, 0].set(token),
         jnp.zeros((num_rows, self.max_new_tokens), jnp.float32).at[:, 0].set(logprob),
@@ -209,12 +245,12 @@ class SlotDecoder:
     def step(carry):
       count, state = carry
       active = ~state.done
-      # Token k of a row sits at cache slot P + k (prompt slots first); done and free
-      # slots feed masked padding, so they write nothing any row attends to.
+      # Token k of a row sits at cache slot W + k (its prompt window first); done and
+      # free slots feed masked padding into their own caches, which no row reads.
       last = jnp.take_along_axis(state.tokens, jnp.maximum(state.lengths - 1, 0)[:, None],
                                  axis=1)[:, 0]
       logits, decoding = jax.vmap(step_row)(state.row_inputs, state.decoding, last, active,
-                                            self.prompt_len + state.lengths - 1)
+                                            state.prompt_slots + state.lengths - 1)
       token, logprob = sampler_lib.draw(logits, state.temperature, state.keys, state.lengths)
       write = active[:, None] & (positions == state.lengths[:, None])
       is_eos = active & (token == tokenizer.EOS_ID)
