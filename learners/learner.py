@@ -4,6 +4,12 @@ An algorithm is a loss `loss_fn(params, aux, batch) -> (loss, metrics)` plus, wh
 needs them, auxiliary parameter trees that follow the policy after every step (soft-Q's
 Polyak target, BOND's EMA anchor). Auxiliary trees named in `published_aux` are pushed to
 the inference servers beside the policy, under their own model names.
+
+One `update(batch)` is one learner step (the parameter version it publishes). By default it
+is one optimiser step on the whole batch; PPO-style learners instead reuse the batch for
+`num_epochs` passes of `num_minibatches` shuffled minibatches each, after `prepare_batch`
+has computed what must stay fixed across those passes (advantages from the values at the
+start of the update, the frozen reference's log-probs).
 """
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -17,6 +23,7 @@ from chorus.learners import optimization
 
 LossFn = Callable[[Any, Mapping[str, Any], core.TrajectoryBatch], tuple[jax.Array, dict]]
 AuxUpdate = Callable[[Mapping[str, Any], Any], dict[str, Any]]
+PrepareBatch = Callable[[Any, Mapping[str, Any], core.TrajectoryBatch], core.TrajectoryBatch]
 
 
 class TrainState(NamedTuple):
@@ -45,20 +52,41 @@ def polyak_update(rate: float, name: str) -> AuxUpdate:
 
 
 class Learner:
-  """Holds the train state; `update(batch)` is one jit-compiled optimiser step."""
+  """Holds the train state; `update(batch)` is one jit-compiled learner step.
+
+  Args:
+    loss_fn: `(params, aux, batch) -> (loss, metrics)`.
+    params: the parameters to start from.
+    optimizer: the optax optimiser.
+    aux: auxiliary parameter trees by name.
+    update_aux: `(aux, params) -> aux`, run after every optimiser step.
+    published_aux: aux trees pushed to the inference servers with the policy.
+    prepare_batch: `(params, aux, batch) -> batch`, run once per update with the parameters
+      at its start (its outputs get no gradient); None leaves batches as they are.
+    num_epochs: passes over each batch per update.
+    num_minibatches: minibatches per pass; must divide the batch size.
+    seed: seeds the minibatch shuffles (with the step, so a resumed run shuffles the same).
+  """
 
   def __init__(self, loss_fn: LossFn, *, params, optimizer: optax.GradientTransformation,
                aux: Mapping[str, Any] | None = None, update_aux: AuxUpdate | None = None,
-               published_aux: Sequence[str] = ()):
+               published_aux: Sequence[str] = (), prepare_batch: PrepareBatch | None = None,
+               num_epochs: int = 1, num_minibatches: int = 1, seed: int = 0):
     aux = dict(aux or {})
     missing = [name for name in published_aux if name not in aux]
     if missing:
       raise ValueError(f'published_aux names {missing}, which are not among the auxiliary '
                        f'parameter trees {sorted(aux)}.')
+    for name, value in (('num_epochs', num_epochs), ('num_minibatches', num_minibatches)):
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f'{name} must be an int >= 1; got {value!r}.')
     self._loss_fn = loss_fn
     self._optimizer = optimizer
     self._update_aux = update_aux
     self._published_aux = tuple(published_aux)
+    self._prepare_batch = prepare_batch
+    self._num_epochs, self._num_minibatches = num_epochs, num_minibatches
+    self._seed = seed
     self.state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), aux)
     self._update = jax.jit(self._update_fn)
 
@@ -75,11 +103,36 @@ class Learner:
     return {'policy': self.state.params,
             **{name: self.state.aux[name] for name in self._published_aux}}
 
-  def _update_fn(self, state: TrainState, batch: core.TrajectoryBatch):
+  def _optimizer_step(self, state: TrainState, batch: core.TrajectoryBatch):
     params, opt_state, metrics = optimization.optimizer_step(
         self._loss_fn, self._optimizer, state.params, state.opt_state, state.aux, batch)
     aux = self._update_aux(state.aux, params) if self._update_aux else state.aux
-    return TrainState(params, opt_state, state.step + 1, aux), metrics
+    return state._replace(params=params, opt_state=opt_state, aux=aux), metrics
+
+  def _minibatch_indices(self, step: jax.Array, batch_size: int) -> jax.Array:
+    """[num_epochs * num_minibatches, batch_size / num_minibatches] row indices."""
+    if batch_size % self._num_minibatches:
+      raise ValueError(f'num_minibatches={self._num_minibatches} must divide the batch size '
+                       f'{batch_size}; change one of them.')
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self._seed), step),
+                            self._num_epochs)
+    orders = jax.vmap(lambda key: jax.random.permutation(key, batch_size))(keys)
+    return orders.reshape(self._num_epochs * self._num_minibatches, -1)
+
+  def _update_fn(self, state: TrainState, batch: core.TrajectoryBatch):
+    if self._prepare_batch:
+      batch = jax.lax.stop_gradient(self._prepare_batch(state.params, state.aux, batch))
+    if self._num_epochs == self._num_minibatches == 1:
+      state, metrics = self._optimizer_step(state, batch)
+    else:
+      indices = self._minibatch_indices(state.step, jnp.shape(batch.reward)[0])
+
+      def minibatch_step(state, rows):
+        return self._optimizer_step(state, jax.tree_util.tree_map(lambda x: x[rows], batch))
+
+      state, metrics = jax.lax.scan(minibatch_step, state, indices)
+      metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    return state._replace(step=state.step + 1), metrics
 
   def update(self, batch: core.TrajectoryBatch) -> dict[str, float]:
     self.state, metrics = self._update(self.state, batch)
