@@ -1,0 +1,16 @@
+"""PPO with GAE on digit reversal: token-level value head, 4 epochs over each batch.
+
+The same warm start, actors, server, replay queue and learner budget as `text_vtrace`
+(600 updates of 32 completions, KL coefficient 0.02 folded into the rewards), so the two
+compare directly; each update takes 4 passes of 2 minibatches over its batch.
+"""
+import dataclasses
+
+from chorus import agents
+from chorus.configs import text_vtrace
+from chorus.launch.experiment import ExperimentConfig
+
+
+def get_config() -> ExperimentConfig:
+  return dataclasses.replace(text_vtrace.get_config(), name='text_ppo',
+                             agent=agents.PPOConfig())
