@@ -64,14 +64,14 @@ class Learner:
     prepare_batch: `(params, aux, batch) -> batch`, run once per update with the parameters
       at its start (its outputs get no gradient); None leaves batches as they are.
     num_epochs: passes over each batch per update.
-    num_minibatches: minibatches per pass; must divide the batch size.
-    seed: seeds the minibatch shuffles (with the step, so a resumed run shuffles the same).
+    num_minibatches: minibatches per pass; must divide the batch size. The shuffles are a
+      function of the step, so a resumed run shuffles as the first one did.
   """
 
   def __init__(self, loss_fn: LossFn, *, params, optimizer: optax.GradientTransformation,
                aux: Mapping[str, Any] | None = None, update_aux: AuxUpdate | None = None,
                published_aux: Sequence[str] = (), prepare_batch: PrepareBatch | None = None,
-               num_epochs: int = 1, num_minibatches: int = 1, seed: int = 0):
+               num_epochs: int = 1, num_minibatches: int = 1):
     aux = dict(aux or {})
     missing = [name for name in published_aux if name not in aux]
     if missing:
@@ -86,7 +86,6 @@ class Learner:
     self._published_aux = tuple(published_aux)
     self._prepare_batch = prepare_batch
     self._num_epochs, self._num_minibatches = num_epochs, num_minibatches
-    self._seed = seed
     self.state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), aux)
     self._update = jax.jit(self._update_fn)
 
@@ -114,8 +113,7 @@ class Learner:
     if batch_size % self._num_minibatches:
       raise ValueError(f'num_minibatches={self._num_minibatches} must divide the batch size '
                        f'{batch_size}; change one of them.')
-    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self._seed), step),
-                            self._num_epochs)
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), step), self._num_epochs)
     orders = jax.vmap(lambda key: jax.random.permutation(key, batch_size))(keys)
     return orders.reshape(self._num_epochs * self._num_minibatches, -1)
 
