@@ -46,8 +46,8 @@ class PPOConfig(builder_lib.AgentConfig, tag='ppo'):
   value_cost: float = 0.5
   value_clip: float = 0.0
   entropy_cost: float = 0.001
-  num_epochs: int = 4
-  num_minibatches: int = 2
+  num_epochs: int = 2
+  num_minibatches: int = 1
 
 
 def make_ppo_learner(context: builder_lib.LearnerContext,
