@@ -20,7 +20,7 @@ ADAPTER_NAMES = ('lora_a', 'lora_b')
 
 
 def _is_adapter(path) -> bool:
-  return getattr(path[-1], 'key', None) in ADAPTER_NAMES
+  return bool(path) and getattr(path[-1], 'key', None) in ADAPTER_NAMES
 
 
 def has_adapters(params) -> bool:
