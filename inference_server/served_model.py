@@ -1,9 +1,11 @@
 """A served model: one named model's kind, parameters, version and the lanes that serve it."""
 import concurrent.futures
+import dataclasses
 import threading
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 
 from chorus import core
@@ -16,6 +18,8 @@ from chorus.inference_server.lanes import Row
 from chorus.inference_server.lanes import ScoreRow
 from chorus.inference_server.lanes import ScoringLane
 from chorus.inference_server.scheduler import ContinuousLane
+from chorus.models import lora
+from chorus.models import sharding
 
 GenerationLane = ContinuousLane | DynamicLane
 
@@ -29,7 +33,7 @@ class WrongModelKindError(ValueError):
 
 
 def _shape_and_dtype(array) -> tuple:
-  return np.shape(array), np.asarray(array).dtype.name
+  return tuple(array.shape), np.dtype(array.dtype).name
 
 
 class ServedModel:
@@ -49,11 +53,17 @@ class ServedModel:
       per-token log-probs, may be either side of a geometric mixture), 'reward' (scores
       one reward per completion) or 'preference' (scores P(completion > comparison) per
       pair).
+    pushed_adapters: when its rank is > 0, pushes carry only LoRA adapters of this config
+      (a learner that trains adapters): each is merged into the frozen `params` on
+      arrival, so generation runs on plain kernels at the adapter-free cost.
+    mesh: the device mesh its parameters are sharded over (models/sharding.py rules; the
+      samplers and scorers, jitted, then run sharded); None: the default device.
   """
 
   def __init__(self, name: str, decoder_config: models.DecoderConfig, params: Any,
                version: int, config: InferenceServerConfig, sequence: core.SequenceSpec,
-               kind: str = 'decoder'):
+               kind: str = 'decoder', pushed_adapters: models.LoraConfig = models.LoraConfig(),
+               mesh: Mesh | None = None):
     if kind not in scoring_lib.MODEL_KINDS:
       raise ValueError(f'Model {name!r} has unknown kind {kind!r}; use one of '
                        f'{scoring_lib.MODEL_KINDS}.')
@@ -62,12 +72,23 @@ class ServedModel:
     self.decoder_config = decoder_config
     self.config = config
     self.sequence = sequence
+    self._mesh = mesh
+    params = self._place(params)
     self._params_and_version = (params, version)
-    self._template = jax.tree_util.tree_map(_shape_and_dtype, params)
-    self._treedef = jax.tree_util.tree_structure(params)
+    pushed = params
+    self._merge_adapters = None
+    if pushed_adapters.rank:
+      adapted = dataclasses.replace(decoder_config, lora=pushed_adapters)
+      pushed = jax.eval_shape(lambda rng: lora.split(models.init_params(adapted, rng))[1],
+                              jax.random.PRNGKey(0))
+      frozen = params
+      self._merge_adapters = jax.jit(
+          lambda adapters: lora.merge(lora.combine(frozen, adapters), adapted))
+    self._template = jax.tree_util.tree_map(_shape_and_dtype, pushed)
+    self._treedef = jax.tree_util.tree_structure(pushed)
     self.tensor_layout = tuple(
-        param_stream.TensorLayout(path, tuple(np.shape(leaf)), np.dtype(leaf.dtype))
-        for path, leaf in param_stream.tensors(params))
+        param_stream.TensorLayout(path, tuple(leaf.shape), np.dtype(leaf.dtype))
+        for path, leaf in param_stream.tensors(pushed))
     self._lock = threading.Lock()
     self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0,
                          score_requests=0, scored_sequences=0, score_batches=0,
@@ -208,16 +229,22 @@ class ServedModel:
     """Swaps in newer parameters; the batch or decode call running now finishes on the old
     ones, the next one reads these (a continuous lane keeps its rows: see scheduler.py).
 
-    `resume` accepts an older version: a learner restarted from its checkpoint.
+    `resume` accepts an older version: a learner restarted from its checkpoint. With
+    `pushed_adapters`, `params` are the adapters.
     """
     if jax.tree_util.tree_map(_shape_and_dtype, params) != self._template:
       raise ValueError(f'Parameters for model {self.name!r} do not match its architecture '
-                       '(tree, shapes or dtypes); send the full float32 parameter tree of the '
-                       'same DecoderConfig.')
+                       '(tree, shapes or dtypes); send the parameter tree of the same '
+                       'DecoderConfig (only its LoRA adapters when it serves pushed adapters).')
+    params = self._place(params) if self._merge_adapters is None else self._place(
+        self._merge_adapters(jax.device_put(params)))
     with self._lock:
       self.check_version(version, resume)
-      self._params_and_version = (jax.device_put(params), version)
+      self._params_and_version = (params, version)
       self.counters['param_updates'] += 1
+
+  def _place(self, params):
+    return jax.device_put(params) if self._mesh is None else sharding.shard(params, self._mesh)
 
   def count(self, **increments: int):
     with self._lock:

@@ -19,6 +19,7 @@ from chorus.inference_server.service import start_server
 from chorus.launch import experiment
 from chorus.launch import nodes
 from chorus.launch import run_dir as layout
+from chorus.models import lora
 from chorus.models.checkpoints import Checkpointer
 
 
@@ -32,15 +33,22 @@ def load_config(run_dir: str) -> experiment.ExperimentConfig:
 
 
 def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | None = None):
-  """(policy params, step) of a run's learner checkpoint; the latest unless `step`."""
+  """(policy params, step) of a run's learner checkpoint; the latest unless `step`.
+
+  The parameters are those of `config.model.base_decoder_config()`: a run that trained
+  LoRA adapters checkpoints only them, merged here into its warm start's weights.
+  """
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No learner checkpoint in {layout.learner_checkpoint_dir(run_dir)}.')
-  template = nodes.make_learner(
-      config, models.init_params(config.model.decoder_config(), jax.random.PRNGKey(0)))
+  base = (nodes.warm_start_params(config, run_dir) if config.model.lora.rank else
+          models.init_params(config.model.base_decoder_config(), jax.random.PRNGKey(0)))
+  template = nodes.make_learner(config, base)
   params = checkpointer.restore(template.state, step=step).params
   checkpointer.close()
+  if template.trains_adapters:
+    params = lora.merge(template.full_params(params), config.model.decoder_config())
   return params, step
 
 
@@ -59,7 +67,7 @@ def load_policy(run_dir: str, config: experiment.ExperimentConfig, step: int | N
 
 def _evaluate_served(config: experiment.ExperimentConfig, params, version: int, **options) -> dict:
   """`evaluate` of `params` served as 'policy' by an in-process server on loopback."""
-  served = ServedModel('policy', config.model.decoder_config(), params, version=version,
+  served = ServedModel('policy', config.model.base_decoder_config(), params, version=version,
                        config=config.inference, sequence=config.sequence)
   server, port = start_server({'policy': served}, '127.0.0.1:0')
   try:

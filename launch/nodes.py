@@ -31,6 +31,7 @@ from chorus.learners import learner as learner_lib
 from chorus.learners import loop
 from chorus.learners import supervised
 from chorus.metrics import MetricsWriter
+from chorus.models import lora
 from chorus.models import sharding
 from chorus.models.checkpoints import Checkpointer
 from chorus.replay import dataset
@@ -46,9 +47,9 @@ def _param_shapes(model: models.DecoderConfig):
 
 
 def warm_start_params(config: ExperimentConfig, run_dir: str):
-  """The warm start's policy parameters (version 0, the reference)."""
+  """The warm start's policy parameters (version 0, the reference), without adapters."""
   return Checkpointer(layout.warm_start_dir(run_dir)).restore(
-      _param_shapes(config.model.decoder_config()))
+      _param_shapes(config.model.base_decoder_config()))
 
 
 def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
@@ -67,7 +68,7 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
                                                    config.warm_start.batch_size, config.sequence)
   start = time.monotonic()
   params, history = supervised.warm_start(
-      config.model.decoder_config(), config.warm_start, batches,
+      config.model.base_decoder_config(), config.warm_start, batches,
       config.model.initial_params(jax.random.PRNGKey(config.seed)))
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     metrics.write(kind='warm_start', **record)
@@ -82,7 +83,7 @@ def setup(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, step: 
   if step not in steps:
     raise ValueError(f'The agent has no setup step {step!r}; its steps: {sorted(steps)}.')
   context = agents.SetupContext(
-      run_dir=run_dir, task=config.make_task(), model=config.model.decoder_config(),
+      run_dir=run_dir, task=config.make_task(), model=config.model.base_decoder_config(),
       sequence=config.sequence,
       seed=config.seed, metrics=MetricsWriter(layout.metrics_path(run_dir), step),
       should_stop=should_stop, rlds_episodes_per_file=config.rlds_episodes_per_file)
@@ -103,20 +104,27 @@ def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port:
 def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:
   """The policy and the frozen reference (the warm start), and what the agent adds."""
   warm_params = warm_start_params(config, run_dir)
-  policy_model = config.model.decoder_config()
+  # Served without adapters: models that follow the policy get its adapters in each push
+  # and merge them into these weights.
+  policy_model = config.model.base_decoder_config()
 
-  def serve(name, params, model=policy_model, kind='decoder'):
+  mesh = sharding.make_mesh(config.mesh)
+
+  def serve(name, params, model=policy_model, kind='decoder', pushed_adapters=config.model.lora):
     return ServedModel(name, model, params, version=0, config=config.inference,
-                       sequence=config.sequence, kind=kind)
+                       sequence=config.sequence, kind=kind, pushed_adapters=pushed_adapters,
+                       mesh=mesh)
 
-  served = {name: serve(name, warm_params)
-            for name in (agents.POLICY_MODEL, agents.REFERENCE_MODEL)}
+  served = {agents.POLICY_MODEL: serve(agents.POLICY_MODEL, warm_params),
+            agents.REFERENCE_MODEL: serve(agents.REFERENCE_MODEL, warm_params,
+                                          pushed_adapters=models.LoraConfig())}
   for spec in config.builder().served_models(policy_model):
     model = spec.model or policy_model
-    params = warm_params
-    if spec.checkpoint is not None:
+    if spec.checkpoint is None:  # A copy of the policy that the learner moves (an anchor).
+      served[spec.name] = serve(spec.name, warm_params, model, spec.kind)
+    else:  # Trained by a setup step, read-only: whole parameters.
       params = Checkpointer(f'{run_dir}/{spec.checkpoint}').restore(_param_shapes(model))
-    served[spec.name] = serve(spec.name, params, model, spec.kind)
+      served[spec.name] = serve(spec.name, params, model, spec.kind, models.LoraConfig())
   return served
 
 
@@ -220,7 +228,14 @@ def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
 
 
 def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
-  """The agent's learner on this node's mesh, starting from (and regularised to) `params`."""
+  """The agent's learner on this node's mesh, starting from (and regularised to) `params`.
+
+  With `model.lora`, fresh adapters (the same function) are added to `params`: the learner
+  then trains, checkpoints and pushes only them.
+  """
+  if config.model.lora.rank:
+    params = lora.add_adapters(params, config.model.decoder_config(),
+                                      jax.random.PRNGKey(config.seed + 1))
   return config.builder().make_learner(agents.LearnerContext(
       model=config.model.decoder_config(), sequence=config.sequence, task=config.make_task(),
       params=params, reference_params=params,

@@ -27,7 +27,7 @@ def from_run(run_dir: str, step: int | None = None) -> tuple[models.Pretrained, 
   config = evaluate.load_config(run_dir)
   params, step = evaluate.load_policy(run_dir, config, step)
   tokenizer = config.model.tokenizer() or config.make_task().tokenizer
-  return models.Pretrained(config.model.decoder_config(), params, tokenizer), step
+  return models.Pretrained(config.model.base_decoder_config(), params, tokenizer), step
 
 
 def complete(policy: models.Pretrained, prompt_ids: list[int], *, max_new_tokens: int,

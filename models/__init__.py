@@ -12,6 +12,7 @@ from chorus.models.decoder import params_to_bytes
 from chorus.models.decoder import positions_from_mask
 from chorus.models.decoder import right_pad_completions
 from chorus.models.decoder_config import DecoderConfig
+from chorus.models.decoder_config import LoraConfig
 from chorus.models.model_config import ModelConfig
 from chorus.models.pretrained import load_pretrained
 from chorus.models.pretrained import Pretrained

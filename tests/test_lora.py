@@ -124,3 +124,37 @@ def test_a_lora_push_is_the_adapters_bytes_only():
   assert adapters_only == 4 * lora.num_parameters(adapters)
   assert full == 4 * (lora.num_parameters(adapters) + lora.num_parameters(frozen))
   assert full / adapters_only > 10
+
+
+def test_a_server_merges_pushed_adapters_into_its_frozen_weights():
+  # pylint: disable=g-import-not-at-top
+  from chorus.inference_server.client import ParameterPublisher
+  from chorus.inference_server.config import InferenceServerConfig
+  from chorus.inference_server.served_model import ServedModel
+  from chorus.inference_server.service import start_server
+  base_config, config = _configs()
+  base = models.init_params(base_config, jax.random.PRNGKey(0))
+  trained = _with_random_adapters(lora.add_adapters(base, config, jax.random.PRNGKey(1)))
+  frozen, adapters = lora.split(trained)
+  served = ServedModel('policy', base_config, base, version=0, config=InferenceServerConfig(),
+                       sequence=_SPEC, pushed_adapters=config.lora)
+  assert [layout.path for layout in served.tensor_layout] == [
+      path for path, _ in param_stream.tensors(adapters)]
+  server, port = start_server({'policy': served}, '127.0.0.1:0')
+  try:
+    with ParameterPublisher(f'127.0.0.1:{port}', model='policy') as publisher:
+      publisher.publish(adapters, 1)
+      with pytest.raises(Exception, match='not newer'):
+        publisher.publish(adapters, 1)
+  finally:
+    server.stop(grace=None).wait()
+    served.close()
+  params, version = served.params_and_version()
+  assert version == 1
+  expected = lora.merge(trained, config)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(base)
+  for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                         jax.tree_util.tree_leaves(base))]
+  assert max(moved) > 1e-2

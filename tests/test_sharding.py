@@ -49,6 +49,29 @@ def test_partition_rules_leave_out_axes_that_do_not_divide(sharded):
                               'final_norm/scale': [None]}
 
 
+def test_the_sharded_sampler_draws_the_tokens_and_log_probs_of_one_device(sharded):
+  assert sharded['sampler_same_tokens']
+  assert sharded['sampler_logprob_difference'] < 1e-5
+
+
+def _check_sampler(params, decoder, task, rng) -> dict:
+  """A server's sampler on parameters sharded over a (2, 2, 2) mesh against one device."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from chorus import models
+  from chorus.inference_server import sampler as sampler_lib
+  from chorus.models import sharding
+  sample = sampler_lib.make_sampler(decoder, 16, 12)
+  prompts = [task.encode_prompt(task.train_prompt(rng)) for _ in range(8)]
+  tokens, mask = models.left_pad_prompts(prompts, 16)
+  args = (tokens, mask, np.ones(8, np.float32), np.full(8, 12, np.int32), jax.random.PRNGKey(3))
+  plain = jax.device_get(sample(params, *args))
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+  on_mesh = jax.device_get(sample(sharding.shard(params, mesh), *args))
+  return {'sampler_same_tokens': bool(np.array_equal(plain.tokens, on_mesh.tokens)),
+          'sampler_logprob_difference': float(np.max(np.abs(plain.logprobs - on_mesh.logprobs)))}
+
+
 def _check_meshes():
   """Runs in the subprocess: three V-trace updates per mesh against one device."""
   # pylint: disable=g-import-not-at-top
@@ -111,7 +134,8 @@ def _check_meshes():
           ('embedder/embedding', specs['embedder']['embedding']),
           ('layer_0/attention/key/kernel', specs['layer_0']['attention']['key']['kernel']),
           ('layer_0/mlp/down/kernel', specs['layer_0']['mlp']['down']['kernel']),
-          ('final_norm/scale', specs['final_norm']['scale']))}}))
+          ('final_norm/scale', specs['final_norm']['scale']))},
+      **_check_sampler(single, decoder, task, rng)}))
 
 
 if __name__ == '__main__':
