@@ -46,6 +46,8 @@ benchmark: $(STAMP)
 	$(VENV)/bin/python benchmarks/actor_cost.py
 	$(VENV)/bin/python benchmarks/run_cost.py
 	$(VENV)/bin/python benchmarks/inference_batching.py
+	$(VENV)/bin/python benchmarks/weight_push.py
+	$(VENV)/bin/python benchmarks/learner_mesh.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -212,6 +212,11 @@ class Learner:
       metrics = jax.tree_util.tree_map(jnp.mean, metrics)
     return state._replace(step=state.step + 1), metrics
 
+  def memory_analysis(self, batch: core.TrajectoryBatch):
+    """XLA's memory analysis of the compiled update for batches like `batch`, per device
+    (argument, output and temporary bytes): what sizing a mesh needs."""
+    return self._update.lower(self.state, self._constants, batch).compile().memory_analysis()
+
   def update(self, batch: core.TrajectoryBatch) -> dict[str, float]:
     self.state, metrics = self._update(self.state, self._constants, batch)
     return {name: float(value) for name, value in jax.device_get(metrics).items()}
