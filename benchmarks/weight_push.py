@@ -15,7 +15,9 @@ Usage (from the repository root):
 Combinations whose memory (tree x (servers x 2 + 1)) exceeds --max-total-gb are skipped
 and listed. Results go into the "Weight push" section of the output file, with a second
 table: the bytes of a LoRA push (adapters only, `--lora-rank`) against a full push, for
-the `small` model and the Gemma 2 2B architecture (counted from shapes; nothing pushed).
+the `small` model and the Gemma 2 2B architecture (counted from shapes; nothing pushed),
+and a third: the cost of merging a push's adapters once against generating with them
+applied on the fly.
 """
 import argparse
 import concurrent.futures
@@ -146,6 +148,49 @@ def _lora_bytes(rank: int) -> str:
   return '\n'.join(lines)
 
 
+def _lora_serving(rank: int, repeats: int = 3) -> str:
+  """Markdown table: a server merging pushed adapters once against applying them on the fly.
+
+  The `small` model, batch 32, prompts of 16 tokens, 32 new tokens; best of `repeats`
+  timed calls after compilation, wall and CPU seconds of this process.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from chorus import models  # pylint: disable=g-import-not-at-top
+  from chorus.inference_server import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from chorus.models import lora  # pylint: disable=g-import-not-at-top
+  base = models.DecoderConfig.small(64)
+  adapted = dataclasses.replace(base, lora=models.LoraConfig(rank=rank))
+  params = lora.add_adapters(models.init_params(base, jax.random.PRNGKey(0)), adapted,
+                             jax.random.PRNGKey(1))
+  frozen, adapters = lora.split(params)
+  adapters = jax.tree_util.tree_map(lambda x: x + 0.01, adapters)
+  merge = jax.jit(lambda frozen, adapters: lora.merge(lora.combine(frozen, adapters), adapted))
+  prompts = np.ones((32, 16), np.int32), np.ones((32, 16), bool)
+  sample_args = (np.ones(32, np.float32), np.full(32, 32, np.int32), jax.random.PRNGKey(2))
+
+  def timed(function, *args):
+    jax.block_until_ready(function(*args))  # Compiles.
+    best = (float('inf'), float('inf'))
+    for _ in range(repeats):
+      cpu, start = time.process_time(), time.perf_counter()
+      jax.block_until_ready(function(*args))
+      best = min(best, (time.perf_counter() - start, time.process_time() - cpu))
+    return best
+
+  merged_params = merge(frozen, adapters)
+  rows = [('merge the adapters of one push', timed(merge, frozen, adapters)),
+          ('generate, merged kernels', timed(sampler_lib.make_sampler(base, 16, 32),
+                                             merged_params, *prompts, *sample_args)),
+          ('generate, adapters on the fly', timed(sampler_lib.make_sampler(adapted, 16, 32),
+                                                  lora.combine(frozen, adapters), *prompts,
+                                                  *sample_args))]
+  lines = [f'| `small`, LoRA rank {rank} | wall s | CPU-s |', '|:---|---:|---:|']
+  lines += [f'| {name} | {wall:.3f} | {cpu:.3f} |' for name, (wall, cpu) in rows]
+  return '\n'.join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes-gb', type=float, nargs='+', default=[0.1, 1.0, 4.0])
@@ -183,7 +228,10 @@ def main(argv=None) -> int:
       '', _table(rows), ''] + ([f'Skipped for memory: {", ".join(skipped)}.', '']
                                if skipped else []) + [
       'LoRA pushes carry only the adapters (attention and MLP projections):', '',
-      _lora_bytes(args.lora_rank), ''])
+      _lora_bytes(args.lora_rank), '',
+      'Serving pushed adapters: merged into the kernels once per push (what the servers do) '
+      'against applied on the fly in every decode step (batch 32, 16 + 32 tokens):', '',
+      _lora_serving(args.lora_rank), ''])
   if args.output != '-':
     results.write_section(args.output, SECTION_TITLE, text)
   print(text)
