@@ -38,3 +38,20 @@ def demonstration_batches(task: core.Task, seed: int, batch_size: int,
   source = demonstrations(task, seed)
   while True:
     yield schema.CORE_SCHEMA.batch_trajectories([next(source) for _ in range(batch_size)], spec)
+
+
+def off_policy_batch(task: core.Task, rng: np.random.Generator, batch_size: int,
+                     spec: core.SequenceSpec) -> core.TrajectoryBatch:
+  """A batch of demonstrations posing as off-policy samples: random behaviour log-probs
+  and random rewards in [0, 1), so every term of a policy-gradient loss has a gradient.
+  For tests and benchmarks of learner updates (sharding, several processes, step time)."""
+  trajectories = []
+  for _ in range(batch_size):
+    prompt = task.train_prompt(rng)
+    completion = task.demonstration(prompt, rng)
+    trajectories.append(core.Trajectory(
+        prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
+        completion_tokens=np.asarray(completion, np.int32),
+        behaviour_logprobs=-rng.exponential(size=len(completion)).astype(np.float32),
+        reward=float(rng.random()), terminated=True, param_version=0))
+  return schema.CORE_SCHEMA.batch_trajectories(trajectories, spec)

@@ -32,7 +32,7 @@ def _measure(steps: int) -> list[dict]:
   import numpy as np
   from chorus import core
   from chorus import models
-  from chorus import schema
+  from chorus.actors import demonstrations
   from chorus.actors import reverse_digits
   from chorus.agents import builder as builder_lib
   from chorus.agents import vtrace
@@ -44,16 +44,7 @@ def _measure(steps: int) -> list[dict]:
   params = models.init_params(decoder, jax.random.PRNGKey(0))
   spec = core.SequenceSpec(16, 12)
   rng = np.random.default_rng(0)
-  trajectories = []
-  for _ in range(32):
-    prompt = task.train_prompt(rng)
-    completion = task.demonstration(prompt, rng)
-    trajectories.append(core.Trajectory(
-        prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
-        completion_tokens=np.asarray(completion, np.int32),
-        behaviour_logprobs=-rng.exponential(size=len(completion)).astype(np.float32),
-        reward=float(rng.random()), terminated=True, param_version=0))
-  batch = schema.CORE_SCHEMA.batch_trajectories(trajectories, spec)
+  batch = demonstrations.off_policy_batch(task, rng, 32, spec)
   rows = []
   for shape in _MESHES:
     mesh = None if shape is None else sharding.make_mesh(sharding.MeshConfig(*shape),

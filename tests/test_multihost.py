@@ -62,7 +62,7 @@ def _worker(index: int, count: int, coordinator: str, mesh_shape: tuple[int, ...
   import jax
   from chorus import core
   from chorus import models
-  from chorus import schema
+  from chorus.actors import demonstrations
   from chorus.actors import reverse_digits
   from chorus.agents import builder as builder_lib
   from chorus.agents import vtrace
@@ -79,17 +79,8 @@ def _worker(index: int, count: int, coordinator: str, mesh_shape: tuple[int, ...
       optimizer=learner_lib.make_optimizer(1e-4, 1.0), mesh=mesh), vtrace.VTraceConfig())
   rng = np.random.default_rng(0)
   for _ in range(3):
-    trajectories = []
-    for _ in range(16):
-      prompt = task.train_prompt(rng)
-      completion = task.demonstration(prompt, rng)
-      trajectories.append(core.Trajectory(
-          prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
-          completion_tokens=np.asarray(completion, np.int32),
-          behaviour_logprobs=-rng.exponential(size=len(completion)).astype(np.float32),
-          reward=float(rng.random()), terminated=True, param_version=0))
-    batch = schema.CORE_SCHEMA.batch_trajectories(trajectories, spec)
-    share = len(trajectories) // jax.process_count()
+    batch = demonstrations.off_policy_batch(task, rng, 16, spec)
+    share = 16 // jax.process_count()
     local = jax.tree_util.tree_map(lambda x: x[index * share:(index + 1) * share], batch)
     learner.update(distributed.global_batch(local, mesh))
   gathered = distributed.gather_to_host(learner.state.params)

@@ -78,7 +78,7 @@ def _check_meshes():
   import jax
   from chorus import core
   from chorus import models
-  from chorus import schema
+  from chorus.actors import demonstrations
   from chorus.actors import reverse_digits
   from chorus.agents import builder as builder_lib
   from chorus.agents import vtrace
@@ -90,18 +90,7 @@ def _check_meshes():
   params = models.init_params(decoder, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   spec = core.SequenceSpec(16, 12)
-  batches = []
-  for _ in range(3):
-    trajectories = []
-    for _ in range(16):
-      prompt = task.train_prompt(rng)
-      completion = task.demonstration(prompt, rng)
-      trajectories.append(core.Trajectory(
-          prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
-          completion_tokens=np.asarray(completion, np.int32),
-          behaviour_logprobs=-rng.exponential(size=len(completion)).astype(np.float32),
-          reward=float(rng.random()), terminated=True, param_version=0))
-    batches.append(schema.CORE_SCHEMA.batch_trajectories(trajectories, spec))
+  batches = [demonstrations.off_policy_batch(task, rng, 16, spec) for _ in range(3)]
 
   def train(mesh):
     learner = vtrace.make_vtrace_learner(builder_lib.LearnerContext(
