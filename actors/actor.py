@@ -26,6 +26,13 @@ class ActorConfig:
   model: str = 'policy'
   log_every_s: float = 5.0
 
+  def __post_init__(self):
+    core.check_ranges(self, 'actor', prompts_per_request=(1, None), max_new_tokens=(0, None),
+                      log_every_s=(0, None))
+    error = core.temperature_error(self.temperature)
+    if error:
+      raise ValueError(f'actor.{error}')
+
 
 class Actor:
   """Generates episodes of one task and hands each to replay and the episode log.

@@ -6,7 +6,11 @@ import json
 import os
 import sys
 
-from chorus import configs
+# TensorFlow's start-up INFO lines (CPU features) would bury a one-line error; set before
+# anything imports it. Warnings and errors still show.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from chorus import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from chorus import plugins as plugins_lib
 from chorus.datasets import cli as datasets_cli
 from chorus.launch import experiment
@@ -14,7 +18,11 @@ from chorus.launch import model_commands
 
 
 def _run(args) -> int:
-  config = configs.get_config(args.config)
+  try:
+    config = configs.get_config(args.config)
+  except ValueError as error:
+    print(f'chorus run: {error}', file=sys.stderr)
+    return 2
   try:
     # Before the overrides: they may name the plugins' agents and tasks.
     plugins_lib.import_plugins(args.plugin)

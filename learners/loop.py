@@ -26,6 +26,8 @@ class LearnerConfig:
     publish_every: updates between parameter pushes to the inference servers.
     log_every: updates between metrics lines.
     checkpoint_every: updates between checkpoints (one is also written at the end).
+    max_consecutive_skips: updates in a row skipped for a non-finite loss or gradient
+      (see learner.py) after which the learner stops with DivergenceError.
   """
   batch_size: int = 32
   learning_rate: float = 1e-4
@@ -35,6 +37,13 @@ class LearnerConfig:
   publish_every: int = 1
   log_every: int = 10
   checkpoint_every: int = 100
+  max_consecutive_skips: int = 20
+
+  def __post_init__(self):
+    core.check_ranges(self, 'learner', batch_size=(1, None), learning_rate=(0, 10.0),
+                      max_grad_norm=(1e-8, None), max_steps=(1, None),
+                      publish_every=(1, None), log_every=(1, None),
+                      checkpoint_every=(1, None), max_consecutive_skips=(1, None))
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
