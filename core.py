@@ -22,9 +22,11 @@ MAX_GUIDANCE_SCALE = 1e2
 
 def temperature_error(temperature: float) -> str | None:
   """Why `temperature` is not a sampling temperature a server accepts; None if it is."""
-  if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+  # The slack lets the bounds themselves through after a float32 trip over gRPC.
+  if not (math.isfinite(temperature)
+          and MIN_TEMPERATURE * (1 - 1e-6) <= temperature <= MAX_TEMPERATURE * (1 + 1e-6)):
     return (f'temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], '
-            f'got {temperature:g}.')
+            f'got {temperature}.')
   return None
 
 

@@ -21,6 +21,7 @@ import math
 
 import grpc
 
+from chorus import core
 from chorus import models
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
@@ -30,8 +31,15 @@ from chorus.inference_server.config import InferenceServerConfig
 from chorus.inference_server.lanes import Row
 from chorus.inference_server.lanes import ScoreRow
 from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.served_model import FrozenModelError
+from chorus.inference_server.served_model import RefusedVersionError
 from chorus.inference_server.served_model import StaleVersionError
 from chorus.inference_server.served_model import WrongModelKindError
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+  """`text` for an error message: quoted, and cut short so that no payload is echoed."""
+  return repr(text[:limit]) + ('...' if len(text) > limit else '')
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -43,7 +51,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
   def _model(self, name: str, context, role: str = 'model') -> ServedModel:
     if name not in self._models:
       context.abort(grpc.StatusCode.NOT_FOUND,
-                    f'Unknown {role} {name!r}; this server serves {sorted(self._models)}.')
+                    f'Unknown {role} {_quoted(name)}; this server serves '
+                    f'{sorted(self._models)}.')
     return self._models[name]
 
   @staticmethod
@@ -71,7 +80,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                     f'{what} took over {config.request_timeout_s} s on the server.')
     except Exception as error:  # pylint: disable=broad-except
-      context.abort(grpc.StatusCode.INTERNAL, f'{what} failed: {error!r}')
+      # The exception's type only: its text may hold request data.
+      context.abort(grpc.StatusCode.INTERNAL, f'{what} failed on the server '
+                    f'({type(error).__name__}); see its log.')
 
   def Generate(self, request, context):
     model = self._model(request.model, context)
@@ -110,9 +121,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     f'{len(request.prompts)} prompts x {num_samples} samples = {num_rows} rows '
                     f'in one request; at most {config.max_batch_size} (the server\'s '
                     'max_batch_size). Split the request.')
-    if not (math.isfinite(request.temperature) and request.temperature > 0):
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'temperature must be a finite number > 0, got {request.temperature}.')
+    temperature_error = core.temperature_error(request.temperature)
+    if temperature_error:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, temperature_error)
     if not 0 <= request.max_new_tokens <= sequence.completion_len:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'max_new_tokens must be in [0, {sequence.completion_len}] (the server\'s '
@@ -162,10 +173,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """
     scale = request.guidance_scale
     unconditional = [list(prompt.tokens) for prompt in request.unconditional_prompts]
-    if not (math.isfinite(scale) and scale >= 0):
+    if not (math.isfinite(scale) and 0 <= scale <= core.MAX_GUIDANCE_SCALE):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'guidance_scale must be a finite number >= 0 (0 means no guidance), got '
-                    f'{scale}.')
+                    f'guidance_scale must be a number in [0, {core.MAX_GUIDANCE_SCALE:g}] (0 '
+                    f'means no guidance), got {scale}.')
     if scale == 0:
       if unconditional:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -176,7 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     if request.mixture_model:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'guidance_scale={scale} together with mixture_model='
-                    f'{request.mixture_model!r}: a request samples either a geometric mixture '
+                    f'{_quoted(request.mixture_model)}: a request samples either a geometric mixture '
                     'or classifier-free guidance. Drop one of them.')
     if len(unconditional) not in (1, len(request.prompts)):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -194,7 +205,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     if request.expected_kind and request.expected_kind != model.kind:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                     f'Model {model.name!r} is a {model.kind} model (kind {model.kind!r}), not '
-                    f'{request.expected_kind!r}; call the scoring method for its kind or name '
+                    f'{_quoted(request.expected_kind)}; call the scoring method for its kind or name '
                     f'another model.')
     num_rows = len(request.prompts)
     if not num_rows:
@@ -225,9 +236,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                       f'temperature applies to decoder models only; {model.name!r} is a '
                       f'{model.kind} model. Leave it unset.')
       temperature = request.temperature
-      if not (math.isfinite(temperature) and temperature > 0):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f'temperature must be a finite number > 0, got {temperature}.')
+      temperature_error = core.temperature_error(temperature)
+      if temperature_error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, temperature_error)
     rows = []
     for index in range(num_rows):
       prompt = list(request.prompts[index].tokens)
@@ -269,6 +280,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       model.update_params(model.unflatten(assembly.arrays()), header.version, header.resume)
     except StaleVersionError as error:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    except FrozenModelError as error:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+    except RefusedVersionError as error:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     except param_stream.PushError as error:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'Push to {model.name!r} refused: {error}')
     return inference_pb2.UpdateParamsResponse(version=model.param_version)

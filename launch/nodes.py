@@ -101,22 +101,26 @@ def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port:
 
 
 def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:
-  """The policy and the frozen reference (the warm start), and what the agent adds."""
+  """The policy and the frozen reference (the warm start), and what the agent adds.
+
+  Only the policy and the models the agent publishes take pushes; the reference and the
+  agent's other models (learned reward and preference models) are read-only once built.
+  """
   warm_params = warm_start_params(config, run_dir)
   policy_model = config.model.decoder_config()
 
-  def serve(name, params, model=policy_model, kind='decoder'):
+  def serve(name, params, model=policy_model, kind='decoder', accepts_pushes=False):
     return ServedModel(name, model, params, version=0, config=config.inference,
-                       sequence=config.sequence, kind=kind)
+                       sequence=config.sequence, kind=kind, accepts_pushes=accepts_pushes)
 
-  served = {name: serve(name, warm_params)
-            for name in (agents.POLICY_MODEL, agents.REFERENCE_MODEL)}
+  served = {agents.POLICY_MODEL: serve(agents.POLICY_MODEL, warm_params, accepts_pushes=True),
+            agents.REFERENCE_MODEL: serve(agents.REFERENCE_MODEL, warm_params)}
   for spec in config.builder().served_models(policy_model):
     model = spec.model or policy_model
     params = warm_params
     if spec.checkpoint is not None:
       params = Checkpointer(f'{run_dir}/{spec.checkpoint}').restore(_param_shapes(model))
-    served[spec.name] = serve(spec.name, params, model, spec.kind)
+    served[spec.name] = serve(spec.name, params, model, spec.kind, accepts_pushes=spec.published)
   return served
 
 
