@@ -6,6 +6,7 @@ held-out evaluation of the final policy -> stop everything -> summary.json, curv
 """
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -101,6 +102,20 @@ def _wait_for_services(launcher, inference_address: str, should_stop,
       except InferenceError:
         continue
   raise KeyboardInterrupt
+
+
+def summary_problems(summary: dict) -> list[str]:
+  """Why a finished run's summary is not a success (empty if it is): a learner that never
+  updated, or a final evaluation that is not a finite number."""
+  problems = []
+  if not summary.get('learner_steps'):
+    problems.append('the learner never updated the policy (learner_steps is '
+                    f'{summary.get("learner_steps")})')
+  for key in ('final_eval_reward', 'initial_eval_reward'):
+    value = summary.get(key)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+      problems.append(f'{key} is {value}, not a finite number')
+  return problems
 
 
 LAUNCHERS = ('local', 'ray')
