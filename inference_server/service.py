@@ -23,6 +23,9 @@ import grpc
 
 from chorus import core
 from chorus import models
+from chorus.inference_server import auth
+from chorus.inference_server import health_pb2
+from chorus.inference_server import health_pb2_grpc
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
 from chorus.inference_server import param_stream
@@ -175,8 +178,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     unconditional = [list(prompt.tokens) for prompt in request.unconditional_prompts]
     if not (math.isfinite(scale) and 0 <= scale <= core.MAX_GUIDANCE_SCALE):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'guidance_scale must be a number in [0, {core.MAX_GUIDANCE_SCALE:g}] (0 '
-                    f'means no guidance), got {scale}.')
+                    f'guidance_scale must be a finite number >= 0 and <= '
+                    f'{core.MAX_GUIDANCE_SCALE:g} (0 means no guidance), got {scale}.')
     if scale == 0:
       if unconditional:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -296,11 +299,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     return response
 
 
+SERVICE_NAME = 'chorus.inference.InferenceService'
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+  """Standard gRPC health checking: SERVING for the server ('') and the inference service."""
+
+  def Check(self, request, context):
+    if request.service not in ('', SERVICE_NAME):
+      context.abort(grpc.StatusCode.NOT_FOUND,
+                    f'Unknown service {_quoted(request.service)}; this server has '
+                    f'{SERVICE_NAME!r}.')
+    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
 def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0.0.1:0',
                  num_threads: int = 64,
                  mixtures: Sequence[tuple[str, str]] = (),
-                 guided: Sequence[str] = ()) -> tuple[grpc.Server, int]:
+                 guided: Sequence[str] = (),
+                 secret: str | None = None) -> tuple[grpc.Server, int]:
   """Starts serving on `address` (loopback unless told otherwise); returns (server, port).
+
+  The server answers standard gRPC health checks (grpc.health.v1.Health/Check: SERVING) once
+  it is started, that is once every model is compiled.
 
   Args:
     served_models: the models, by name.
@@ -309,6 +330,8 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
     mixtures: (model, mixture_model) pairs to build (and compile, with warm_up) now
       rather than at their first request; other pairs are built on first use.
     guided: decoders whose guidance lane to build and compile now, likewise.
+    secret: the run's secret (auth.py): every call but health checks must carry it, or is
+      refused UNAUTHENTICATED; None serves anyone (tests, a server of one's own).
   """
   for name, mixture_name in mixtures:
     for needed in (name, mixture_name):
@@ -322,9 +345,11 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
                        f'{sorted(served_models)}.')
     served_models[name].add_guidance().warm_up()
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
-                       options=GRPC_OPTIONS)
+                       options=GRPC_OPTIONS,
+                       interceptors=[auth.ServerInterceptor(secret)] if secret else [])
   inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served_models),
                                                             server)
+  health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
   port = server.add_insecure_port(address)
   if port == 0:
     raise OSError(f'Could not bind the inference server to {address}; is the port in use?')

@@ -20,6 +20,7 @@ from chorus.actors import demonstrations
 from chorus.actors.actor import Actor
 from chorus.actors.evaluation import evaluate
 from chorus.datasets import EpisodeLogger
+from chorus.inference_server import auth
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
 from chorus.inference_server.served_model import ServedModel
@@ -136,7 +137,8 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   # Tasks with an unconditional prompt (music) also evaluate the reference with guidance.
   guided = [agents.REFERENCE_MODEL] if config.guided_task else []
   grpc_server, _ = start_server(served, f'{host}:{port}', config.inference.num_threads,
-                                mixtures=builder.mixtures(), guided=guided)
+                                mixtures=builder.mixtures(), guided=guided,
+                                secret=auth.run_secret())
   logging.info('Inference server on %s:%d serving %s', host, port, sorted(served))
   metrics = MetricsWriter(layout.metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():

@@ -13,6 +13,7 @@ import time
 
 from chorus import agents
 from chorus.actors.evaluation import evaluate
+from chorus.inference_server import auth
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import InferenceError
 from chorus.launch import cost
@@ -145,6 +146,9 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   os.makedirs(run_dir, exist_ok=True)
   config_dict = experiment.to_dict(config)
   config.check()
+  # The run's secret (inference_server/auth.py): in the environment that every node
+  # inherits (the Ray launcher hands it to each node's host), never on disk or in a log.
+  os.environ[auth.SECRET_ENV] = auth.new_secret()
   with open(layout.config_path(run_dir), 'w') as file:
     json.dump(config_dict, file, indent=2)
   metrics_path = layout.metrics_path(run_dir)
