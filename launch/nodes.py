@@ -255,8 +255,10 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
                 for address in inference_addresses for name in learner_obj.published_params()}
   for connection in publishers.values():
     connection.wait_until_ready()
-  if checkpointer.latest_step() is not None:  # Resume after a crash or restart.
-    learner_obj.restore(checkpointer.restore(learner_obj.state))
+  # Resume after a crash or restart, from the newest checkpoint that restores.
+  restored = checkpointer.restore_newest(learner_obj.state)
+  if restored is not None:
+    learner_obj.restore(restored[1])
     logging.info('Learner resumed at step %d', learner_obj.step)
 
   def push_to(address: str) -> Callable[[dict, int], None]:
