@@ -190,8 +190,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     if request.mixture_model:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'guidance_scale={scale} together with mixture_model='
-                    f'{_quoted(request.mixture_model)}: a request samples either a geometric mixture '
-                    'or classifier-free guidance. Drop one of them.')
+                    f'{_quoted(request.mixture_model)}: a request samples either a geometric '
+                    'mixture or classifier-free guidance. Drop one of them.')
     if len(unconditional) not in (1, len(request.prompts)):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'guidance_scale={scale} needs unconditional_prompts (e.g. [BOS, '
@@ -208,8 +208,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     if request.expected_kind and request.expected_kind != model.kind:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                     f'Model {model.name!r} is a {model.kind} model (kind {model.kind!r}), not '
-                    f'{_quoted(request.expected_kind)}; call the scoring method for its kind or name '
-                    f'another model.')
+                    f'{_quoted(request.expected_kind)}; call the scoring method for its kind or '
+                    'name another model.')
     num_rows = len(request.prompts)
     if not num_rows:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,

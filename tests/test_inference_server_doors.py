@@ -84,9 +84,10 @@ def test_a_frozen_model_refuses_every_push_and_keeps_serving_its_version(address
                                                                            params):
   with ParameterPublisher(address, model='reference', timeout_s=_TIMEOUT_S) as publisher:
     for version, resume in ((1, False), (5, True)):
-      error = _refused(lambda: publisher.publish(params, version, resume=resume))  # pylint: disable=cell-var-from-loop
-      assert error.code == grpc.StatusCode.PERMISSION_DENIED
-      assert 'read-only' in str(error)
+      with pytest.raises(InferenceError) as raised:
+        publisher.publish(params, version, resume=resume)
+      assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
+      assert 'read-only' in str(raised.value)
   assert client.status()['reference']['param_version'] == 0
   assert client.generate([[1, 2]], model='reference').param_version == 0
 
@@ -94,9 +95,10 @@ def test_a_frozen_model_refuses_every_push_and_keeps_serving_its_version(address
 def test_a_push_far_ahead_is_refused_and_the_learner_keeps_pushing(address, client, params):
   with ParameterPublisher(address, model='policy', timeout_s=_TIMEOUT_S) as publisher:
     for version in (2**63 - 1, served_model_lib.MAX_VERSION_JUMP + 10**6):
-      error = _refused(lambda: publisher.publish(params, version))  # pylint: disable=cell-var-from-loop
-      assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-      assert 'ahead' in str(error)
+      with pytest.raises(InferenceError) as raised:
+        publisher.publish(params, version)
+      assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+      assert 'ahead' in str(raised.value)
     negative = _refused(lambda: publisher.publish(params, -1, resume=True))
     assert negative.code == grpc.StatusCode.INVALID_ARGUMENT
     before = client.status()['policy']['param_version']
