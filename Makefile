@@ -37,7 +37,8 @@ test-fresh:
 proto: $(STAMP)
 	rm -rf build/proto && mkdir -p build/proto && ln -s $(CURDIR) build/proto/chorus
 	$(VENV)/bin/python -m grpc_tools.protoc -Ibuild/proto --python_out=build/proto \
-	  --grpc_python_out=build/proto chorus/inference_server/inference.proto
+	  --grpc_python_out=build/proto chorus/inference_server/inference.proto \
+	  chorus/inference_server/health.proto
 
 # Regenerates every table and plot of benchmarks/RESULTS.md (each script rewrites its own
 # section); about an hour on 2 cores, most of it the three default runs.

@@ -7,9 +7,49 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+
+# Sampling settings every door accepts (configs, the inference server's Generate and Score):
+# far outside them the softmax under- or overflows (1e-40 gave padding and NaN log-probs).
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 1e2
+MAX_GUIDANCE_SCALE = 1e2
+
+
+def temperature_error(temperature: float) -> str | None:
+  """Why `temperature` is not a sampling temperature a server accepts; None if it is."""
+  # The slack lets the bounds themselves through after a float32 trip over gRPC.
+  if not (math.isfinite(temperature)
+          and MIN_TEMPERATURE * (1 - 1e-6) <= temperature <= MAX_TEMPERATURE * (1 + 1e-6)):
+    return (f'temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], '
+            f'got {temperature}.')
+  return None
+
+
+def check_ranges(config, section: str, **ranges: tuple[float | None, float | None]) -> None:
+  """Raises ValueError unless each named field of `config` lies in its [low, high].
+
+  Every float field of the dataclass must also be finite (NaN compares False everywhere,
+  so a range alone would let it through). `section` prefixes the message the way `--set`
+  names the field, e.g. 'learner'.
+  """
+  prefix = f'{section}.' if section else ''
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{prefix}{field.name} must be a finite number, got {value}.')
+  for name, (low, high) in ranges.items():
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f'{prefix}{name} must be a number, got {value!r}.')
+    if (low is not None and value < low) or (high is not None and value > high):
+      bounds = (f'>= {low:g}' if high is None else f'<= {high:g}' if low is None
+                else f'in [{low:g}, {high:g}]')
+      raise ValueError(f'{prefix}{name} must be {bounds}, got {value:g}.')
 
 
 class TaggedConfig:

@@ -1,6 +1,8 @@
 """The actor loop: prompts -> inference server -> rewards -> replay and RLDS."""
 from collections.abc import Callable
 import dataclasses
+import logging
+import math
 import time
 
 import numpy as np
@@ -26,6 +28,13 @@ class ActorConfig:
   model: str = 'policy'
   log_every_s: float = 5.0
 
+  def __post_init__(self):
+    core.check_ranges(self, 'actor', prompts_per_request=(1, None), max_new_tokens=(0, None),
+                      log_every_s=(0, None))
+    error = core.temperature_error(self.temperature)
+    if error:
+      raise ValueError(f'actor.{error}')
+
 
 class Actor:
   """Generates episodes of one task and hands each to replay and the episode log.
@@ -50,6 +59,7 @@ class Actor:
     self._rng = np.random.default_rng([seed, actor_id])
     self.episodes = 0
     self.generated_tokens = 0
+    self.dropped_episodes = 0  # Non-finite rewards or log-probs: never replayed nor recorded.
     self.digest = core.TrajectoryDigest()
 
   def run_once(self, should_stop: Callable[[], bool] = lambda: False) -> list[core.Trajectory]:
@@ -58,6 +68,14 @@ class Actor:
     trajectories = []
     for sample in self._rollout(prompts):
       prompt, completion = sample.prompt, sample.completion
+      reason = _non_finite(sample)
+      if reason:
+        self.dropped_episodes += 1
+        logging.warning('Actor %d dropped an episode of prompt %s (param version %d): %s; it '
+                        'goes neither to replay nor to RLDS (%d dropped so far).',
+                        self.actor_id, prompt.prompt_id, sample.param_version, reason,
+                        self.dropped_episodes)
+        continue
       trajectory = core.Trajectory(
           prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
           completion_tokens=completion.tokens, behaviour_logprobs=completion.logprobs,
@@ -91,6 +109,7 @@ class Actor:
             kind='actor', episodes=self.episodes, generated_tokens=self.generated_tokens,
             episodes_per_second=(self.episodes - episodes_at_log) / elapsed,
             tokens_per_second=(self.generated_tokens - tokens_at_log) / elapsed,
+            dropped_episodes=self.dropped_episodes,
             mean_reward=float(np.mean(rewards)) if rewards else None)
         last_log, rewards = now, []
         episodes_at_log, tokens_at_log = self.episodes, self.generated_tokens
@@ -98,3 +117,14 @@ class Actor:
       self._metrics.write(kind='actor_final', episodes=self.episodes,
                           generated_tokens=self.generated_tokens,
                           episode_digest=self.digest.hexdigest())
+
+
+def _non_finite(sample) -> str | None:
+  """Why a rollout sample cannot train (a NaN or infinite reward or log-prob); None if it can."""
+  for name, value in sample.reward_components.items():
+    if not math.isfinite(float(value)):
+      return f'reward component {name!r} is {value}'
+  logprobs = np.asarray(sample.completion.logprobs, np.float64)
+  if not np.isfinite(logprobs).all():
+    return f'{int((~np.isfinite(logprobs)).sum())} behaviour log-probs are not finite'
+  return None

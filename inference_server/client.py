@@ -11,6 +11,7 @@ import uuid
 import grpc
 import numpy as np
 
+from chorus.inference_server import auth
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
 from chorus.inference_server.config import GRPC_OPTIONS
@@ -114,12 +115,16 @@ def _call(name: str, method, request, timeout_s: float, address: str):
 
 
 class _Connection:
+  """A channel to one inference server; every call carries `secret` (auth.py): by default
+  the run's, from this process's environment; '' sends none."""
 
-  def __init__(self, address: str, timeout_s: float):
+  def __init__(self, address: str, timeout_s: float, secret: str | None = None):
     self.address = address
     self.timeout_s = timeout_s
     self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+    secret = auth.run_secret() if secret is None else secret
+    self._stub = inference_pb2_grpc.InferenceServiceStub(
+        auth.secure_channel(self._channel, secret))
 
   def status(self) -> dict[str, dict[str, int | str]]:
     """Per model: its kind, param_version, traffic counters (generated_tokens /
@@ -157,8 +162,8 @@ class _Connection:
 class InferenceClient(_Connection):
   """What an actor holds: asks one inference server for completions."""
 
-  def __init__(self, address: str, timeout_s: float = 120.0):
-    super().__init__(address, timeout_s)
+  def __init__(self, address: str, timeout_s: float = 120.0, *, secret: str | None = None):
+    super().__init__(address, timeout_s, secret)
     # Random per process, so the server can tell a restarted actor from the old one.
     self.actor_run_id = uuid.uuid4().hex
 
@@ -267,8 +272,9 @@ class ParameterPublisher(_Connection):
   """
 
   def __init__(self, address: str, model: str = 'policy', timeout_s: float = 60.0, *,
-               chunk_bytes: int = 4 << 20, wire_dtype: str = ''):
-    super().__init__(address, timeout_s)
+               chunk_bytes: int = 4 << 20, wire_dtype: str = '',
+               secret: str | None = None):
+    super().__init__(address, timeout_s, secret)
     self.model = model
     self.chunk_bytes = chunk_bytes
     self.wire_dtype = wire_dtype

@@ -4,6 +4,8 @@ Light on purpose (no JAX, no server modules): actor processes import it through 
 """
 import dataclasses
 
+from chorus import core
+
 SCHEDULERS = ('continuous', 'dynamic')
 
 # Generate and Score messages are small, and parameter pushes stream in chunks of a few
@@ -55,6 +57,8 @@ class InferenceServerConfig:
       raise ValueError(f'inference.max_batch_size ({self.max_batch_size}) and '
                        f'inference.decode_steps_per_call ({self.decode_steps_per_call}) must be '
                        'at least 1.')
+    core.check_ranges(self, 'inference', max_wait_ms=(0, None), request_timeout_s=(1e-3, None),
+                      num_threads=(1, None))
 
   def batch_buckets(self) -> tuple[int, ...]:
     """Padded batch sizes (powers of two up to the cap), so XLA compiles a few shapes only."""

@@ -111,9 +111,10 @@ class Assembly:
     sent = [tensor.path for tensor in header.tensors]
     if sorted(sent) != sorted(expected) or len(set(sent)) != len(sent):
       missing = sorted(set(expected) - set(sent))
-      unexpected = sorted(set(sent) - set(expected))
+      # Sent paths are the caller's text: a few, each cut short, never the whole payload.
+      unexpected = [path[:64] for path in sorted(set(sent) - set(expected))[:5]]
       raise PushError(f'The push names {len(sent)} tensors where the model has '
-                      f'{len(expected)}: missing {missing[:5]}, unexpected {unexpected[:5]}. '
+                      f'{len(expected)}: missing {missing[:5]}, unexpected {unexpected}. '
                       'Push the full parameter tree of the served architecture.')
     self._tensors = []  # (layout, wire dtype, byte size) in the order sent.
     for tensor in header.tensors:

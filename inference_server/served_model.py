@@ -24,8 +24,22 @@ from chorus.models import sharding
 GenerationLane = ContinuousLane | DynamicLane
 
 
+# A learner's pushes move a version forward by its publish interval; after a server restart
+# (version 0) a non-resume push may be a whole run's steps ahead, but never this far. Without
+# a bound one push of 2**63 - 1 would block every later push of the learner.
+MAX_VERSION_JUMP = 1 << 24
+
+
 class StaleVersionError(ValueError):
   """A parameter update whose version is not newer than the served one."""
+
+
+class RefusedVersionError(ValueError):
+  """A parameter update whose version no learner would send (negative, or far ahead)."""
+
+
+class FrozenModelError(ValueError):
+  """A parameter update to a model that is read-only after set-up (reference, reward model)."""
 
 
 class WrongModelKindError(ValueError):
@@ -53,6 +67,9 @@ class ServedModel:
       per-token log-probs, may be either side of a geometric mixture), 'reward' (scores
       one reward per completion) or 'preference' (scores P(completion > comparison) per
       pair).
+    accepts_pushes: whether parameter updates may replace `params` (the policy, a
+      published anchor); False freezes the model after set-up (a reference, a learned
+      reward or preference model): every push is refused.
     pushed_adapters: when its rank is > 0, pushes carry only LoRA adapters of this config
       (a learner that trains adapters): each is merged into the frozen `params` on
       arrival, so generation runs on plain kernels at the adapter-free cost.
@@ -62,13 +79,14 @@ class ServedModel:
 
   def __init__(self, name: str, decoder_config: models.DecoderConfig, params: Any,
                version: int, config: InferenceServerConfig, sequence: core.SequenceSpec,
-               kind: str = 'decoder', pushed_adapters: models.LoraConfig = models.LoraConfig(),
-               mesh: Mesh | None = None):
+               kind: str = 'decoder', accepts_pushes: bool = True,
+               pushed_adapters: models.LoraConfig = models.LoraConfig(), mesh: Mesh | None = None):
     if kind not in scoring_lib.MODEL_KINDS:
       raise ValueError(f'Model {name!r} has unknown kind {kind!r}; use one of '
                        f'{scoring_lib.MODEL_KINDS}.')
     self.name = name
     self.kind = kind
+    self.accepts_pushes = accepts_pushes
     self.decoder_config = decoder_config
     self.config = config
     self.sequence = sequence
@@ -215,8 +233,23 @@ class ServedModel:
     return self._scoring.submit(rows)
 
   def check_version(self, version: int, resume: bool = False) -> None:
-    """Raises StaleVersionError unless `version` may replace the served one."""
+    """Raises unless `version` may replace the served one.
+
+    FrozenModelError: the model takes no pushes. RefusedVersionError: a negative version,
+    or one more than MAX_VERSION_JUMP ahead that is not a learner's resume. StaleVersionError:
+    not newer than the served version, and not a resume.
+    """
+    if not self.accepts_pushes:
+      raise FrozenModelError(f'Model {self.name!r} is read-only after set-up; it takes no '
+                             'parameter pushes.')
     current = self.param_version
+    if version < 0:
+      raise RefusedVersionError(f'Version {version} is negative; versions count learner '
+                                'steps from 0.')
+    if not resume and version > current + MAX_VERSION_JUMP:
+      raise RefusedVersionError(f'Model {self.name!r} serves version {current}; version '
+                                f'{version} is more than {MAX_VERSION_JUMP} ahead, which no '
+                                'learner pushes.')
     if version <= current and not resume:
       raise StaleVersionError(f'Model {self.name!r} already serves version {current}; '
                               f'version {version} is not newer. Versions must increase.')

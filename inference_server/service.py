@@ -21,7 +21,11 @@ import math
 
 import grpc
 
+from chorus import core
 from chorus import models
+from chorus.inference_server import auth
+from chorus.inference_server import health_pb2
+from chorus.inference_server import health_pb2_grpc
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
 from chorus.inference_server import param_stream
@@ -30,8 +34,15 @@ from chorus.inference_server.config import InferenceServerConfig
 from chorus.inference_server.lanes import Row
 from chorus.inference_server.lanes import ScoreRow
 from chorus.inference_server.served_model import ServedModel
+from chorus.inference_server.served_model import FrozenModelError
+from chorus.inference_server.served_model import RefusedVersionError
 from chorus.inference_server.served_model import StaleVersionError
 from chorus.inference_server.served_model import WrongModelKindError
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+  """`text` for an error message: quoted, and cut short so that no payload is echoed."""
+  return repr(text[:limit]) + ('...' if len(text) > limit else '')
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -43,7 +54,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
   def _model(self, name: str, context, role: str = 'model') -> ServedModel:
     if name not in self._models:
       context.abort(grpc.StatusCode.NOT_FOUND,
-                    f'Unknown {role} {name!r}; this server serves {sorted(self._models)}.')
+                    f'Unknown {role} {_quoted(name)}; this server serves '
+                    f'{sorted(self._models)}.')
     return self._models[name]
 
   @staticmethod
@@ -71,7 +83,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                     f'{what} took over {config.request_timeout_s} s on the server.')
     except Exception as error:  # pylint: disable=broad-except
-      context.abort(grpc.StatusCode.INTERNAL, f'{what} failed: {error!r}')
+      # The exception's type only: its text may hold request data.
+      context.abort(grpc.StatusCode.INTERNAL, f'{what} failed on the server '
+                    f'({type(error).__name__}); see its log.')
 
   def Generate(self, request, context):
     model = self._model(request.model, context)
@@ -110,9 +124,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     f'{len(request.prompts)} prompts x {num_samples} samples = {num_rows} rows '
                     f'in one request; at most {config.max_batch_size} (the server\'s '
                     'max_batch_size). Split the request.')
-    if not (math.isfinite(request.temperature) and request.temperature > 0):
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'temperature must be a finite number > 0, got {request.temperature}.')
+    temperature_error = core.temperature_error(request.temperature)
+    if temperature_error:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, temperature_error)
     if not 0 <= request.max_new_tokens <= sequence.completion_len:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'max_new_tokens must be in [0, {sequence.completion_len}] (the server\'s '
@@ -162,10 +176,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """
     scale = request.guidance_scale
     unconditional = [list(prompt.tokens) for prompt in request.unconditional_prompts]
-    if not (math.isfinite(scale) and scale >= 0):
+    if not (math.isfinite(scale) and 0 <= scale <= core.MAX_GUIDANCE_SCALE):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'guidance_scale must be a finite number >= 0 (0 means no guidance), got '
-                    f'{scale}.')
+                    f'guidance_scale must be a finite number >= 0 and <= '
+                    f'{core.MAX_GUIDANCE_SCALE:g} (0 means no guidance), got {scale}.')
     if scale == 0:
       if unconditional:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -176,8 +190,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     if request.mixture_model:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'guidance_scale={scale} together with mixture_model='
-                    f'{request.mixture_model!r}: a request samples either a geometric mixture '
-                    'or classifier-free guidance. Drop one of them.')
+                    f'{_quoted(request.mixture_model)}: a request samples either a geometric '
+                    'mixture or classifier-free guidance. Drop one of them.')
     if len(unconditional) not in (1, len(request.prompts)):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'guidance_scale={scale} needs unconditional_prompts (e.g. [BOS, '
@@ -194,8 +208,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     if request.expected_kind and request.expected_kind != model.kind:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                     f'Model {model.name!r} is a {model.kind} model (kind {model.kind!r}), not '
-                    f'{request.expected_kind!r}; call the scoring method for its kind or name '
-                    f'another model.')
+                    f'{_quoted(request.expected_kind)}; call the scoring method for its kind or '
+                    'name another model.')
     num_rows = len(request.prompts)
     if not num_rows:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -225,9 +239,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                       f'temperature applies to decoder models only; {model.name!r} is a '
                       f'{model.kind} model. Leave it unset.')
       temperature = request.temperature
-      if not (math.isfinite(temperature) and temperature > 0):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f'temperature must be a finite number > 0, got {temperature}.')
+      temperature_error = core.temperature_error(temperature)
+      if temperature_error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, temperature_error)
     rows = []
     for index in range(num_rows):
       prompt = list(request.prompts[index].tokens)
@@ -269,6 +283,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       model.update_params(model.unflatten(assembly.arrays()), header.version, header.resume)
     except StaleVersionError as error:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    except FrozenModelError as error:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+    except RefusedVersionError as error:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     except param_stream.PushError as error:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'Push to {model.name!r} refused: {error}')
     return inference_pb2.UpdateParamsResponse(version=model.param_version)
@@ -281,11 +299,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     return response
 
 
+SERVICE_NAME = 'chorus.inference.InferenceService'
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+  """Standard gRPC health checking: SERVING for the server ('') and the inference service."""
+
+  def Check(self, request, context):
+    if request.service not in ('', SERVICE_NAME):
+      context.abort(grpc.StatusCode.NOT_FOUND,
+                    f'Unknown service {_quoted(request.service)}; this server has '
+                    f'{SERVICE_NAME!r}.')
+    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
 def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0.0.1:0',
                  num_threads: int = 64,
                  mixtures: Sequence[tuple[str, str]] = (),
-                 guided: Sequence[str] = ()) -> tuple[grpc.Server, int]:
+                 guided: Sequence[str] = (),
+                 secret: str | None = None) -> tuple[grpc.Server, int]:
   """Starts serving on `address` (loopback unless told otherwise); returns (server, port).
+
+  The server answers standard gRPC health checks (grpc.health.v1.Health/Check: SERVING) once
+  it is started, that is once every model is compiled.
 
   Args:
     served_models: the models, by name.
@@ -294,6 +330,8 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
     mixtures: (model, mixture_model) pairs to build (and compile, with warm_up) now
       rather than at their first request; other pairs are built on first use.
     guided: decoders whose guidance lane to build and compile now, likewise.
+    secret: the run's secret (auth.py): every call but health checks must carry it, or is
+      refused UNAUTHENTICATED; None serves anyone (tests, a server of one's own).
   """
   for name, mixture_name in mixtures:
     for needed in (name, mixture_name):
@@ -307,9 +345,11 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
                        f'{sorted(served_models)}.')
     served_models[name].add_guidance().warm_up()
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
-                       options=GRPC_OPTIONS)
+                       options=GRPC_OPTIONS,
+                       interceptors=[auth.ServerInterceptor(secret)] if secret else [])
   inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served_models),
                                                             server)
+  health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
   port = server.add_insecure_port(address)
   if port == 0:
     raise OSError(f'Could not bind the inference server to {address}; is the port in use?')

@@ -6,7 +6,11 @@ import json
 import os
 import sys
 
-from chorus import configs
+# TensorFlow's start-up INFO lines (CPU features) would bury a one-line error; set before
+# anything imports it. Warnings and errors still show.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from chorus import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from chorus import plugins as plugins_lib
 from chorus.datasets import cli as datasets_cli
 from chorus.launch import experiment
@@ -14,7 +18,11 @@ from chorus.launch import model_commands
 
 
 def _run(args) -> int:
-  config = configs.get_config(args.config)
+  try:
+    config = configs.get_config(args.config)
+  except ValueError as error:
+    print(f'chorus run: {error}', file=sys.stderr)
+    return 2
   try:
     # Before the overrides: they may name the plugins' agents and tasks.
     plugins_lib.import_plugins(args.plugin)
@@ -38,12 +46,16 @@ def _run(args) -> int:
   run_dir = args.run_dir or os.path.join(
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from chorus.launch.local import NodeFailed  # pylint: disable=g-import-not-at-top
   try:
     summary = run.run_experiment(config, run_dir, launcher=args.launcher,
                                  ray_address=args.ray_address)
   except KeyboardInterrupt:
     print('Stopped; every node was shut down.', file=sys.stderr)
     return 130
+  except NodeFailed as error:  # The node's own error (a diverged learner, say) and log tail.
+    print(f'chorus run: {error}', file=sys.stderr)
+    return 1
   keys = ('learner_steps', 'episodes', 'initial_eval_reward', 'final_eval_reward',
           'tokens_per_second', 'mean_policy_lag', 'wall_seconds')
   shown = {key: summary[key] for key in keys}
@@ -51,6 +63,10 @@ def _run(args) -> int:
                final_win_rate_vs_reference=summary['final_eval'].get('win_rate'))
   print(json.dumps(shown, indent=2))
   print(f'Summary, curves, RLDS and checkpoints in {os.path.abspath(run_dir)}')
+  problems = run.summary_problems(summary)
+  if problems:
+    print(f'chorus run: the run failed: {"; ".join(problems)}.', file=sys.stderr)
+    return 1
   return 0
 
 

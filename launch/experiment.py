@@ -7,6 +7,7 @@ agent shares. `to_dict` / `from_dict` are its JSON form (config.json of a run) a
 """
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -44,6 +45,14 @@ class EvalConfig:
   greedy_temperature: float = 0.01
   every_s: float = 0.0
   cfg_teacher_guidance_scale: float = 3.0
+
+  def __post_init__(self):
+    core.check_ranges(self, 'evaluation', every_s=(0, None),
+                      cfg_teacher_guidance_scale=(0, core.MAX_GUIDANCE_SCALE))
+    for name in ('temperature', 'greedy_temperature'):
+      error = core.temperature_error(getattr(self, name))
+      if error:
+        raise ValueError(f'evaluation.{name}: {error}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +117,16 @@ class ExperimentConfig:
   plugins: tuple[str, ...] = ()
 
   def __post_init__(self):
-    for name in ('num_actors', 'actors_per_process', 'num_inference_servers',
-                 'num_replay_servers'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
+    core.check_ranges(self, '', num_actors=(1, None), actors_per_process=(1, None),
+                      num_inference_servers=(1, None), num_replay_servers=(1, None),
+                      rlds_episodes_per_file=(1, None))
     if not isinstance(self.agent, agents.AgentConfig):
       raise ValueError(f'agent must be an agent config ({agents.tags()}), not '
                        f'{type(self.agent).__name__}.')
     if not isinstance(self.task, core.TaskConfig):
       raise ValueError(f'task must be a task config ({core.TaskConfig.tags()}), not '
                        f'{type(self.task).__name__}.')
+    _check_finite(self, '')
 
   def make_task(self) -> core.Task:
     """The task, encoding with the policy's tokenizer when the model is pretrained."""
@@ -143,6 +152,21 @@ class ExperimentConfig:
   def guided_task(self) -> bool:
     """The task has an unconditional prompt, so its model can sample with CFG (music)."""
     return hasattr(self.make_task(), 'unconditional_prompt_tokens')
+
+
+def _check_finite(config, path: str) -> None:
+  """Raises ValueError naming the first float field of the nested configs that is NaN or inf.
+
+  Configs without range checks of their own (agents', tasks', models') get this one: a NaN
+  hyperparameter trains NaN.
+  """
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    name = f'{path}{field.name}'
+    if dataclasses.is_dataclass(value):
+      _check_finite(value, f'{name}.')
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{name} must be a finite number, got {value}.')
 
 
 def to_dict(config) -> dict:

@@ -1,6 +1,8 @@
 """How launchers supervise nodes and what the Ray launcher asks Ray for (`--set launcher.*`)."""
 import dataclasses
 
+from chorus import core
+
 
 @dataclasses.dataclass(frozen=True)
 class LauncherConfig:
@@ -30,3 +32,8 @@ class LauncherConfig:
   ray_cpu_resources: dict[str, float] = dataclasses.field(default_factory=dict)
   ray_local_num_cpus: int = 0
   ray_placement_timeout_s: float = 600.0
+
+  def __post_init__(self):
+    core.check_ranges(self, 'launcher', max_restarts=(0, None), restart_backoff_s=(0, None),
+                      stop_timeout_s=(0, None), ray_local_num_cpus=(0, None),
+                      ray_placement_timeout_s=(0, None))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from chorus.inference_server import auth
 from chorus.launch import program as program_lib
 from chorus.launch import worker
 from chorus.launch.launcher_config import LauncherConfig
@@ -46,13 +47,16 @@ def write_node_spec(run_dir: str, node: program_lib.Node, addresses: dict[str, s
     json.dump({'role': node.role, 'kwargs': kwargs}, file, indent=2)
 
 
-def start_worker(run_dir: str, name: str, log) -> subprocess.Popen:
+def start_worker(run_dir: str, name: str, log, secret: str | None = None) -> subprocess.Popen:
   """Starts `python -m chorus.launch.worker RUN_DIR NAME` with output to the open file `log`.
 
   The node gets its own session (signals to the launcher's process group do not reach
-  it) and SIGTERM when its parent dies, even by SIGKILL.
+  it) and SIGTERM when its parent dies, even by SIGKILL. Its environment is this
+  process's, with the run's secret (inference_server/auth.py) if `secret` is given.
   """
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+  if secret:
+    env[auth.SECRET_ENV] = secret
   return subprocess.Popen(
       [sys.executable, '-m', 'chorus.launch.worker', run_dir, name],
       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -20,6 +20,7 @@ from chorus.actors import demonstrations
 from chorus.actors.actor import Actor
 from chorus.actors.evaluation import evaluate
 from chorus.datasets import EpisodeLogger
+from chorus.inference_server import auth
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
 from chorus.inference_server.served_model import ServedModel
@@ -102,29 +103,31 @@ def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port:
 
 
 def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:
-  """The policy and the frozen reference (the warm start), and what the agent adds."""
-  warm_params = warm_start_params(config, run_dir)
-  # Served without adapters: models that follow the policy get its adapters in each push
-  # and merge them into these weights.
-  policy_model = config.model.base_decoder_config()
+  """The policy and the frozen reference (the warm start), and what the agent adds.
 
+  Only the policy and the models the agent publishes take pushes; the reference and the
+  agent's other models (learned reward and preference models) are read-only once built.
+  """
+  warm_params = warm_start_params(config, run_dir)
+  policy_model = config.model.base_decoder_config()
   mesh = sharding.make_mesh(config.mesh)
 
-  def serve(name, params, model=policy_model, kind='decoder', pushed_adapters=config.model.lora):
+  def serve(name, params, model=policy_model, kind='decoder', accepts_pushes=False):
+    # Served without adapters: the models the learner moves get its adapters in each push
+    # (when it trains adapters) and merge them into these weights.
+    adapters = config.model.lora if accepts_pushes else models.LoraConfig()
     return ServedModel(name, model, params, version=0, config=config.inference,
-                       sequence=config.sequence, kind=kind, pushed_adapters=pushed_adapters,
-                       mesh=mesh)
+                       sequence=config.sequence, kind=kind, accepts_pushes=accepts_pushes,
+                       pushed_adapters=adapters, mesh=mesh)
 
-  served = {agents.POLICY_MODEL: serve(agents.POLICY_MODEL, warm_params),
-            agents.REFERENCE_MODEL: serve(agents.REFERENCE_MODEL, warm_params,
-                                          pushed_adapters=models.LoraConfig())}
+  served = {agents.POLICY_MODEL: serve(agents.POLICY_MODEL, warm_params, accepts_pushes=True),
+            agents.REFERENCE_MODEL: serve(agents.REFERENCE_MODEL, warm_params)}
   for spec in config.builder().served_models(policy_model):
     model = spec.model or policy_model
-    if spec.checkpoint is None:  # A copy of the policy that the learner moves (an anchor).
-      served[spec.name] = serve(spec.name, warm_params, model, spec.kind)
-    else:  # Trained by a setup step, read-only: whole parameters.
+    params = warm_params
+    if spec.checkpoint is not None:  # Trained by a setup step.
       params = Checkpointer(f'{run_dir}/{spec.checkpoint}').restore(_param_shapes(model))
-      served[spec.name] = serve(spec.name, params, model, spec.kind, models.LoraConfig())
+    served[spec.name] = serve(spec.name, params, model, spec.kind, accepts_pushes=spec.published)
   return served
 
 
@@ -140,7 +143,8 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   # Tasks with an unconditional prompt (music) also evaluate the reference with guidance.
   guided = [agents.REFERENCE_MODEL] if config.guided_task else []
   grpc_server, _ = start_server(served, f'{host}:{port}', config.inference.num_threads,
-                                mixtures=builder.mixtures(), guided=guided)
+                                mixtures=builder.mixtures(), guided=guided,
+                                secret=auth.run_secret())
   logging.info('Inference server on %s:%d serving %s', host, port, sorted(served))
   metrics = MetricsWriter(layout.metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():
@@ -264,8 +268,10 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
                 for address in inference_addresses for name in learner_obj.published_params()}
   for connection in publishers.values():
     connection.wait_until_ready()
-  if checkpointer.latest_step() is not None:  # Resume after a crash or restart.
-    learner_obj.restore(checkpointer.restore(learner_obj.state))
+  # Resume after a crash or restart, from the newest checkpoint that restores.
+  restored = checkpointer.restore_newest(learner_obj.state)
+  if restored is not None:
+    learner_obj.restore(restored[1])
     logging.info('Learner resumed at step %d', learner_obj.step)
 
   def push_to(address: str) -> Callable[[dict, int], None]:

@@ -27,6 +27,7 @@ import time
 import ray
 from ray._private import ray_constants
 
+from chorus.inference_server import auth
 from chorus.launch import local as local_lib
 from chorus.launch import program as program_lib
 from chorus.launch import ray_node_host
@@ -213,7 +214,8 @@ class RayLauncher(local_lib.LauncherBase):
     for node in nodes:
       hosts[node.name] = ray_node_host.NodeHost.options(
           max_restarts=self.max_restarts if node.restart else 0,
-          **_actor_options(self._resources(node))).remote(self.run_dir, node.name)
+          **_actor_options(self._resources(node))).remote(self.run_dir, node.name,
+                                                          auth.run_secret())
     places = {node.name: hosts[node.name].place.remote(node.serves) for node in nodes}
     _, unplaced = ray.wait(list(places.values()), num_returns=len(places),
                            timeout=self.placement_timeout_s)

@@ -29,9 +29,10 @@ class NodeHost:
   Two calls run at once, so `terminate` and `kill` reach the process while `run` waits.
   """
 
-  def __init__(self, run_dir: str, name: str):
+  def __init__(self, run_dir: str, name: str, secret: str | None = None):
     self._run_dir = run_dir
     self._name = name
+    self._secret = secret  # The run's (auth.py): into the node's environment, nowhere else.
     self._lock = threading.Lock()
     self._process: subprocess.Popen | None = None
     self._stopping = False
@@ -83,7 +84,7 @@ class NodeHost:
                 f'{placement["accelerator_ids"]}\n'.encode())
       log.flush()
       # As on the local launcher: its own session, and SIGTERM when its host dies.
-      self._process = local_lib.start_worker(self._run_dir, self._name, log)
+      self._process = local_lib.start_worker(self._run_dir, self._name, log, self._secret)
     return self._process.wait()
 
   def terminate(self):

@@ -6,12 +6,14 @@ held-out evaluation of the final policy -> stop everything -> summary.json, curv
 """
 import json
 import logging
+import math
 import os
 import signal
 import time
 
 from chorus import agents
 from chorus.actors.evaluation import evaluate
+from chorus.inference_server import auth
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import InferenceError
 from chorus.launch import cost
@@ -103,6 +105,20 @@ def _wait_for_services(launcher, inference_address: str, should_stop,
   raise KeyboardInterrupt
 
 
+def summary_problems(summary: dict) -> list[str]:
+  """Why a finished run's summary is not a success (empty if it is): a learner that never
+  updated, or a final evaluation that is not a finite number."""
+  problems = []
+  if not summary.get('learner_steps'):
+    problems.append('the learner never updated the policy (learner_steps is '
+                    f'{summary.get("learner_steps")})')
+  for key in ('final_eval_reward', 'initial_eval_reward'):
+    value = summary.get(key)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+      problems.append(f'{key} is {value}, not a finite number')
+  return problems
+
+
 LAUNCHERS = ('local', 'ray')
 
 
@@ -130,6 +146,9 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   os.makedirs(run_dir, exist_ok=True)
   config_dict = experiment.to_dict(config)
   config.check()
+  # The run's secret (inference_server/auth.py): in the environment that every node
+  # inherits (the Ray launcher hands it to each node's host), never on disk or in a log.
+  os.environ[auth.SECRET_ENV] = auth.new_secret()
   with open(layout.config_path(run_dir), 'w') as file:
     json.dump(config_dict, file, indent=2)
   metrics_path = layout.metrics_path(run_dir)

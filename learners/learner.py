@@ -20,6 +20,11 @@ is one optimiser step on the whole batch; PPO-style learners instead reuse the b
 `num_epochs` passes of `num_minibatches` shuffled minibatches each, after `prepare_batch`
 has computed what must stay fixed across those passes (advantages from the values at the
 start of the update, the frozen reference's log-probs).
+
+An update whose loss, gradient, batch rewards or behaviour log-probs, or resulting
+parameters are not all finite is skipped inside the same jit: the train state (step
+included) stays what it was and the metrics say `skipped_update` = 1 (learners/loop.py
+counts them and stops a run that only skips).
 """
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -65,6 +70,14 @@ def polyak_update(rate: float, name: str) -> AuxUpdate:
     return {**aux, name: moved}
 
   return update
+
+
+def _all_finite(tree) -> jax.Array:
+  """A scalar bool: every floating leaf of `tree` is free of NaN and inf."""
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])) if leaves else (
+      jnp.bool_(True))
 
 
 class Learner:
@@ -196,6 +209,16 @@ class Learner:
 
   def _update_fn(self, state: TrainState, constants: dict[str, Any],
                  batch: core.TrajectoryBatch):
+    new_state, metrics = self._unguarded_update(state, constants, batch)
+    finite = _all_finite((metrics, new_state.params, new_state.aux, batch.reward,
+                          batch.behaviour_logprobs))
+    # Skipped: every leaf (params, optimiser state, aux, step) keeps its old value.
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                       new_state, state)
+    return new_state, {**metrics, 'skipped_update': 1 - finite.astype(jnp.float32)}
+
+  def _unguarded_update(self, state: TrainState, constants: dict[str, Any],
+                        batch: core.TrajectoryBatch):
     if self._prepare_batch:
       batch = jax.lax.stop_gradient(self._prepare_batch(
           *self._whole_trees(state.params, {**state.aux, **constants}), batch))

@@ -12,6 +12,10 @@ from chorus.learners import background
 from chorus.metrics import MetricsWriter
 
 
+class DivergenceError(RuntimeError):
+  """The learner skipped `max_consecutive_skips` updates in a row: training diverged."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
   """The learner loop.
@@ -26,6 +30,8 @@ class LearnerConfig:
     publish_every: updates between parameter pushes to the inference servers.
     log_every: updates between metrics lines.
     checkpoint_every: updates between checkpoints (one is also written at the end).
+    max_consecutive_skips: updates in a row skipped for a non-finite loss or gradient
+      (see learner.py) after which the learner stops with DivergenceError.
   """
   batch_size: int = 32
   learning_rate: float = 1e-4
@@ -35,6 +41,13 @@ class LearnerConfig:
   publish_every: int = 1
   log_every: int = 10
   checkpoint_every: int = 100
+  max_consecutive_skips: int = 20
+
+  def __post_init__(self):
+    core.check_ranges(self, 'learner', batch_size=(1, None), learning_rate=(0, 10.0),
+                      max_grad_norm=(1e-8, None), max_steps=(1, None),
+                      publish_every=(1, None), log_every=(1, None),
+                      checkpoint_every=(1, None), max_consecutive_skips=(1, None))
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
@@ -53,11 +66,18 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   lag of a batch is exactly (updates done so far) - (version that sampled it). After a
   restart from a checkpoint at step k, trajectories sampled by the lost versions above k
   show a negative lag until they have left replay.
+
+  An update the learner skipped (`skipped_update` in its metrics: a non-finite loss,
+  gradient, reward or result, see learner.py) changes nothing: it is logged with the rows
+  whose rewards were not finite, counted (`skipped_updates` in the metrics), and neither
+  published nor checkpointed. `config.max_consecutive_skips` in a row raise
+  DivergenceError.
   """
   summary_writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir else None
   window: dict[str, list[float]] = {}
   window_start, trajectories_seen = time.monotonic(), 0
   step = learner.step
+  skipped_updates = consecutive_skips = 0
   batches = background.Prefetcher(batches)
   while step < config.max_steps and not should_stop():
     wait_start = time.monotonic()
@@ -67,9 +87,22 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
     update_start = time.monotonic()
     update_metrics = learner.update(batch)
     update_seconds = time.monotonic() - update_start
+    if update_metrics.pop('skipped_update', 0.0) > 0:
+      skipped_updates += 1
+      consecutive_skips += 1
+      _log_skip(batch, step, consecutive_skips, metrics)
+      if consecutive_skips >= config.max_consecutive_skips:
+        raise DivergenceError(
+            f'The learner skipped {consecutive_skips} updates in a row at step {step}: the '
+            'loss, gradient, rewards or parameters were not finite each time. Lower '
+            'learner.learning_rate, check the task\'s rewards, or resume from an earlier '
+            'checkpoint.')
+      continue
+    consecutive_skips = 0
     step = learner.step
     trajectories_seen += len(batch.reward)
     update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
+                          skipped_updates=skipped_updates,
                           batch_wait_seconds=wait_seconds, update_seconds=update_seconds)
     if step % config.publish_every == 0 or step == config.max_steps:
       publish_start = time.monotonic()
@@ -81,6 +114,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
       elapsed = time.monotonic() - window_start
       means = {name: float(np.mean(values)) for name, values in window.items()}
       means['max_policy_lag'] = float(np.max(window['max_policy_lag']))
+      means['skipped_updates'] = float(skipped_updates)
       means['trajectories_per_second'] = trajectories_seen / elapsed
       # Share of the window's wall time inside updates: what prefetching and background
       # publishing raise.
@@ -98,3 +132,17 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   if summary_writer:
     summary_writer.flush()
   return step
+
+
+def _log_skip(batch: core.TrajectoryBatch, step: int, consecutive: int,
+              metrics: MetricsWriter) -> None:
+  """Logs a skipped update with the batch rows whose rewards were not finite."""
+  reward = np.asarray(batch.reward)
+  rows = np.flatnonzero(~np.isfinite(reward))
+  versions = np.asarray(batch.param_version)[rows]
+  logging.warning('Learner update at step %d skipped (%d in a row): non-finite loss, gradient, '
+                  'reward or parameters; rows with non-finite rewards %s (param versions %s) '
+                  'of %d.', step, consecutive, rows.tolist()[:16], versions.tolist()[:16],
+                  len(reward))
+  metrics.write(kind='learner_skip', step=step, consecutive_skips=consecutive,
+                nonfinite_reward_rows=rows.tolist()[:16])

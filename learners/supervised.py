@@ -31,6 +31,10 @@ class WarmStartConfig:
   learning_rate: float = 3e-3
   dataset: str = ''
 
+  def __post_init__(self):
+    core.check_ranges(self, 'warm_start', steps=(0, None), batch_size=(1, None),
+                      learning_rate=(0, 10.0))
+
 
 def token_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
   """Mean negative log-likelihood per real token.

@@ -37,8 +37,8 @@ class ReplayConfig:
   def __post_init__(self):
     if self.kind not in TABLE_KINDS:
       raise ValueError(f'Unknown replay kind {self.kind!r}; use one of {TABLE_KINDS}.')
-    if self.samples_per_insert < 0:
-      raise ValueError(f'samples_per_insert must be >= 0, got {self.samples_per_insert}.')
+    core.check_ranges(self, 'replay', max_size=(1, None), min_size_to_sample=(0, None),
+                      samples_per_insert=(0, None))
 
 
 def trajectory_signature(schema: schema_lib.TrajectorySchema,
