@@ -1,6 +1,8 @@
 """The actor loop: prompts -> inference server -> rewards -> replay and RLDS."""
 from collections.abc import Callable
 import dataclasses
+import logging
+import math
 import time
 
 import numpy as np
@@ -50,6 +52,7 @@ class Actor:
     self._rng = np.random.default_rng([seed, actor_id])
     self.episodes = 0
     self.generated_tokens = 0
+    self.skipped_episodes = 0  # Dropped: a reward (or a float field) was not finite.
     self.digest = core.TrajectoryDigest()
 
   def run_once(self, should_stop: Callable[[], bool] = lambda: False) -> list[core.Trajectory]:
@@ -58,6 +61,13 @@ class Actor:
     trajectories = []
     for sample in self._rollout(prompts):
       prompt, completion = sample.prompt, sample.completion
+      problem = _not_finite(sample)
+      if problem:
+        # Never trained on nor recorded; GuardedTask has logged why the reward failed.
+        self.skipped_episodes += 1
+        logging.warning('Actor %d dropped an episode of prompt %r: %s.', self.actor_id,
+                        prompt.prompt_id, problem)
+        continue
       trajectory = core.Trajectory(
           prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
           completion_tokens=completion.tokens, behaviour_logprobs=completion.logprobs,
@@ -75,7 +85,8 @@ class Actor:
       self.episodes += 1
       self.generated_tokens += len(completion.tokens)
       trajectories.append(trajectory)
-    self._write_replay(trajectories, should_stop)
+    if trajectories:
+      self._write_replay(trajectories, should_stop)
     return trajectories
 
   def run(self, should_stop: Callable[[], bool], max_episodes: int | None = None):
@@ -91,10 +102,25 @@ class Actor:
             kind='actor', episodes=self.episodes, generated_tokens=self.generated_tokens,
             episodes_per_second=(self.episodes - episodes_at_log) / elapsed,
             tokens_per_second=(self.generated_tokens - tokens_at_log) / elapsed,
-            mean_reward=float(np.mean(rewards)) if rewards else None)
+            mean_reward=float(np.mean(rewards)) if rewards else None,
+            skipped_episodes=self.skipped_episodes)
         last_log, rewards = now, []
         episodes_at_log, tokens_at_log = self.episodes, self.generated_tokens
     if self._metrics:
       self._metrics.write(kind='actor_final', episodes=self.episodes,
                           generated_tokens=self.generated_tokens,
+                          skipped_episodes=self.skipped_episodes,
                           episode_digest=self.digest.hexdigest())
+
+
+def _not_finite(sample) -> str:
+  """Why the sample's reward or float extras are not finite ('' if they are)."""
+  bad = {name: value for name, value in sample.reward_components.items()
+         if not math.isfinite(value)}
+  if bad:
+    return f'reward components not finite: {bad}'
+  for name, value in sample.extras.items():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+      return f'{name} not finite (a reward it was computed from failed)'
+  return ''
