@@ -33,13 +33,18 @@ def make_user_task(config: UserTaskConfig, tokenizer: core.Tokenizer | None = No
   if not config.cls:
     raise ValueError('A user task needs its class: --task MODULE:CLASS.')
   task_class = plugins.import_object(config.cls)
-  if not callable(task_class):
-    raise ValueError(f'{config.cls} is not a class.')
+  if not inspect.isclass(task_class):
+    raise ValueError(f'{config.cls} is a {type(task_class).__name__}, not a class; --task '
+                     'names a class implementing chorus.core.Task.')
   takes_tokenizer = 'tokenizer' in inspect.signature(task_class).parameters
   if tokenizer is not None and not takes_tokenizer:
     raise ValueError(f'{config.cls} takes no tokenizer, so it cannot train a pretrained '
                      'checkpoint (model.pretrained); give its __init__ a `tokenizer` argument.')
-  task = task_class(tokenizer=tokenizer) if tokenizer is not None else task_class()
+  try:
+    task = task_class(tokenizer=tokenizer) if tokenizer is not None else task_class()
+  except TypeError as error:
+    raise ValueError(f'{config.cls}() failed: {error}. The class is called with no arguments '
+                     '(or with tokenizer= only).') from None
   missing = [name for name in _MEMBERS if not hasattr(task, name)]
   if missing:
     raise ValueError(f'{config.cls} does not implement the Task protocol (chorus.core.Task): '
