@@ -184,8 +184,8 @@ def summary_table(summary: dict) -> str:
        f"{_number(initial.get('win_rate'))} -> {_number(final.get('win_rate'))}"),
       ('tokens per second', _number(summary['tokens_per_second'], 0)),
       ('mean policy lag', _number(summary['mean_policy_lag'], 2)),
-      ('wall time', f"{_number(summary['wall_seconds'], 0)} s (RL {_number(summary['rl_seconds'], 0)}"
-                    ' s)'),
+      ('wall time', f"{_number(summary['wall_seconds'], 0)} s "
+                    f"(RL {_number(summary['rl_seconds'], 0)} s)"),
   ]
   width = max(len(name) for name, _ in rows) + 2
   return '\n'.join(f'  {name:<{width}}{value}' for name, value in rows)

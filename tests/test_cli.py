@@ -58,3 +58,26 @@ def test_a_task_reference_that_is_a_function_is_named(tmp_path, capsys):
   module.write_text('def score(prompt, completion, row):\n  return 1.0\n')
   assert cli.main(['run', '--task', f'{module}:score']) == 2
   assert 'not a class' in capsys.readouterr().err
+
+
+def test_closing_table_shows_the_runs_key_numbers():
+  from chorus.launch import report  # pylint: disable=g-import-not-at-top  (matplotlib)
+  summary = dict(learner_steps=500, episodes=8092, skipped_episodes=3,
+                 initial_eval=dict(reward=0.447, greedy_reward=0.577, win_rate=0.5),
+                 final_eval=dict(reward=0.599, greedy_reward=0.7, win_rate=0.655),
+                 tokens_per_second=1364.2, mean_policy_lag=1.78, wall_seconds=177.0,
+                 rl_seconds=33.0)
+  table = report.summary_table(summary)
+  assert 'held-out reward         0.447 -> 0.599' in table
+  assert '8092 (3 skipped' in table and '177 s (RL 33 s)' in table
+
+
+def test_progress_line_has_an_eta_once_the_learner_moves(tmp_path):
+  from chorus.launch import report  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'metrics.jsonl'
+  progress = report.Progress(str(path), max_steps=100)
+  path.write_text('{"kind": "learner", "node": "learner", "step": 10, "loss": 0.1}\n')
+  assert 'ETA' not in progress.line(now=0.0)
+  with open(path, 'a') as file:
+    file.write('{"kind": "learner", "node": "learner", "step": 20, "loss": 0.1}\n')
+  assert 'step 20/100 (ETA 1m20s)' in progress.line(now=10.0)
