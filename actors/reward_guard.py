@@ -30,6 +30,8 @@ class GuardedTask:
     return self._task
 
   def __getattr__(self, name):
+    if name == '_task':  # Not set yet (copy, unpickling): no recursion.
+      raise AttributeError(name)
     return getattr(self._task, name)
 
   def _report(self, prompt: core.Prompt, reason: str):
