@@ -67,6 +67,24 @@ def _build_config(args):
   return config
 
 
+class _TerminalProgress:
+  """On a terminal, one progress line rewritten in place on stderr; other lines below it."""
+
+  def __init__(self):
+    self._pending = False
+
+  def progress(self, line: str):
+    sys.stderr.write('\r\033[K' + line)
+    sys.stderr.flush()
+    self._pending = True
+
+  def print(self, *args):
+    if self._pending:
+      sys.stderr.write('\n')
+      self._pending = False
+    print(*args, flush=True)
+
+
 def _run(args) -> int:
   if args.config not in configs.CONFIG_NAMES:
     return _fail('run', ValueError(f'Unknown config {args.config!r}; available: '
@@ -79,9 +97,13 @@ def _run(args) -> int:
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
   from chorus.launch import report  # pylint: disable=g-import-not-at-top
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
+  # A terminal gets a line updated every second; logs and pipes a plain line every 5 s.
+  terminal = _TerminalProgress() if sys.stderr.isatty() and sys.stdout.isatty() else None
+  display = (dict(print_fn=terminal.print, progress_fn=terminal.progress, progress_every_s=1.0)
+             if terminal else {})
   try:
     summary = run.run_experiment(config, run_dir, launcher=args.launcher,
-                                 ray_address=args.ray_address)
+                                 ray_address=args.ray_address, **display)
   except KeyboardInterrupt:
     print('Stopped; every node was shut down.', file=sys.stderr)
     return 130

@@ -81,3 +81,13 @@ def test_progress_line_has_an_eta_once_the_learner_moves(tmp_path):
   with open(path, 'a') as file:
     file.write('{"kind": "learner", "node": "learner", "step": 20, "loss": 0.1}\n')
   assert 'step 20/100 (ETA 1m20s)' in progress.line(now=10.0)
+
+
+def test_terminal_progress_rewrites_one_line_and_ends_it_before_other_output(capsys):
+  terminal = cli._TerminalProgress()  # pylint: disable=protected-access
+  terminal.progress('step 1/10')
+  terminal.progress('step 2/10')
+  terminal.print('final eval')
+  captured = capsys.readouterr()
+  assert captured.err == '\r\033[Kstep 1/10\r\033[Kstep 2/10\n'
+  assert captured.out == 'final eval\n'
