@@ -58,12 +58,12 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
   """
   del should_stop  # Minutes at most; a stop during it kills the process.
   metrics = MetricsWriter(layout.metrics_path(run_dir), 'warm_start')
-  warm_start_config = config.warm_start
   task = config.make_task()
-  if not warm_start_config.dataset and not getattr(task, 'has_demonstrations', True):
+  if not config.warm_start.dataset and not getattr(task, 'has_demonstrations', True):
     # RL starts from the initial (or pretrained) model, which is also the reference.
     logging.info('The task has no demonstrations: warm start skipped.')
-    warm_start_config = dataclasses.replace(warm_start_config, steps=0)
+    config = dataclasses.replace(config,
+                                 warm_start=dataclasses.replace(config.warm_start, steps=0))
   if config.warm_start.dataset:
     batches = datasets.trajectory_batches(config.warm_start.dataset, config.warm_start.batch_size,
                                           config.sequence, seed=config.seed,
@@ -73,12 +73,12 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
                                                    config.warm_start.batch_size, config.sequence)
   start = time.monotonic()
   params, history = supervised.warm_start(
-      config.model.decoder_config(), warm_start_config, batches,
+      config.model.decoder_config(), config.warm_start, batches,
       config.model.initial_params(jax.random.PRNGKey(config.seed)))
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     metrics.write(kind='warm_start', **record)
   Checkpointer(layout.warm_start_dir(run_dir)).save(0, params)
-  logging.info('Warm start: %d steps in %.1f s, final nll %.3f', warm_start_config.steps,
+  logging.info('Warm start: %d steps in %.1f s, final nll %.3f', config.warm_start.steps,
                time.monotonic() - start, history[-1]['nll'] if history else float('nan'))
 
 
