@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from chorus.inference_server.client import Completion
 
 _REWARDS = '''
 import math
+import os
 
 def score(prompt, completion, row):
   if row.get('id') == 'boom':
@@ -170,3 +172,16 @@ def test_user_task_class_is_imported_by_path_and_checked(tmp_path):
   prompt = task.eval_prompts()[0]
   rng = np.random.default_rng(0)
   assert core.task_reward(task, prompt, task.demonstration(prompt, rng)) == 1.0
+
+
+def test_warm_start_node_skips_training_when_no_row_has_a_completion(tmp_path):
+  from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (JAX)
+  from chorus.launch import nodes  # pylint: disable=g-import-not-at-top
+  from chorus.metrics import read_metrics  # pylint: disable=g-import-not-at-top
+  config = experiment.ExperimentConfig(task=_write_prompts(tmp_path, _rows(10, False)))
+  config.check()
+  run_dir = str(tmp_path / 'run')
+  nodes.warm_start(config, run_dir, lambda: False)  # Would never end if it looked for demos.
+  assert os.listdir(os.path.join(run_dir, 'checkpoints', 'warm_start')) == ['0']
+  assert not [r for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+              if r.get('kind') == 'warm_start']
