@@ -185,3 +185,15 @@ def test_warm_start_node_skips_training_when_no_row_has_a_completion(tmp_path):
   assert os.listdir(os.path.join(run_dir, 'checkpoints', 'warm_start')) == ['0']
   assert not [r for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
               if r.get('kind') == 'warm_start']
+
+
+def test_parquet_needs_pyarrow_and_other_types_are_named(tmp_path):
+  (tmp_path / 'p.parquet').write_bytes(b'PAR1')
+  (tmp_path / 'p.txt').write_text('prompt\n')
+  try:
+    import pyarrow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    with pytest.raises(ValueError, match='needs pyarrow'):
+      prompt_file.read_rows(str(tmp_path / 'p.parquet'))
+  with pytest.raises(ValueError, match="unknown prompt file type '.txt'"):
+    prompt_file.read_rows(str(tmp_path / 'p.txt'))
