@@ -59,7 +59,7 @@ class Actor:
     self._rng = np.random.default_rng([seed, actor_id])
     self.episodes = 0
     self.generated_tokens = 0
-    self.dropped_episodes = 0  # Non-finite rewards or log-probs: never replayed nor recorded.
+    self.skipped_episodes = 0  # Non-finite rewards or log-probs: neither replayed nor recorded.
     self.digest = core.TrajectoryDigest()
 
   def run_once(self, should_stop: Callable[[], bool] = lambda: False) -> list[core.Trajectory]:
@@ -70,11 +70,12 @@ class Actor:
       prompt, completion = sample.prompt, sample.completion
       reason = _non_finite(sample)
       if reason:
-        self.dropped_episodes += 1
+        # Never trained on nor recorded; a failed user reward was logged by GuardedTask.
+        self.skipped_episodes += 1
         logging.warning('Actor %d dropped an episode of prompt %s (param version %d): %s; it '
                         'goes neither to replay nor to RLDS (%d dropped so far).',
                         self.actor_id, prompt.prompt_id, sample.param_version, reason,
-                        self.dropped_episodes)
+                        self.skipped_episodes)
         continue
       trajectory = core.Trajectory(
           prompt_tokens=np.asarray(self.task.encode_prompt(prompt), np.int32),
@@ -93,7 +94,8 @@ class Actor:
       self.episodes += 1
       self.generated_tokens += len(completion.tokens)
       trajectories.append(trajectory)
-    self._write_replay(trajectories, should_stop)
+    if trajectories:
+      self._write_replay(trajectories, should_stop)
     return trajectories
 
   def run(self, should_stop: Callable[[], bool], max_episodes: int | None = None):
@@ -109,22 +111,28 @@ class Actor:
             kind='actor', episodes=self.episodes, generated_tokens=self.generated_tokens,
             episodes_per_second=(self.episodes - episodes_at_log) / elapsed,
             tokens_per_second=(self.generated_tokens - tokens_at_log) / elapsed,
-            dropped_episodes=self.dropped_episodes,
-            mean_reward=float(np.mean(rewards)) if rewards else None)
+            mean_reward=float(np.mean(rewards)) if rewards else None,
+            skipped_episodes=self.skipped_episodes)
         last_log, rewards = now, []
         episodes_at_log, tokens_at_log = self.episodes, self.generated_tokens
     if self._metrics:
       self._metrics.write(kind='actor_final', episodes=self.episodes,
                           generated_tokens=self.generated_tokens,
+                          skipped_episodes=self.skipped_episodes,
                           episode_digest=self.digest.hexdigest())
 
 
 def _non_finite(sample) -> str | None:
-  """Why a rollout sample cannot train (a NaN or infinite reward or log-prob); None if it can."""
+  """Why a rollout sample cannot train (a NaN or infinite reward, behaviour log-prob or
+  float extra); None if it can."""
   for name, value in sample.reward_components.items():
     if not math.isfinite(float(value)):
       return f'reward component {name!r} is {value}'
   logprobs = np.asarray(sample.completion.logprobs, np.float64)
   if not np.isfinite(logprobs).all():
     return f'{int((~np.isfinite(logprobs)).sum())} behaviour log-probs are not finite'
+  for name, value in sample.extras.items():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+      return f'{name} is not finite (a reward it was computed from failed)'
   return None

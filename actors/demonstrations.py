@@ -7,6 +7,10 @@ from chorus import core
 from chorus import schema
 
 
+# A task with so few demonstrations is taken to have none.
+_MAX_PROMPTS_WITHOUT_DEMONSTRATION = 10_000
+
+
 def demonstrations(task: core.Task, seed: int, *, seed_offset: int = 7
                    ) -> Iterator[core.Trajectory]:
   """Endless Trajectory of the task's demonstrations (behaviour log-probs unknown: 0).
@@ -15,12 +19,19 @@ def demonstrations(task: core.Task, seed: int, *, seed_offset: int = 7
   (`task.demonstration` returns None) are skipped.
   """
   rng = np.random.default_rng([seed, seed_offset])
-  episode_id = 0
+  episode_id, misses = 0, 0
   while True:
     prompt = task.train_prompt(rng)
     completion = task.demonstration(prompt, rng)
     if completion is None:
+      misses += 1
+      if misses >= _MAX_PROMPTS_WITHOUT_DEMONSTRATION:
+        raise ValueError(
+            f'Task {task.name!r} gave no demonstration for {misses} prompts in a row; give '
+            'it `has_demonstrations = False` (the warm start is then skipped) or set '
+            'warm_start.steps=0.')
       continue
+    misses = 0
     components = task.reward_components(prompt, completion)
     yield core.Trajectory(
         prompt_tokens=np.asarray(task.demonstration_prompt_tokens(prompt, rng), np.int32),

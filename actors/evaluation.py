@@ -23,6 +23,8 @@ def _sample_and_score(generate: Callable, task, prompts, batch_size: int, num_sa
       rewards.append([sum(t.values()) for t in terms])  # What task.reward returns.
       for term in terms:
         for name, value in term.items():
+          if not np.isfinite(value):
+            continue
           components.setdefault(name, []).append(value)
       completions.append(samples)
   return dict(rewards=np.asarray(rewards), completions=completions, versions=versions,
@@ -58,7 +60,11 @@ def evaluate(generate: Callable, task, *, temperature: float, batch_size: int,
   sampled = _sample_and_score(generate, task, prompts, batch_size, num_samples, **settings)
   rewards = sampled['rewards']
   lengths = [len(c.tokens) for samples in sampled['completions'] for c in samples]
-  result = dict(reward=float(rewards.mean()), exact_match=float((rewards == 1.0).mean()),
+  finite = np.isfinite(rewards)
+  # Failed rewards (GuardedTask: NaN) are left out of the mean and counted.
+  mean_reward = float(rewards[finite].mean()) if finite.any() else float('nan')
+  result = dict(reward=mean_reward, skipped_rewards=int((~finite).sum()),
+                exact_match=float((rewards == 1.0).mean()),
                 completion_length=float(np.mean(lengths)), num_prompts=len(prompts),
                 tokens_per_second=float(np.sum(lengths) / max(sampled['seconds'], 1e-9)),
                 reward_components=sampled['components'],

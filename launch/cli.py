@@ -1,4 +1,9 @@
-"""The `chorus` command."""
+"""The `chorus` command.
+
+Building the parser imports nothing heavy: TensorFlow, JAX and Reverb load only inside the
+commands that need them, so `chorus --help` and `chorus configs` answer at once. Errors in
+what the user gave (configs, flags, files) end with one line on stderr and status 2.
+"""
 import argparse
 import dataclasses
 import datetime
@@ -6,62 +11,107 @@ import json
 import os
 import sys
 
-# TensorFlow's start-up INFO lines (CPU features) would bury a one-line error; set before
-# anything imports it. Warnings and errors still show.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+# Before anything imports TensorFlow: its C++ start-up logging is noise on a terminal.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from chorus import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from chorus import configs
 from chorus import plugins as plugins_lib
-from chorus.datasets import cli as datasets_cli
-from chorus.launch import experiment
 from chorus.launch import model_commands
 
+# What the user gave is wrong (not the run): one line on stderr, status 2.
+_USAGE_ERRORS = (ValueError, FileNotFoundError, ImportError, TypeError, KeyError)
+# `chorus datasets` builds its parser only when called (it imports TensorFlow).
+_DATASETS_HELP = 'inspect, summarise, export, filter, merge or repair recorded RLDS episodes'
 
-def _run(args) -> int:
-  try:
-    config = configs.get_config(args.config)
-  except ValueError as error:
-    print(f'chorus run: {error}', file=sys.stderr)
-    return 2
-  try:
-    # Before the overrides: they may name the plugins' agents and tasks.
-    plugins_lib.import_plugins(args.plugin)
-  except ImportError as error:
-    print(f'chorus run: {error}', file=sys.stderr)
-    return 2
+
+def _fail(command: str, error) -> int:
+  message = error.args[0] if isinstance(error, KeyError) and error.args else error
+  print(f'chorus {command}: {message}', file=sys.stderr)
+  return 2
+
+
+def _task_overrides(args) -> list[str]:
+  """`--set` overrides choosing the user's task: --prompts/--reward or --task."""
+  if args.task and (args.prompts or args.reward):
+    raise ValueError('--task replaces the task; give either --task MODULE:CLASS or '
+                     '--prompts FILE --reward MODULE:FUNCTION, not both.')
+  if bool(args.prompts) != bool(args.reward):
+    raise ValueError('--prompts FILE and --reward MODULE:FUNCTION go together.')
+  if args.prompts:
+    if not os.path.isfile(args.prompts):
+      raise FileNotFoundError(f'Prompt file {os.path.abspath(args.prompts)} does not exist.')
+    return ['task=prompt_file', f'task.path={os.path.abspath(args.prompts)}',
+            f'task.reward={args.reward}']
+  if args.task:
+    return ['task=user_task', f'task.cls={args.task}']
+  return []
+
+
+def _build_config(args):
+  """The experiment config of `chorus run`'s flags, checked; raises _USAGE_ERRORS."""
+  from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
+  config = configs.get_config(args.config)
+  # Before the overrides: they may name the plugins' agents and tasks.
+  plugins_lib.import_plugins(args.plugin)
   config = dataclasses.replace(config, plugins=config.plugins + tuple(args.plugin))
-  overrides = list(args.set)
+  overrides = _task_overrides(args) + list(args.set)
   for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
                       ('seed', 'seed'), ('replay_dataset', 'replay_dataset'),
                       ('skip_corrupt', 'skip_corrupt')):
     value = getattr(args, flag)
     if value is not None:
       overrides.append(f'{field}={value}')
+  config = experiment.apply_overrides(config, overrides)
+  config.check()  # Damaged datasets are ValueErrors too.
+  return config
+
+
+class _TerminalProgress:
+  """On a terminal, one progress line rewritten in place on stderr; other lines below it."""
+
+  def __init__(self):
+    self._pending = False
+
+  def progress(self, line: str):
+    sys.stderr.write('\r\033[K' + line)
+    sys.stderr.flush()
+    self._pending = True
+
+  def print(self, *args):
+    if self._pending:
+      sys.stderr.write('\n')
+      self._pending = False
+    print(*args, flush=True)
+
+
+def _run(args) -> int:
+  if args.config not in configs.CONFIG_NAMES:
+    return _fail('run', ValueError(f'Unknown config {args.config!r}; available: '
+                                   f'{", ".join(configs.CONFIG_NAMES)}.'))
   try:
-    config = experiment.apply_overrides(config, overrides)
-    config.check()
-  except (ValueError, FileNotFoundError) as error:  # Damaged datasets are ValueErrors too.
-    print(f'chorus run: {error}', file=sys.stderr)
-    return 2
+    config = _build_config(args)
+  except _USAGE_ERRORS as error:
+    return _fail('run', error)
   run_dir = args.run_dir or os.path.join(
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
+  from chorus.launch import report  # pylint: disable=g-import-not-at-top
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
   from chorus.launch.local import NodeFailed  # pylint: disable=g-import-not-at-top
+  # A terminal gets a line updated every second; logs and pipes a plain line every 5 s.
+  terminal = _TerminalProgress() if sys.stderr.isatty() and sys.stdout.isatty() else None
+  display = (dict(print_fn=terminal.print, progress_fn=terminal.progress, progress_every_s=1.0)
+             if terminal else {})
   try:
     summary = run.run_experiment(config, run_dir, launcher=args.launcher,
-                                 ray_address=args.ray_address)
+                                 ray_address=args.ray_address, **display)
   except KeyboardInterrupt:
     print('Stopped; every node was shut down.', file=sys.stderr)
     return 130
   except NodeFailed as error:  # The node's own error (a diverged learner, say) and log tail.
     print(f'chorus run: {error}', file=sys.stderr)
     return 1
-  keys = ('learner_steps', 'episodes', 'initial_eval_reward', 'final_eval_reward',
-          'tokens_per_second', 'mean_policy_lag', 'wall_seconds')
-  shown = {key: summary[key] for key in keys}
-  shown.update(initial_win_rate_vs_reference=summary['initial_eval'].get('win_rate'),
-               final_win_rate_vs_reference=summary['final_eval'].get('win_rate'))
-  print(json.dumps(shown, indent=2))
+  print(report.summary_table(summary))
   print(f'Summary, curves, RLDS and checkpoints in {os.path.abspath(run_dir)}')
   problems = run.summary_problems(summary)
   if problems:
@@ -90,18 +140,43 @@ def _configs(args) -> int:
     width = max(map(len, configs.CONFIG_NAMES)) + 2
     for name in configs.CONFIG_NAMES:
       print(f'{name:<{width}}{configs.description(name)}')
-  else:
-    print(json.dumps(experiment.to_dict(configs.get_config(args.name)), indent=2))
+    return 0
+  if args.name not in configs.CONFIG_NAMES:
+    return _fail('configs', ValueError(f'Unknown config {args.name!r}; available: '
+                                       f'{", ".join(configs.CONFIG_NAMES)}.'))
+  from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
+  print(json.dumps(experiment.to_dict(configs.get_config(args.name)), indent=2))
   return 0
 
 
+def _datasets(argv: list[str]) -> int:
+  """`chorus datasets ...`, parsed by the parser of chorus.datasets.cli (imports TF)."""
+  from chorus.datasets import cli as datasets_cli  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='chorus')
+  datasets_cli.add_datasets_parser(parser.add_subparsers(dest='command', required=True))
+  args = parser.parse_args(argv)
+  return args.handler(args)
+
+
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ['datasets']:
+    return _datasets(argv)
   parser = argparse.ArgumentParser(prog='chorus', description='Chorus: RL for token models.')
   commands = parser.add_subparsers(dest='command', required=True)
   run_parser = commands.add_parser('run', help='run an experiment locally, one process per node')
   run_parser.add_argument('--config', default='text_vtrace',
-                          help=f'experiment name, one of {configs.CONFIG_NAMES} '
-                          '(default: text_vtrace)')
+                          help=f'experiment name, one of {", ".join(configs.CONFIG_NAMES)} '
+                          '(default: text_vtrace; `chorus configs` describes them)')
+  run_parser.add_argument('--prompts', metavar='FILE',
+                          help='train on your own prompts: a .jsonl, .csv or .parquet file with '
+                          'a "prompt" per row, an optional "completion" (a demonstration) and '
+                          'any other fields; needs --reward (see docs/tasks.md)')
+  run_parser.add_argument('--reward', metavar='MODULE:FUNCTION',
+                          help='the reward of --prompts: FUNCTION(prompt, completion, row) -> '
+                          'float or dict of floats, MODULE importable or a path to a .py file')
+  run_parser.add_argument('--task', metavar='MODULE:CLASS',
+                          help='your own task class, implementing chorus.core.Task')
   run_parser.add_argument('--run-dir', help='output directory (default: runs/NAME-TIMESTAMP)')
   run_parser.add_argument('--num-actors', type=int, help='actor processes (default: config)')
   run_parser.add_argument('--max-learner-steps', type=int, help='learner updates (default: config)')
@@ -147,7 +222,7 @@ def main(argv=None) -> int:
   configs_parser = commands.add_parser('configs', help='list experiments or show one with defaults')
   configs_parser.add_argument('name', nargs='?')
   configs_parser.set_defaults(handler=_configs)
-  datasets_cli.add_datasets_parser(commands)
+  commands.add_parser('datasets', help=_DATASETS_HELP)  # Listed here, parsed by _datasets.
   model_commands.add_model_parsers(commands)
   args = parser.parse_args(argv)
   return args.handler(args)

@@ -143,7 +143,13 @@ class ExperimentConfig:
     one FileNotFoundError, before any process starts.
     """
     builder = self.builder()
-    builder.check(self.make_task())
+    task = self.make_task()
+    builder.check(task)
+    longest = getattr(task, 'max_prompt_tokens', 0)
+    if longest > self.sequence.prompt_len:
+      raise ValueError(f'The longest prompt of task {task.name!r} is {longest} tokens (BOS '
+                       f'included), longer than sequence.prompt_len={self.sequence.prompt_len}; '
+                       f'--set sequence.prompt_len={longest}.')
     builder.data(self.replay_dataset)
     for dataset in filter(None, (self.replay_dataset, self.warm_start.dataset)):
       datasets.episode_sources(dataset, skip_corrupt=self.skip_corrupt)

@@ -60,12 +60,18 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
   """
   del should_stop  # Minutes at most; a stop during it kills the process.
   metrics = MetricsWriter(layout.metrics_path(run_dir), 'warm_start')
+  task = config.make_task()
+  if not config.warm_start.dataset and not getattr(task, 'has_demonstrations', True):
+    # RL starts from the initial (or pretrained) model, which is also the reference.
+    logging.info('The task has no demonstrations: warm start skipped.')
+    config = dataclasses.replace(config,
+                                 warm_start=dataclasses.replace(config.warm_start, steps=0))
   if config.warm_start.dataset:
     batches = datasets.trajectory_batches(config.warm_start.dataset, config.warm_start.batch_size,
                                           config.sequence, seed=config.seed,
                                           skip_corrupt=config.skip_corrupt)
   else:
-    batches = demonstrations.demonstration_batches(config.make_task(), config.seed,
+    batches = demonstrations.demonstration_batches(task, config.seed,
                                                    config.warm_start.batch_size, config.sequence)
   start = time.monotonic()
   params, history = supervised.warm_start(

@@ -46,6 +46,7 @@ class Progress:
     self._actors: dict[str, dict] = {}
     self._learner: dict | None = None
     self._last = None  # (time, episodes, tokens)
+    self._first_step = None  # (time, step) of the first learner record seen.
 
   def _read_new_lines(self):
     try:
@@ -66,6 +67,17 @@ class Progress:
       elif record.get('kind') == 'learner':
         self._learner = record
 
+  def _eta(self, now: float) -> str:
+    """' (ETA 1m05s)' from the learner's step rate since it was first seen."""
+    step = self._learner['step']
+    if self._first_step is None:
+      self._first_step = (now, step)
+    began, first = self._first_step
+    if step <= first or step >= self._max_steps:
+      return ''
+    seconds = int((self._max_steps - step) * (now - began) / (step - first))
+    return f' (ETA {seconds // 60}m{seconds % 60:02d}s)'
+
   def line(self, now: float) -> str:
     self._read_new_lines()
     episodes = sum(r['episodes'] for r in self._actors.values())
@@ -79,7 +91,7 @@ class Progress:
     text = f'episodes {episodes}{rates}'
     if self._learner:
       last = self._learner
-      text = f'step {last["step"]}/{self._max_steps} | {text} | ' + ' | '.join(
+      text = f'step {last["step"]}/{self._max_steps}{self._eta(now)} | {text} | ' + ' | '.join(
           f'{label} {last[name]:.3f}' for name, label in self._metrics if name in last)
     else:
       text = f'step 0/{self._max_steps} | {text}'
@@ -123,10 +135,12 @@ def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: di
   actor_latest.update(actor_final)
   episodes = sum(r['episodes'] for r in actor_latest.values())
   tokens = sum(r['generated_tokens'] for r in actor_latest.values())
+  skipped = sum(r.get('skipped_episodes', 0) for r in actor_latest.values())
   summary = dict(
       config=config,
       learner_steps=learner[-1]['step'] if learner else 0,
       episodes=episodes,
+      skipped_episodes=skipped,
       generated_tokens=tokens,
       initial_eval_reward=initial_eval['reward'],
       final_eval_reward=final_eval['reward'],
@@ -148,12 +162,57 @@ def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: di
   return summary
 
 
+def _number(value, digits: int = 3) -> str:
+  if value is None:
+    return '-'
+  if isinstance(value, float):
+    return f'{value:.{digits}f}'
+  return str(value)
+
+
+def summary_table(summary: dict) -> str:
+  """The run's key numbers (from summary.json) as an aligned table for the terminal."""
+  initial, final = summary['initial_eval'], summary['final_eval']
+  rows = [
+      ('learner steps', _number(summary['learner_steps'])),
+      ('episodes', f"{summary['episodes']} ({summary.get('skipped_episodes', 0)} skipped: "
+                   'reward not finite)'),
+      ('held-out reward', f"{_number(initial['reward'])} -> {_number(final['reward'])}"),
+      ('held-out greedy reward',
+       f"{_number(initial.get('greedy_reward'))} -> {_number(final.get('greedy_reward'))}"),
+      ('win rate vs reference',
+       f"{_number(initial.get('win_rate'))} -> {_number(final.get('win_rate'))}"),
+      ('tokens per second', _number(summary['tokens_per_second'], 0)),
+      ('mean policy lag', _number(summary['mean_policy_lag'], 2)),
+      ('wall time', f"{_number(summary['wall_seconds'], 0)} s "
+                    f"(RL {_number(summary['rl_seconds'], 0)} s)"),
+  ]
+  width = max(len(name) for name, _ in rows) + 2
+  return '\n'.join(f'  {name:<{width}}{value}' for name, value in rows)
+
+
+def _plot_against_time(ax, learner: list[dict], evals: list[dict]):
+  """Training and held-out reward against wall-clock seconds since the learner's first record."""
+  if learner:
+    began = learner[0]['time']
+    if 'task_reward' in learner[-1]:
+      ax.plot([r['time'] - began for r in learner], [r['task_reward'] for r in learner],
+              label='training batch reward')
+    if evals:
+      ax.plot([r['time'] - began for r in evals], [r['reward'] for r in evals], 's-',
+              markersize=4, label='held-out eval reward (evaluator node)')
+    ax.legend()
+  ax.set_xlabel('wall-clock seconds of RL')
+  ax.set_ylabel('reward')
+  ax.grid(alpha=0.3)
+
+
 def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_eval: dict) -> str:
-  """Reward and loss against learner step, with the held-out evaluations; returns the path."""
+  """Reward against learner step and wall-clock time, and losses; returns the path."""
   records = read_metrics(metrics_path)
   learner = [r for r in records if r.get('kind') == 'learner']
   steps = [r['step'] for r in learner]
-  fig, (ax_reward, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_reward, ax_time, ax_loss) = plt.subplots(1, 3, figsize=(16, 4))
   if learner and 'task_reward' in learner[-1]:
     ax_reward.plot(steps, [r['task_reward'] for r in learner], label='training batch reward')
   evals = [r for r in records if r.get('kind') == 'eval']
@@ -163,6 +222,7 @@ def plot_curves(run_dir: str, metrics_path: str, *, initial_eval: dict, final_ev
   if learner:
     ax_reward.plot([0, steps[-1]], [initial_eval['reward'], final_eval['reward']], 'o',
                    markersize=8, label='held-out eval reward (before / after RL)')
+  _plot_against_time(ax_time, learner, evals)
   ax_reward.set_xlabel('learner step')
   ax_reward.set_ylabel('reward')
   ax_reward.legend()

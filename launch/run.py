@@ -139,8 +139,13 @@ def make_launcher(name: str, run_dir: str, config: LauncherConfig, *,
 
 def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launcher: str = 'local',
                    ray_address: str | None = None, progress_every_s: float = 5.0,
-                   print_fn=print) -> dict:
-  """Runs `config`, one process per node; returns the summary (also in summary.json)."""
+                   print_fn=print, progress_fn=None) -> dict:
+  """Runs `config`, one process per node; returns the summary (also in summary.json).
+
+  `print_fn` gets every line for the terminal; `progress_fn` (default: `print_fn`) the
+  periodic progress lines of RL.
+  """
+  progress_fn = progress_fn or print_fn
   start = time.monotonic()
   run_dir = os.path.abspath(run_dir)
   os.makedirs(run_dir, exist_ok=True)
@@ -184,7 +189,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
     while launcher.poll() and not stop():
       time.sleep(0.2)
       if time.monotonic() >= next_print:
-        print_fn(f'[{time.monotonic() - start:6.0f}s] {progress.line(time.monotonic())}')
+        progress_fn(f'[{time.monotonic() - start:6.0f}s] {progress.line(time.monotonic())}')
         next_print += progress_every_s
     if stop():
       raise KeyboardInterrupt  # `finally` stops the learner first, then actors, then services.

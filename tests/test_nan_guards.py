@@ -145,7 +145,7 @@ def test_an_actor_drops_episodes_with_non_finite_rewards_or_logprobs_before_repl
   one_actor.run_once()
   assert len(replayed) == len(logged) == 1
   assert replayed[0].reward == 1.0
-  assert one_actor.dropped_episodes == 3
+  assert one_actor.skipped_episodes == 3
 
 
 def test_a_run_that_never_updated_or_ended_with_a_nan_reward_is_not_a_success():

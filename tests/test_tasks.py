@@ -7,7 +7,7 @@ from chorus import core
 from chorus.actors import tasks
 
 
-@pytest.mark.parametrize('tag', sorted(tasks.TASK_CLASSES))
+@pytest.mark.parametrize('tag', sorted(tasks.BUILT_IN_TASKS))
 def test_built_in_task_implements_the_task_protocol_and_its_reward(tag):
   task = tasks.make_task(core.TaskConfig.by_tag(tag)())
   assert isinstance(task, core.Task)
