@@ -39,7 +39,12 @@ proto: $(STAMP)
 	$(VENV)/bin/python -m grpc_tools.protoc -Ibuild/proto --python_out=build/proto \
 	  --grpc_python_out=build/proto chorus/inference_server/inference.proto
 
+# Regenerates every table and plot of benchmarks/RESULTS.md (each script rewrites its own
+# section); about an hour on 2 cores, most of it the three default runs.
 benchmark: $(STAMP)
+	$(VENV)/bin/python benchmarks/reverb_rates.py
+	$(VENV)/bin/python benchmarks/actor_cost.py
+	$(VENV)/bin/python benchmarks/run_cost.py
 	$(VENV)/bin/python benchmarks/inference_batching.py
 
 clean:

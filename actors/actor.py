@@ -32,7 +32,7 @@ class Actor:
 
   Collaborators are passed in (Acme style), so the loop knows no addresses:
     rollout: prompts -> list of rollouts.Sample (the agent's, see agents/).
-    write_replay: TrajectoryWriter.write(trajectory, should_stop) -> stored or not.
+    write_replay: TrajectoryWriter.write(trajectories, should_stop) -> stored or not.
     log_episode: EpisodeLogger.write(trajectory).
   """
 
@@ -53,7 +53,7 @@ class Actor:
     self.digest = core.TrajectoryDigest()
 
   def run_once(self, should_stop: Callable[[], bool] = lambda: False) -> list[core.Trajectory]:
-    """One request's worth of episodes; each is logged, then offered to replay."""
+    """One request's worth of episodes: all logged, then offered to replay together."""
     prompts = [self.task.train_prompt(self._rng) for _ in range(self.config.prompts_per_request)]
     trajectories = []
     for sample in self._rollout(prompts):
@@ -69,14 +69,13 @@ class Actor:
           episode_id=self.episodes, task=self.task.name, seed=self._seed,
           reward_components=sample.reward_components, extras=sample.extras)
       # The episode log comes first: an episode generated is an episode recorded, even
-      # when the actor is stopped while replay makes it wait.
+      # when the actor is stopped (or killed) while replay makes it wait.
       self._log_episode(trajectory)
       self.digest.update(trajectory)
       self.episodes += 1
       self.generated_tokens += len(completion.tokens)
       trajectories.append(trajectory)
-      if not self._write_replay(trajectory, should_stop):
-        break
+    self._write_replay(trajectories, should_stop)
     return trajectories
 
   def run(self, should_stop: Callable[[], bool], max_episodes: int | None = None):

@@ -20,14 +20,18 @@ class Measurement:
   num_actors: int
   tokens_per_second: float
   requests: int
-  mean_latency_ms: float
+  p50_latency_ms: float
   p95_latency_ms: float
   cpu_share: float  # CPU time of the set-up's processes / (window x cores).
+  server_share: float | None  # The server's part of that CPU time (None: unbatched).
   machine_busy: float  # Busy CPU time of the whole machine / (window x cores).
   rss_bytes: int  # All of the set-up's processes, sampled mid-window.
   server_requests: int | None = None
   server_batches: int | None = None
   server_sequences: int | None = None
+  server_tokens: int | None = None
+  server_row_steps: int | None = None  # Rows x decode steps computed, idle ones included.
+  server_compilations: int | None = None  # During the window; 0 after a good warm-up.
 
   @property
   def tokens_per_cpu_second(self) -> float:
@@ -35,10 +39,12 @@ class Measurement:
     return self.tokens_per_second / (self.cpu_share * os.cpu_count())
 
   @property
-  def mean_batch_size(self) -> float | None:
-    if not self.server_batches:
+  def fill(self) -> float | None:
+    """Generated tokens per decoder row-step the server computed: the share of batch rows
+    (dynamic) or slots (continuous) doing useful work, step by step."""
+    if not self.server_row_steps:
       return None
-    return self.server_sequences / self.server_batches
+    return self.server_tokens / self.server_row_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,7 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
   try:
     children.wait_for('ready', names, ready_timeout_s)
     pids = [children.processes[name].pid for name in names] + ([server.pid] if server else [])
-    cpu_before = sum(processes.cpu_seconds(pid) for pid in pids)
+    cpu_before = [processes.cpu_seconds(pid) for pid in pids]
     machine_busy_before, machine_total_before = processes.machine_cpu_seconds()
     status_before = server.status() if server else None
     start_time.value = start = time.monotonic()
@@ -73,7 +79,7 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
     time.sleep(settings.seconds / 2)
     rss = sum(processes.rss_bytes(pid) for pid in pids)
     time.sleep(max(0.0, start + settings.seconds - time.monotonic()))
-    cpu = sum(processes.cpu_seconds(pid) for pid in pids) - cpu_before
+    cpu = [processes.cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
     machine_busy, machine_total = processes.machine_cpu_seconds()
     status_after = server.status() if server else None
     results = children.wait_for('result', names, settings.seconds + 600)
@@ -81,19 +87,23 @@ def measure(children: processes.Children, settings: roles.Settings, num_actors: 
     children.terminate(names)  # No grace on failure or Ctrl-C.
     raise
   children.stop(names)
-  latencies = [latency for result in results.values() for latency in result['latencies']]
+  latencies = sorted(latency for result in results.values() for latency in result['latencies'])
   measurement = Measurement(
       setup=setup, num_actors=num_actors,
       tokens_per_second=sum(result['tokens'] for result in results.values()) / settings.seconds,
       requests=sum(result['requests'] for result in results.values()),
-      mean_latency_ms=1000 * statistics.fmean(latencies) if latencies else float('nan'),
+      p50_latency_ms=1000 * statistics.median(latencies) if latencies else float('nan'),
       p95_latency_ms=(1000 * statistics.quantiles(latencies, n=20)[-1]
                       if len(latencies) >= 2 else float('nan')),
-      cpu_share=cpu / (settings.seconds * os.cpu_count()),
+      cpu_share=sum(cpu) / (settings.seconds * os.cpu_count()),
+      server_share=cpu[-1] / sum(cpu) if server else None,
       machine_busy=(machine_busy - machine_busy_before) / (machine_total - machine_total_before),
       rss_bytes=rss)
   if server:
     measurement.server_requests = status_after['requests'] - status_before['requests']
     measurement.server_batches = status_after['batches'] - status_before['batches']
-    measurement.server_sequences = status_after['sequences'] - status_before['sequences']
+    for field, counter in (('server_sequences', 'sequences'), ('server_tokens', 'generated_tokens'),
+                           ('server_row_steps', 'decoded_row_steps'),
+                           ('server_compilations', 'compilations')):
+      setattr(measurement, field, status_after[counter] - status_before[counter])
   return measurement

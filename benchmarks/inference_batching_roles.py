@@ -3,9 +3,13 @@
 Every role is `role(name, events, *args)`, started by `inference_batching_processes.Children`:
 
   prepare:         writes the shared random parameters, fills the compilation cache.
-  serve:           the inference server: one ServedModel behind real gRPC on loopback.
+  serve:           the inference server: one ServedModel behind real gRPC on loopback,
+                   batching with the dynamic batcher or the continuous scheduler.
   served_actor:    a SEED actor, asking the server for every completion.
   unbatched_actor: an actor that holds the model and samples one prompt at a time.
+
+Every actor asks for completions of mixed lengths: each request's max_new_tokens is drawn
+uniformly from [min_new_tokens, max_new_tokens] (random weights rarely sample EOS early).
 
 Nothing heavy is imported at module level: spawned children import this module and
 must set their thread limits before JAX loads.
@@ -24,11 +28,13 @@ class Settings:
   """What every process of one benchmark run needs to know."""
   model: str
   seconds: float
+  min_new_tokens: int
   max_new_tokens: int
   max_prompt_len: int
   min_prompt_tokens: int
   max_prompt_tokens: int
   temperature: float
+  prompts_per_request: int
   max_batch_size: int
   server_multi_thread: bool
   seed: int
@@ -41,6 +47,21 @@ class Settings:
   @property
   def compilation_cache_dir(self) -> str:
     return os.path.join(self.workdir, 'xla_cache')
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+  """One server set-up: `scheduler` 'dynamic' (uses max_wait_ms) or 'continuous' (uses
+  decode_steps_per_call)."""
+  scheduler: str
+  max_wait_ms: float = 5.0
+  decode_steps_per_call: int = 1
+
+  @property
+  def label(self) -> str:
+    if self.scheduler == 'dynamic':
+      return f'dynamic, max_wait_ms {self.max_wait_ms:g}'
+    return f'continuous, {self.decode_steps_per_call} step(s)/call'
 
 
 def _import_jax(settings: Settings):
@@ -65,15 +86,20 @@ def _load_params(settings: Settings):
     return models.params_from_bytes(f.read())
 
 
-def _random_prompt(rng, vocab_size: int, settings: Settings) -> list[int]:
-  """BOS and a few random non-special tokens."""
+def _random_request(rng, vocab_size: int, settings: Settings) -> tuple[list[list[int]], int]:
+  """(prompts_per_request prompts of BOS and a few random non-special tokens, one
+  max_new_tokens in the settings' range)."""
   from chorus import models  # pylint: disable=g-import-not-at-top
-  length = int(rng.integers(settings.min_prompt_tokens, settings.max_prompt_tokens + 1))
-  return [models.BOS_ID] + rng.integers(3, vocab_size, size=length - 1).tolist()
+  prompts = []
+  for _ in range(settings.prompts_per_request):
+    length = int(rng.integers(settings.min_prompt_tokens, settings.max_prompt_tokens + 1))
+    prompts.append([models.BOS_ID] + rng.integers(3, vocab_size, size=length - 1).tolist())
+  return prompts, int(rng.integers(settings.min_new_tokens, settings.max_new_tokens + 1))
 
 
 def prepare(name, events, settings: Settings):
-  """Writes the shared random parameters and fills the compilation cache for batch 1."""
+  """Writes the shared random parameters and fills the compilation cache for the
+  unbatched actors' batch (prompts_per_request)."""
   jax = _import_jax(settings)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from chorus import models  # pylint: disable=g-import-not-at-top
@@ -86,14 +112,17 @@ def prepare(name, events, settings: Settings):
   # Same flags as the unbatched actors, hence the same cache key: they then load the
   # executable instead of compiling it 32 times over on 2 cores.
   sample = sampler_lib.make_sampler(config, settings.max_prompt_len, settings.max_new_tokens)
-  prompt_tokens, prompt_mask = models.left_pad_prompts([[models.BOS_ID]], settings.max_prompt_len)
-  jax.device_get(sample(params, prompt_tokens, prompt_mask, np.ones(1, np.float32),
-                        np.full(1, settings.max_new_tokens, np.int32), jax.random.PRNGKey(0)))
+  batch = settings.prompts_per_request
+  prompt_tokens, prompt_mask = models.left_pad_prompts([[models.BOS_ID]] * batch,
+                                                       settings.max_prompt_len)
+  jax.device_get(sample(params, prompt_tokens, prompt_mask, np.ones(batch, np.float32),
+                        np.full(batch, settings.max_new_tokens, np.int32),
+                        jax.random.PRNGKey(0)))
   events.put(('done', name, dict(num_params=num_params, vocab_size=config.vocab_size,
                                  config=dataclasses.asdict(config))))
 
 
-def serve(name, events, settings: Settings, max_wait_ms: float, stop_event):
+def serve(name, events, settings: Settings, server_settings: ServerSettings, stop_event):
   """The inference server: one ServedModel behind real gRPC on loopback."""
   _import_jax(settings)
   # pylint: disable=g-import-not-at-top
@@ -102,13 +131,15 @@ def serve(name, events, settings: Settings, max_wait_ms: float, stop_event):
   from chorus.inference_server.served_model import ServedModel
   from chorus.inference_server.service import start_server
   # pylint: enable=g-import-not-at-top
-  server_config = InferenceServerConfig(max_batch_size=settings.max_batch_size,
-                                        max_wait_ms=max_wait_ms, seed=settings.seed)
+  server_config = InferenceServerConfig(
+      scheduler=server_settings.scheduler, max_batch_size=settings.max_batch_size,
+      max_wait_ms=server_settings.max_wait_ms,
+      decode_steps_per_call=server_settings.decode_steps_per_call, seed=settings.seed)
   sequence = core.SequenceSpec(prompt_len=settings.max_prompt_len,
                                completion_len=settings.max_new_tokens)
   model = ServedModel(MODEL_NAME, _decoder_config(settings), _load_params(settings), 0,
                       server_config, sequence)
-  model.warm_up()  # Compiles every batch bucket before any actor is timed.
+  model.warm_up()  # Compiles every batch or insert bucket before any actor is timed.
   server, port = start_server({MODEL_NAME: model}, '127.0.0.1:0',
                               num_threads=server_config.num_threads)
   events.put(('ready', name, dict(port=port)))
@@ -158,10 +189,10 @@ def served_actor(name, events, start_event, start_time, settings: Settings, addr
   client.wait_until_ready()
 
   def call() -> int:
-    result = client.generate([_random_prompt(rng, vocab_size, settings)], model=MODEL_NAME,
-                             max_new_tokens=settings.max_new_tokens,
+    prompts, max_new_tokens = _random_request(rng, vocab_size, settings)
+    result = client.generate(prompts, model=MODEL_NAME, max_new_tokens=max_new_tokens,
                              temperature=settings.temperature)
-    return len(result.completions[0].tokens)
+    return sum(len(completion.tokens) for completion in result.completions)
 
   call()  # Opens the channel, so the first timed request does not pay for it.
   try:
@@ -171,7 +202,7 @@ def served_actor(name, events, start_event, start_time, settings: Settings, addr
 
 
 def unbatched_actor(name, events, start_event, start_time, settings: Settings, index: int):
-  """Actor that holds the model and samples one prompt at a time itself."""
+  """Actor that holds the model and samples one request's prompts at a time itself."""
   jax = _import_jax(settings)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from chorus import models  # pylint: disable=g-import-not-at-top
@@ -181,19 +212,19 @@ def unbatched_actor(name, events, start_event, start_time, settings: Settings, i
   sample = sampler_lib.make_sampler(config, settings.max_prompt_len, settings.max_new_tokens)
   rng = np.random.default_rng([settings.seed, index])
   key = jax.random.PRNGKey(settings.seed + 1 + index)
-  temperature = np.full(1, settings.temperature, np.float32)
-  max_new_tokens = np.full(1, settings.max_new_tokens, np.int32)
+  temperature = np.full(settings.prompts_per_request, settings.temperature, np.float32)
   num_calls = 0
 
   def call() -> int:
     nonlocal num_calls
     # Padding and the device_get mirror what the server does for each of its batches.
-    prompt_tokens, prompt_mask = models.left_pad_prompts(
-        [_random_prompt(rng, config.vocab_size, settings)], settings.max_prompt_len)
+    prompts, max_new_tokens = _random_request(rng, config.vocab_size, settings)
+    prompt_tokens, prompt_mask = models.left_pad_prompts(prompts, settings.max_prompt_len)
     output = jax.device_get(sample(params, prompt_tokens, prompt_mask, temperature,
-                                   max_new_tokens, jax.random.fold_in(key, num_calls)))
+                                   np.full(len(prompts), max_new_tokens, np.int32),
+                                   jax.random.fold_in(key, num_calls)))
     num_calls += 1
-    return int(output.lengths[0])
+    return int(output.lengths.sum())
 
   call()  # Compiles (or loads from the cache) before the window.
   _run_window(name, events, start_event, start_time, settings, call)

@@ -16,5 +16,8 @@ def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
       base, name='text_bond',
+      # Measured with these before text_vtrace's defaults changed (issue #14).
+      learner=dataclasses.replace(base.learner, learning_rate=2e-4, learning_rate_decay=False),
+      replay=dataclasses.replace(base.replay, max_size=64),
       agent=agents.BondConfig(beta=0.5, kl_coef=0.5, anchor_update_rate=0.02,
                               reward_model=RewardModelConfig(kind='learned')))

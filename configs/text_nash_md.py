@@ -18,4 +18,7 @@ def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
       base, name='text_nash_md',
+      # Measured with these before text_vtrace's defaults changed (issue #14).
+      learner=dataclasses.replace(base.learner, learning_rate=2e-4, learning_rate_decay=False),
+      replay=dataclasses.replace(base.replay, max_size=64),
       agent=agents.NashMDConfig(kl_coef=0.008, mixture_coef=0.125))

@@ -15,6 +15,8 @@ def get_config() -> ExperimentConfig:
   base = text_vtrace.get_config()
   return dataclasses.replace(
       base, name='text_soft_q',
+      # Measured with these before text_vtrace's defaults changed (issue #14).
+      learner=dataclasses.replace(base.learner, learning_rate=2e-4, learning_rate_decay=False),
       replay=ReplayConfig(kind='uniform', max_size=4096, min_size_to_sample=256,
                           samples_per_insert=2.0),
       # A faster target than ALGORITHMS.md's 0.001, which suits much longer runs.

@@ -1,10 +1,10 @@
 """A writer directory's episode journal: what a crash would otherwise lose.
 
-tfds makes an episode file readable only when it closes it, so the episodes of the open
+An episode file is written and listed only once it is full, so the episodes of the open
 file live only in the writer's memory. `EpisodeLogger` therefore also appends every
-episode, before handing it to tfds, to `episodes.journal` beside the episode files, and
-empties the journal each time tfds closes a file (every `max_episodes_per_file`
-episodes). The journal thus holds at most the open file's episodes.
+episode, before its `write` returns, to `episodes.journal` beside the episode files, and
+empties the journal each time it has written and listed a file (every
+`max_episodes_per_file` episodes). The journal thus holds at most the open file's episodes.
 
 A record is one `os.write` to a file opened O_APPEND:
 
@@ -20,7 +20,7 @@ Python's repr, which round-trips float64 exactly) and, per array field (tokens a
 per-token values), its name, dtype and length. Records describe themselves, so reading
 needs no schema. `index` makes recovery idempotent: an episode whose index is below the
 number of episodes in the closed files is already in a file (the writer was killed
-after tfds listed the file and before the journal was emptied).
+after the file was listed and before the journal was emptied).
 
 A record cut short, or whose CRC does not match, ends the journal: it is the episode
 whose write was in progress when the process died (`write` had not returned), so it is
@@ -106,9 +106,10 @@ class JournalRead:
     dropped_bytes: bytes after the last whole record, 0 for a clean journal.
     problem: why the bytes were dropped, as a clause; None when none were.
     torn: the dropped bytes are a record cut short at the end of the journal: the
-      episode whose write was in progress when the writer died, which a crash may leave.
-      False for other damage (bytes that are no record, a checksum that does not match,
-      a record that does not decode), which no crash of the writer leaves.
+      episode whose write was in progress when the writer died, or a last record whose
+      checksum does not match (a machine crash can leave its blocks unwritten). False for
+      damage no crash leaves: bytes that are no record, a bad checksum with records after
+      it, a record that does not decode.
   """
   records: list[tuple[int, core.Trajectory]]
   dropped_bytes: int = 0
@@ -139,6 +140,7 @@ def read_journal(directory: str | os.PathLike) -> JournalRead:
         problem, torn = f'a record cut short ({len(payload)} of {length} bytes)', True
       elif zlib.crc32(payload) != crc:
         problem = 'a record whose checksum does not match'
+        torn = start + length == len(data)
       else:
         try:
           records.append(_decode_payload(payload))

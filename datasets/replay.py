@@ -204,7 +204,7 @@ def fill_replay(paths: rlds_files.Directories, replay_address: str | Sequence[st
       address = addresses[count % len(addresses)]
       deadline = time.monotonic() + timeout_s
       stored = writers[count % len(addresses)].write(
-          trajectory, lambda: should_stop() or time.monotonic() > deadline)
+          [trajectory], lambda: should_stop() or time.monotonic() > deadline)
       if not stored:
         if should_stop():
           _LOG.info('fill_replay stopped after %d episodes.', count)

@@ -90,15 +90,21 @@ def broken_metadata_file(directory: str) -> str | None:
   return None
 
 
-def listed_episodes(directory: str) -> int:
-  """Episodes in the closed files that a directory's dataset_info.json lists (0 if none)."""
+def listed_shards(directory: str) -> tuple[list[int], int]:
+  """Episodes per closed file that a directory's dataset_info.json lists, and their bytes."""
   try:
     with open(os.path.join(directory, 'dataset_info.json'), encoding='utf-8') as f:
       info = json.load(f)
   except FileNotFoundError:
-    return 0
-  return sum(int(length) for split in info.get('splits', []) if split.get('name') == SPLIT
-             for length in split.get('shardLengths', []))
+    return [], 0
+  splits = [split for split in info.get('splits', []) if split.get('name') == SPLIT]
+  return ([int(length) for split in splits for length in split.get('shardLengths', [])],
+          sum(int(split.get('numBytes', 0)) for split in splits))
+
+
+def listed_episodes(directory: str) -> int:
+  """Episodes in the closed files that a directory's dataset_info.json lists (0 if none)."""
+  return sum(listed_shards(directory)[0])
 
 
 def _tf_error_text(error: tf.errors.OpError) -> str:

@@ -21,6 +21,7 @@ from chorus import core
 from chorus import schema as schema_lib
 from chorus.datasets import journal as journal_lib
 from chorus.datasets import rlds_files
+from chorus.datasets import rlds_records
 from chorus.datasets import rlds_schema
 
 # A live writer rewrites its metadata in about a millisecond; a second of retries tells
@@ -261,8 +262,8 @@ class EpisodeSources:
     self.episodes_per_directory[directory] -= 1
 
 
-def _journalled(directory: str, journal: journal_lib.JournalRead, num_listed: int,
-                features: tfds.features.FeaturesDict) -> list[bytes]:
+def _journalled(directory: str, journal: journal_lib.JournalRead,
+                num_listed: int) -> list[bytes]:
   """The serialized episodes of a directory's journal that its listed files do not hold."""
   if journal.dropped_bytes and journal.torn:
     _LOG.warning('%s: dropped the last %d bytes of %s, %s: the episode whose write was in '
@@ -275,7 +276,7 @@ def _journalled(directory: str, journal: journal_lib.JournalRead, num_listed: in
               'file that any tfds reader sees).', directory, len(trajectories),
               journal_lib.JOURNAL_NAME, directory)
   schema = _directory_schema(directory)
-  return [features.serialize_example(rlds_schema.episode(t, schema)) for t in trajectories]
+  return [rlds_records.serialize_episode(t, schema) for t in trajectories]
 
 
 def _directory_schema(directory: str) -> schema_lib.TrajectorySchema:
@@ -340,7 +341,7 @@ def episode_sources(directories: rlds_files.Directories, *, skip_corrupt: bool =
           raise rlds_files.CorruptEpisodeFileError(journal_lib.journal_path(directory), damage)
         skipped.append(rlds_files.SkippedFile(journal_lib.journal_path(directory), damage,
                                               len(journal.records)))
-      journalled = _journalled(directory, journal, num_listed, directory_features)
+      journalled = _journalled(directory, journal, num_listed)
       if journalled:
         segments.append((journal_lib.journal_path(directory), journalled))
         episodes_per_directory[directory] += len(journalled)

@@ -1,16 +1,54 @@
-"""Repairing a killed writer's directory so that any tfds reader sees all its episodes."""
+"""A writer directory's metadata, and repairing a killed writer's directory so that any tfds
+reader sees all its episodes."""
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 
 from etils import epath
 import tensorflow_datasets as tfds
 
 from chorus.datasets import journal as journal_lib
 from chorus.datasets import rlds_files
+from chorus.datasets import rlds_records
 from chorus.datasets import rlds_schema
 
 _LOG = logging.getLogger(__name__)
+
+
+def file_template(directory: str | os.PathLike,
+                  dataset_name: str = rlds_schema.DEFAULT_DATASET_NAME
+                  ) -> tfds.core.ShardedFileTemplate:
+  """Names the episode files of a writer directory the way tfds' SequentialWriter does."""
+  return tfds.core.ShardedFileTemplate(
+      data_dir=epath.Path(directory), template=rlds_files.FILE_TEMPLATE,
+      dataset_name=dataset_name, split=rlds_files.SPLIT, filetype_suffix=rlds_files.FILE_FORMAT)
+
+
+def write_metadata(directory: str | os.PathLike, schema, dataset_name: str,
+                   shard_lengths: list[int], num_bytes: int) -> None:
+  """Writes dataset_info.json (listing the closed files) and features.json, each atomically.
+
+  tfds writes them in place, so a kill mid-write leaves an empty or half file that makes
+  the whole directory unreadable; here each is written beside and renamed over the old one.
+  """
+  identity = tfds.core.DatasetIdentity(
+      name=dataset_name, version=tfds.core.Version(rlds_files.VERSION),
+      data_dir=os.fspath(directory), module_name='')
+  info = tfds.rlds.rlds_base.build_info(rlds_schema.dataset_config(schema, dataset_name),
+                                        identity)
+  info.set_file_format(rlds_files.FILE_FORMAT)
+  info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name=rlds_files.SPLIT, shard_lengths=shard_lengths, num_bytes=num_bytes,
+      filename_template=file_template(directory, dataset_name))]))
+  staging = tempfile.mkdtemp(prefix='.metadata-', dir=directory)
+  try:
+    info.write_to_directory(staging)
+    for name in rlds_files.METADATA_FILES:
+      os.replace(os.path.join(staging, name), os.path.join(directory, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +117,7 @@ def repair_episode_directory(directory: str | os.PathLike, *,
         f'{data_dir} has no {rlds_schema.SCHEMA_FILE}, so it was not written by Chorus\' '
         'EpisodeLogger and cannot be repaired by it.')
   journal = journal_lib.read_journal(data_dir)  # Before the files, as readers do.
-  template = tfds.core.ShardedFileTemplate(
-      data_dir=data_dir, template=rlds_files.FILE_TEMPLATE, dataset_name=dataset_name,
-      split=rlds_files.SPLIT, filetype_suffix=rlds_files.FILE_FORMAT)
+  template = file_template(data_dir, dataset_name)
   shard_lengths, num_bytes = [], 0
   while sizes := rlds_files.record_sizes(
       template.sharded_filepath(shard_index=len(shard_lengths), num_shards=None)):
@@ -95,23 +131,13 @@ def repair_episode_directory(directory: str | os.PathLike, *,
       _LOG.warning('%s: the journal starts at episode %d but the intact files hold %d; '
                    'episodes %d-%d were in a file that is damaged or gone.', data_dir,
                    recovered[0][0], in_files, in_files, recovered[0][0] - 1)
-    features = rlds_schema.features(schema, dataset_name)
-    records = [features.serialize_example(rlds_schema.episode(t, schema)) for _, t in recovered]
+    records = [rlds_records.serialize_episode(t, schema) for _, t in recovered]
     recovered_file = os.fspath(
         template.sharded_filepath(shard_index=len(shard_lengths), num_shards=None))
     rlds_files.write_records(recovered_file, records)
     shard_lengths.append(len(records))
     num_bytes += sum(map(len, records))
-  identity = tfds.core.DatasetIdentity(
-      name=dataset_name, version=tfds.core.Version(rlds_files.VERSION),
-      data_dir=os.fspath(data_dir), module_name='')
-  info = tfds.rlds.rlds_base.build_info(rlds_schema.dataset_config(schema, dataset_name),
-                                        identity)
-  info.set_file_format(rlds_files.FILE_FORMAT)
-  info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name=rlds_files.SPLIT, shard_lengths=shard_lengths, num_bytes=num_bytes,
-      filename_template=template)]))
-  info.write_to_directory(data_dir)
+  write_metadata(data_dir, schema, dataset_name, shard_lengths, num_bytes)
   # Only now: a kill before this leaves the journal to redo the same recovery.
   journal_lib.truncate_journal(data_dir)
   report = RepairReport(os.fspath(data_dir), sum(shard_lengths), len(recovered),

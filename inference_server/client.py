@@ -26,10 +26,20 @@ class InferenceError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-  """One sampled completion: tokens [T], behaviour log-probs [T], EOS seen or not."""
+  """One sampled completion: tokens [T], behaviour log-probs [T], EOS seen or not.
+
+  `param_version` and `newest_param_version` are the oldest and newest version of the
+  model's parameters that drew its tokens (the mixture model's likewise): they differ
+  where a parameter swap fell between its decode steps. Each log-prob is that of the
+  distribution that drew its token either way; count policy lag from `param_version`.
+  """
   tokens: np.ndarray
   logprobs: np.ndarray
   terminated: bool
+  param_version: int | None = None
+  newest_param_version: int | None = None
+  mixture_param_version: int | None = None
+  newest_mixture_param_version: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +48,10 @@ class GenerateResult:
 
   Attributes:
     completions: prompt-major, `num_samples` per prompt: prompt 0's, then prompt 1's...
-    param_version: version of the model's parameters that sampled all of them.
-    mixture_param_version: with a mixture model, the version of its parameters; else None.
+    param_version: the oldest version of the model's parameters that drew any of their
+      tokens (each completion says its own).
+    mixture_param_version: with a mixture model, the oldest version of its parameters;
+      else None.
   """
   completions: list[Completion]
   param_version: int
@@ -110,7 +122,8 @@ class _Connection:
     self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
 
   def status(self) -> dict[str, dict[str, int | str]]:
-    """Per model: its kind, param_version and traffic counters."""
+    """Per model: its kind, param_version, traffic counters (generated_tokens /
+    decoded_row_steps is the batch or slot fill) and the scheduler's compilations."""
     response = _call('GetStatus', self._stub.GetStatus, inference_pb2.StatusRequest(),
                      self.timeout_s, self.address)
     return {model.name: dict(param_version=model.param_version, requests=model.requests,
@@ -118,7 +131,9 @@ class _Connection:
                              batches=model.batches, param_updates=model.param_updates,
                              kind=model.kind, score_requests=model.score_requests,
                              scored_sequences=model.scored_sequences,
-                             score_batches=model.score_batches)
+                             score_batches=model.score_batches,
+                             decoded_row_steps=model.decoded_row_steps,
+                             compilations=model.compilations)
             for model in response.models}
 
   def wait_until_ready(self, timeout_s: float = 120.0):
@@ -151,9 +166,9 @@ class InferenceClient(_Connection):
                max_new_tokens: int = 0, temperature: float = 1.0, num_samples: int = 1,
                mixture_model: str = '', mixture_coef: float = 0.0,
                guidance_scale: float = 0.0,
-               unconditional_prompts: Sequence[Sequence[int]] | None = None
-               ) -> GenerateResult:
-    """Samples `num_samples` completions per prompt, all from one parameter version.
+               unconditional_prompts: Sequence[Sequence[int]] | None = None,
+               seed: int | None = None) -> GenerateResult:
+    """Samples `num_samples` completions per prompt.
 
     Args:
       prompts: token-id prompts; len(prompts) * num_samples must fit the server's
@@ -174,6 +189,9 @@ class InferenceClient(_Connection):
       unconditional_prompts: with `guidance_scale` only, and required there: the
         unconditional prompts (e.g. [BOS, NULL_CAPTION]), one for all prompts or one
         per prompt.
+      seed: in [0, 2**32): the same request with the same seed and parameters gives the
+        same completions, whatever else the server is sampling; None: the server's own
+        random stream.
 
     Raises:
       InferenceError: the server rejected the request (its `code` says why) or did not
@@ -184,10 +202,14 @@ class InferenceClient(_Connection):
         actor_run_id=self.actor_run_id, prompts=_token_sequences(prompts),
         num_samples=num_samples, mixture_model=mixture_model, mixture_coef=mixture_coef,
         guidance_scale=guidance_scale,
-        unconditional_prompts=_token_sequences(unconditional_prompts or ()))
+        unconditional_prompts=_token_sequences(unconditional_prompts or ()), seed=seed)
     response = _call('Generate', self._stub.Generate, request, self.timeout_s, self.address)
-    completions = [Completion(np.array(c.tokens, np.int32), np.array(c.logprobs, np.float32),
-                              c.terminated) for c in response.completions]
+    completions = [Completion(
+        np.array(c.tokens, np.int32), np.array(c.logprobs, np.float32), c.terminated,
+        c.param_version, c.newest_param_version,
+        c.mixture_param_version if c.HasField('mixture_param_version') else None,
+        c.newest_mixture_param_version if c.HasField('newest_mixture_param_version') else None)
+                   for c in response.completions]
     mixture_version = (response.mixture_param_version
                        if response.HasField('mixture_param_version') else None)
     return GenerateResult(completions, response.param_version, mixture_version)

@@ -4,6 +4,8 @@ Light on purpose (no JAX, no server modules): actor processes import it through 
 """
 import dataclasses
 
+SCHEDULERS = ('continuous', 'dynamic')
+
 # Generate and Score messages are small, and parameter pushes stream in chunks of a few
 # MiB (param_stream.py): nothing needs more, so nothing larger is even read.
 MAX_MESSAGE_BYTES = 16 << 20
@@ -19,20 +21,40 @@ class InferenceServerConfig:
   `ServedModel` beside this config.
 
   Attributes:
-    max_batch_size: most rows in one accelerator batch (also the most in one request:
-      prompts times samples per prompt). A guided batch runs twice as many decoder rows
+    scheduler: how generation is batched. 'continuous': `max_batch_size` decoding slots;
+      between decode steps finished rows leave and waiting rows are prefilled into free
+      slots (inference_server/scheduler.py). 'dynamic': requests gathered into a batch
+      (size cap and `max_wait_ms` deadline) that decodes until its longest row is done.
+    max_batch_size: most rows decoding at once: the continuous scheduler's slots, the
+      dynamic batcher's largest batch (and, for both, the most rows in one request:
+      prompts times samples per prompt). A guided row runs two decoder rows
       (conditional and unconditional).
-    max_wait_ms: longest a request waits for others to fill its batch.
+    max_wait_ms: longest a request waits for others to fill its batch (dynamic
+      generation and scoring).
+    decode_steps_per_call: continuous scheduler only: most decode steps between two
+      chances for rows to leave and join. More saves host round trips per token; fewer
+      frees finished rows' slots sooner.
     request_timeout_s: a Generate or Score call that waits longer fails with
       DEADLINE_EXCEEDED.
     num_threads: gRPC worker threads; at least the number of concurrent callers.
     seed: seeds the sampling random stream.
   """
+  scheduler: str = 'continuous'
   max_batch_size: int = 32
   max_wait_ms: float = 5.0
+  decode_steps_per_call: int = 4
   request_timeout_s: float = 120.0
   num_threads: int = 64
   seed: int = 0
+
+  def __post_init__(self):
+    if self.scheduler not in SCHEDULERS:
+      raise ValueError(f'inference.scheduler must be one of {SCHEDULERS}; got '
+                       f'{self.scheduler!r}.')
+    if self.max_batch_size < 1 or self.decode_steps_per_call < 1:
+      raise ValueError(f'inference.max_batch_size ({self.max_batch_size}) and '
+                       f'inference.decode_steps_per_call ({self.decode_steps_per_call}) must be '
+                       'at least 1.')
 
   def batch_buckets(self) -> tuple[int, ...]:
     """Padded batch sizes (powers of two up to the cap), so XLA compiles a few shapes only."""

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'chorus/inference_server/inference.proto\x12\x10\x63horus.inference\"\x1f\n\rTokenSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xaf\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x07prompts\x18\x02 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x14\n\x0c\x61\x63tor_run_id\x18\x05 \x01(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x05\x12\x15\n\rmixture_model\x18\x07 \x01(\t\x12\x14\n\x0cmixture_coef\x18\x08 \x01(\x02\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12>\n\x15unconditional_prompts\x18\n \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\"B\n\nCompletion\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x12\n\nterminated\x18\x03 \x01(\x08\"\xa9\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1c.chorus.inference.Completion\x12\x15\n\rparam_version\x18\x03 \x01(\x03\x12\"\n\x15mixture_param_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x18\n\x16_mixture_param_version\"\x92\x02\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x07prompts\x18\x02 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x34\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x34\n\x0b\x63omparisons\x18\x04 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rexpected_kind\x18\x06 \x01(\t\x12\x14\n\x0c\x61\x63tor_run_id\x18\x07 \x01(\tB\x0e\n\x0c_temperature\"0\n\rTokenLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\r\n\x05total\x18\x02 \x01(\x02\"\x9c\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x15\n\rparam_version\x18\x03 \x01(\x03\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.chorus.inference.TokenLogprobs\x12\x0f\n\x07rewards\x18\x05 \x03(\x02\x12\x13\n\x0bpreferences\x18\x06 \x03(\x02\":\n\x0cTensorHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"o\n\x0cParamsHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06resume\x18\x03 \x01(\x08\x12/\n\x07tensors\x18\x04 \x03(\x0b\x32\x1e.chorus.inference.TensorHeader\"v\n\nParamChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.chorus.inference.ParamsHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x19\n\x0ctensor_crc32\x18\x03 \x01(\x07H\x00\x88\x01\x01\x42\x0f\n\r_tensor_crc32\"\'\n\x14UpdateParamsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"\xf0\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rparam_version\x18\x02 \x01(\x03\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x11\n\tsequences\x18\x04 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x03\x12\x15\n\rparam_updates\x18\x07 \x01(\x03\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\x16\n\x0escore_requests\x18\t \x01(\x03\x12\x18\n\x10scored_sequences\x18\n \x01(\x03\x12\x15\n\rscore_batches\x18\x0b \x01(\x03\"?\n\x0eStatusResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.chorus.inference.ModelStatus2\xd7\x02\n\x10InferenceService\x12Q\n\x08Generate\x12!.chorus.inference.GenerateRequest\x1a\".chorus.inference.GenerateResponse\x12H\n\x05Score\x12\x1e.chorus.inference.ScoreRequest\x1a\x1f.chorus.inference.ScoreResponse\x12V\n\x0cStreamParams\x12\x1c.chorus.inference.ParamChunk\x1a&.chorus.inference.UpdateParamsResponse(\x01\x12N\n\tGetStatus\x12\x1f.chorus.inference.StatusRequest\x1a .chorus.inference.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'chorus/inference_server/inference.proto\x12\x10\x63horus.inference\"\x1f\n\rTokenSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"\xcb\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x07prompts\x18\x02 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x14\n\x0c\x61\x63tor_run_id\x18\x05 \x01(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x05\x12\x15\n\rmixture_model\x18\x07 \x01(\t\x12\x14\n\x0cmixture_coef\x18\x08 \x01(\x02\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12>\n\x15unconditional_prompts\x18\n \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x11\n\x04seed\x18\x0b \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x81\x02\n\nCompletion\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x12\n\nterminated\x18\x03 \x01(\x08\x12\x15\n\rparam_version\x18\x04 \x01(\x03\x12\x1c\n\x14newest_param_version\x18\x05 \x01(\x03\x12\"\n\x15mixture_param_version\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12)\n\x1cnewest_mixture_param_version\x18\x07 \x01(\x03H\x01\x88\x01\x01\x42\x18\n\x16_mixture_param_versionB\x1f\n\x1d_newest_mixture_param_version\"\xa9\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1c.chorus.inference.Completion\x12\x15\n\rparam_version\x18\x03 \x01(\x03\x12\"\n\x15mixture_param_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x18\n\x16_mixture_param_version\"\x92\x02\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x07prompts\x18\x02 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x34\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x34\n\x0b\x63omparisons\x18\x04 \x03(\x0b\x32\x1f.chorus.inference.TokenSequence\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rexpected_kind\x18\x06 \x01(\t\x12\x14\n\x0c\x61\x63tor_run_id\x18\x07 \x01(\tB\x0e\n\x0c_temperature\"0\n\rTokenLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\r\n\x05total\x18\x02 \x01(\x02\"\x9c\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x15\n\rparam_version\x18\x03 \x01(\x03\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.chorus.inference.TokenLogprobs\x12\x0f\n\x07rewards\x18\x05 \x03(\x02\x12\x13\n\x0bpreferences\x18\x06 \x03(\x02\":\n\x0cTensorHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"o\n\x0cParamsHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06resume\x18\x03 \x01(\x08\x12/\n\x07tensors\x18\x04 \x03(\x0b\x32\x1e.chorus.inference.TensorHeader\"v\n\nParamChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.chorus.inference.ParamsHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x19\n\x0ctensor_crc32\x18\x03 \x01(\x07H\x00\x88\x01\x01\x42\x0f\n\r_tensor_crc32\"\'\n\x14UpdateParamsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x0f\n\rStatusRequest\"\xa1\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rparam_version\x18\x02 \x01(\x03\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x11\n\tsequences\x18\x04 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x03\x12\x15\n\rparam_updates\x18\x07 \x01(\x03\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\x16\n\x0escore_requests\x18\t \x01(\x03\x12\x18\n\x10scored_sequences\x18\n \x01(\x03\x12\x15\n\rscore_batches\x18\x0b \x01(\x03\x12\x19\n\x11\x64\x65\x63oded_row_steps\x18\x0c \x01(\x03\x12\x14\n\x0c\x63ompilations\x18\r \x01(\x03\"?\n\x0eStatusResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.chorus.inference.ModelStatus2\xd7\x02\n\x10InferenceService\x12Q\n\x08Generate\x12!.chorus.inference.GenerateRequest\x1a\".chorus.inference.GenerateResponse\x12H\n\x05Score\x12\x1e.chorus.inference.ScoreRequest\x1a\x1f.chorus.inference.ScoreResponse\x12V\n\x0cStreamParams\x12\x1c.chorus.inference.ParamChunk\x1a&.chorus.inference.UpdateParamsResponse(\x01\x12N\n\tGetStatus\x12\x1f.chorus.inference.StatusRequest\x1a .chorus.inference.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,31 +24,31 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_TOKENSEQUENCE']._serialized_start=61
   _globals['_TOKENSEQUENCE']._serialized_end=92
   _globals['_GENERATEREQUEST']._serialized_start=95
-  _globals['_GENERATEREQUEST']._serialized_end=398
-  _globals['_COMPLETION']._serialized_start=400
-  _globals['_COMPLETION']._serialized_end=466
-  _globals['_GENERATERESPONSE']._serialized_start=469
-  _globals['_GENERATERESPONSE']._serialized_end=638
-  _globals['_SCOREREQUEST']._serialized_start=641
-  _globals['_SCOREREQUEST']._serialized_end=915
-  _globals['_TOKENLOGPROBS']._serialized_start=917
-  _globals['_TOKENLOGPROBS']._serialized_end=965
-  _globals['_SCORERESPONSE']._serialized_start=968
-  _globals['_SCORERESPONSE']._serialized_end=1124
-  _globals['_TENSORHEADER']._serialized_start=1126
-  _globals['_TENSORHEADER']._serialized_end=1184
-  _globals['_PARAMSHEADER']._serialized_start=1186
-  _globals['_PARAMSHEADER']._serialized_end=1297
-  _globals['_PARAMCHUNK']._serialized_start=1299
-  _globals['_PARAMCHUNK']._serialized_end=1417
-  _globals['_UPDATEPARAMSRESPONSE']._serialized_start=1419
-  _globals['_UPDATEPARAMSRESPONSE']._serialized_end=1458
-  _globals['_STATUSREQUEST']._serialized_start=1460
-  _globals['_STATUSREQUEST']._serialized_end=1475
-  _globals['_MODELSTATUS']._serialized_start=1478
-  _globals['_MODELSTATUS']._serialized_end=1718
-  _globals['_STATUSRESPONSE']._serialized_start=1720
-  _globals['_STATUSRESPONSE']._serialized_end=1783
-  _globals['_INFERENCESERVICE']._serialized_start=1786
-  _globals['_INFERENCESERVICE']._serialized_end=2129
+  _globals['_GENERATEREQUEST']._serialized_end=426
+  _globals['_COMPLETION']._serialized_start=429
+  _globals['_COMPLETION']._serialized_end=686
+  _globals['_GENERATERESPONSE']._serialized_start=689
+  _globals['_GENERATERESPONSE']._serialized_end=858
+  _globals['_SCOREREQUEST']._serialized_start=861
+  _globals['_SCOREREQUEST']._serialized_end=1135
+  _globals['_TOKENLOGPROBS']._serialized_start=1137
+  _globals['_TOKENLOGPROBS']._serialized_end=1185
+  _globals['_SCORERESPONSE']._serialized_start=1188
+  _globals['_SCORERESPONSE']._serialized_end=1344
+  _globals['_TENSORHEADER']._serialized_start=1346
+  _globals['_TENSORHEADER']._serialized_end=1404
+  _globals['_PARAMSHEADER']._serialized_start=1406
+  _globals['_PARAMSHEADER']._serialized_end=1517
+  _globals['_PARAMCHUNK']._serialized_start=1519
+  _globals['_PARAMCHUNK']._serialized_end=1637
+  _globals['_UPDATEPARAMSRESPONSE']._serialized_start=1639
+  _globals['_UPDATEPARAMSRESPONSE']._serialized_end=1678
+  _globals['_STATUSREQUEST']._serialized_start=1680
+  _globals['_STATUSREQUEST']._serialized_end=1695
+  _globals['_MODELSTATUS']._serialized_start=1698
+  _globals['_MODELSTATUS']._serialized_end=1987
+  _globals['_STATUSRESPONSE']._serialized_start=1989
+  _globals['_STATUSRESPONSE']._serialized_end=2052
+  _globals['_INFERENCESERVICE']._serialized_start=2055
+  _globals['_INFERENCESERVICE']._serialized_end=2398
 # @@protoc_insertion_point(module_scope)

@@ -60,8 +60,10 @@ class InferenceServiceServicer(object):
         """Replaces a model's parameters with a newer version, streamed tensor by tensor in
         bounded chunks: a header first, then each tensor's bytes in order. The new version is
         assembled beside the served one and swapped in only when every tensor arrived whole
-        and checked; a broken or cut stream leaves the served version untouched. Requests in
-        flight finish on the old version.
+        and checked; a broken or cut stream leaves the served version untouched. A dynamic
+        batch in flight finishes on the old version; the continuous scheduler's rows in flight
+        continue on the new one from their next decode step (their completions then report
+        both versions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

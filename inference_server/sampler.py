@@ -187,14 +187,36 @@ def _check_fits(config: decoder_lib.DecoderConfig, prompt_len: int, max_new_toke
         'sequence.completion_len).')
 
 
-def _draw(logits, temperature, rng):
-  """Samples from softmax(logits / temperature) per row; returns (token, logprob).
+def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:
+  """Each row's own PRNG key [B, 2]: one key [2] gives row i `fold_in(rng, i)` (the rows of
+  one request); keys [B, 2] are the rows' keys already."""
+  if rng.ndim == 2:
+    return rng
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(num_rows))
 
-  A row of temperature 0 takes the argmax, with log-prob 0 (a point mass).
+
+def draw(logits: jax.Array, temperature: jax.Array, keys: jax.Array,
+         token_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Samples token `token_index` of each row from softmax(logits / temperature).
+
+  Row b draws with `fold_in(keys[b], token_index[b])` alone, so what it samples does not
+  depend on the other rows of the batch, nor on where in the batch it sits. A row of
+  temperature 0 takes the argmax, with log-prob 0 (a point mass).
+
+  Args:
+    logits: [B, V].
+    temperature: [B], each >= 0.
+    keys: [B, 2] uint32, each row's PRNG key (see `row_keys`).
+    token_index: [] or [B] int32, which completion token each row draws.
+
+  Returns:
+    (token [B] int32, its log-prob [B] float32 under the tempered distribution).
   """
   greedy = temperature == 0
   log_probs = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, temperature)[:, None], axis=-1)
-  sampled = jax.random.categorical(rng, log_probs, axis=-1).astype(jnp.int32)
+  token_keys = jax.vmap(jax.random.fold_in)(
+      keys, jnp.broadcast_to(token_index, keys.shape[:1]).astype(jnp.uint32))
+  sampled = jax.vmap(jax.random.categorical)(token_keys, log_probs).astype(jnp.int32)
   token = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
   logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
   return token, jnp.where(greedy, 0.0, logprob)
@@ -226,8 +248,8 @@ def _make_decode_loop(next_logits: NextTokenLogits, prompt_len: int, max_new_tok
       done = done | is_eos | (lengths >= row_max_new_tokens)
       return tokens, logprobs, lengths, terminated | is_eos, done
 
-    rng, step_rng = jax.random.split(rng)
-    first_token, first_logprob = _draw(logits, temperature, step_rng)
+    keys = row_keys(rng, batch)
+    first_token, first_logprob = draw(logits, temperature, keys, 0)
     record_state = record(0, first_token, first_logprob, (
         jnp.full((batch, max_new_tokens), tokenizer.PAD_ID, jnp.int32),
         jnp.zeros((batch, max_new_tokens), jnp.float32),
@@ -236,23 +258,22 @@ def _make_decode_loop(next_logits: NextTokenLogits, prompt_len: int, max_new_tok
         jnp.zeros((batch,), bool)))
 
     def keep_going(loop_state):
-      step, _, _, record_state = loop_state
+      step, _, record_state = loop_state
       return (step < max_new_tokens) & ~jnp.all(record_state[-1])
 
     def decode_step(loop_state):
       """Feeds token step - 1 through the model(s) and draws token `step`."""
-      step, state, rng, record_state = loop_state
+      step, state, record_state = loop_state
       tokens, done = record_state[0], record_state[-1]
       # Finished rows feed PAD as padding so they write nothing valid to the cache.
       logits, state = next_logits.step(
           params, state, jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1),
           ~done[:, None], prompt_len + step - 1)
-      rng, step_rng = jax.random.split(rng)
-      token, logprob = _draw(logits, temperature, step_rng)
-      return step + 1, state, rng, record(step, token, logprob, record_state)
+      token, logprob = draw(logits, temperature, keys, step)
+      return step + 1, state, record(step, token, logprob, record_state)
 
-    _, _, _, record_state = jax.lax.while_loop(
-        keep_going, decode_step, (jnp.int32(1), state, rng, record_state))
+    _, _, record_state = jax.lax.while_loop(
+        keep_going, decode_step, (jnp.int32(1), state, record_state))
     tokens, logprobs, lengths, terminated, _ = record_state
     return SampleOutput(tokens, logprobs, lengths, terminated)
 
@@ -283,7 +304,9 @@ def make_sampler(config: decoder_lib.DecoderConfig, prompt_len: int,
     prompt_mask: [B, prompt_len] bool.
     temperature: [B] float32, each >= 0 (0: greedy, the argmax with log-prob 0).
     max_new_tokens: [B] int32, each in 1 .. `max_new_tokens` of the factory.
-    rng: a PRNG key; the same key and inputs give the same output.
+    rng: a PRNG key [2] (row i draws with `fold_in(rng, i)`) or one key per row [B, 2];
+      a row's completion depends on its own key, prompt and settings only, not on the
+      other rows (see `draw`).
 
   It returns a SampleOutput with T = `max_new_tokens` of the factory. It validates its
   arguments on the host and then calls a jitted function, which compiles once per

@@ -11,10 +11,13 @@ from chorus import models
 from chorus.inference_server import param_stream
 from chorus.inference_server import scoring as scoring_lib
 from chorus.inference_server.config import InferenceServerConfig
-from chorus.inference_server.lanes import GenerationLane
+from chorus.inference_server.lanes import DynamicLane
 from chorus.inference_server.lanes import Row
 from chorus.inference_server.lanes import ScoreRow
 from chorus.inference_server.lanes import ScoringLane
+from chorus.inference_server.scheduler import ContinuousLane
+
+GenerationLane = ContinuousLane | DynamicLane
 
 
 class StaleVersionError(ValueError):
@@ -67,8 +70,11 @@ class ServedModel:
         for path, leaf in param_stream.tensors(params))
     self._lock = threading.Lock()
     self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0,
-                         score_requests=0, scored_sequences=0, score_batches=0)
-    self._generation = GenerationLane(self) if kind == 'decoder' else None
+                         score_requests=0, scored_sequences=0, score_batches=0,
+                         decoded_row_steps=0)
+    # Requests without a seed of their own draw their key from this stream.
+    self._request_keys = np.random.default_rng(config.seed)
+    self._generation = self._make_lane(None) if kind == 'decoder' else None
     self._scoring = ScoringLane(self)
     # Keyed by the second model's name; this model's own name keys its guidance lane.
     self._paired_lanes: dict[str, GenerationLane] = {}
@@ -80,6 +86,16 @@ class ServedModel:
   def params_and_version(self) -> tuple[Any, int]:
     """The current parameters and their version, read together."""
     return self._params_and_version
+
+  def request_key(self, seed: int | None = None) -> tuple[int, int]:
+    """A request's PRNG key as two uint32 words: `jax.random.PRNGKey(seed)` for a seed
+    in [0, 2**32), else the next key of this model's stream (seeded by config.seed)."""
+    if seed is not None:
+      if not 0 <= seed < 2**32:
+        raise ValueError(f'A request seed must be in [0, 2**32); got {seed}.')
+      return (0, seed)
+    with self._lock:
+      return tuple(int(word) for word in self._request_keys.integers(0, 2**32, 2))
 
   def warm_up(self, scoring: bool | None = None):
     """Compiles every batch bucket of what this model serves before traffic arrives.
@@ -145,8 +161,12 @@ class ServedModel:
     with self._lock:
       lane = self._paired_lanes.get(second.name)
       if lane is None:
-        lane = self._paired_lanes[second.name] = GenerationLane(self, second)
+        lane = self._paired_lanes[second.name] = self._make_lane(second)
       return lane
+
+  def _make_lane(self, second: 'ServedModel | None') -> GenerationLane:
+    lane_class = ContinuousLane if self.config.scheduler == 'continuous' else DynamicLane
+    return lane_class(self, second)
 
   def submit(self, rows: list[Row]) -> concurrent.futures.Future:
     """Queues rows for plain generation; resolves to one RowResult per row."""
@@ -185,7 +205,8 @@ class ServedModel:
     return jax.tree_util.tree_unflatten(self._treedef, arrays)
 
   def update_params(self, params: Any, version: int, resume: bool = False):
-    """Swaps in newer parameters; the batch running now finishes on the old ones.
+    """Swaps in newer parameters; the batch or decode call running now finishes on the old
+    ones, the next one reads these (a continuous lane keeps its rows: see scheduler.py).
 
     `resume` accepts an older version: a learner restarted from its checkpoint.
     """
@@ -204,8 +225,12 @@ class ServedModel:
         self.counters[key] += increment
 
   def counters_snapshot(self) -> dict[str, int]:
+    """The traffic counters, and `compilations`: XLA compilations of the continuous
+    scheduler's lanes so far (constant once they are warmed up)."""
     with self._lock:
-      return dict(self.counters)
+      lanes = [self._generation] + list(self._paired_lanes.values())
+      return dict(self.counters, compilations=sum(
+          lane.compilations for lane in lanes if isinstance(lane, ContinuousLane)))
 
   def close(self):
     with self._lock:

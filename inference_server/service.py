@@ -1,15 +1,16 @@
-"""The gRPC inference service: named models, dynamic batching, versioned parameter updates.
+"""The gRPC inference service: named models, batched generation, versioned parameter updates.
 
 A server holds several named models at once (a policy; a frozen reference or moving
 anchor; reward and preference models), each with its own parameters, version and
-updates. Each request kind runs through its own batcher and compiled function:
+updates. Each request kind runs through its own lane (continuous decode-step slots or a
+dynamic batcher, as `InferenceServerConfig.scheduler` says) and compiled functions:
 
 * plain generation from one decoder (`ServedModel.submit`);
-* generation from the geometric mixture of two decoders, one batcher per
+* generation from the geometric mixture of two decoders, one lane per
   (model, mixture_model) pair (`ServedModel.submit_mixture`);
 * generation with classifier-free guidance, one decoder run on the prompts and on
   unconditional prompts (`ServedModel.submit_guided`): the pair (model, model), whose
-  two passes share one batch of 2B rows;
+  two passes share one decoder call of 2B rows;
 * scoring of given completions (`ServedModel.submit_score`).
 
 This module validates requests and answers them; `served_model` and `lanes` do the work.
@@ -34,7 +35,7 @@ from chorus.inference_server.served_model import WrongModelKindError
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-  """Validates requests, hands them to the named model's batchers and answers."""
+  """Validates requests, hands them to the named model's lanes and answers."""
 
   def __init__(self, served_models: Mapping[str, ServedModel]):
     self._models = dict(served_models)
@@ -116,6 +117,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f'max_new_tokens must be in [0, {sequence.completion_len}] (the server\'s '
                     f'sequence.completion_len; 0 means that limit), got {request.max_new_tokens}.')
+    seed = request.seed if request.HasField('seed') else None
+    key = model.request_key(seed)
     rows = []
     for index, prompt in enumerate(request.prompts):
       tokens = list(prompt.tokens)
@@ -125,9 +128,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Guidance: logits g * cond + (1 - g) * uncond, i.e. coef 1 - g on the second pass.
         coef = 1.0 - request.guidance_scale
         second_prompt = unconditional_prompts[index % len(unconditional_prompts)]
-      row = Row(tokens, request.max_new_tokens or sequence.completion_len, request.temperature,
-                coef, second_prompt)
-      rows.extend([row] * num_samples)  # Prompt-major: prompt 0's samples, then prompt 1's.
+      # Prompt-major: prompt 0's samples, then prompt 1's; row i draws with fold_in(key, i).
+      rows.extend(Row(tokens, request.max_new_tokens or sequence.completion_len,
+                      request.temperature, coef, second_prompt, key, len(rows) + sample)
+                  for sample in range(num_samples))
     if unconditional_prompts:
       future = model.submit_guided(rows)
     elif mixture is not None:
@@ -135,14 +139,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     else:
       future = model.submit(rows)
     results = self._wait(context, future, config, 'Generation')
-    # Every row of one request rides in one batch, hence one version (per model).
-    response = inference_pb2.GenerateResponse(model=model.name,
-                                              param_version=results[0].param_version)
+    # The oldest versions, so that policy lag counted from them is never under-stated.
+    response = inference_pb2.GenerateResponse(
+        model=model.name, param_version=min(result.param_version for result in results))
     if mixture is not None:
-      response.mixture_param_version = results[0].second_param_version
+      response.mixture_param_version = min(result.second_param_version for result in results)
     for result in results:
-      response.completions.add(tokens=result.tokens.tolist(), logprobs=result.logprobs.tolist(),
-                               terminated=result.terminated)
+      completion = response.completions.add(
+          tokens=result.tokens.tolist(), logprobs=result.logprobs.tolist(),
+          terminated=result.terminated, param_version=result.param_version,
+          newest_param_version=result.newest_param_version)
+      if mixture is not None:
+        completion.mixture_param_version = result.second_param_version
+        completion.newest_mixture_param_version = result.newest_second_param_version
     return response
 
   def _unconditional_prompts(self, request, context, model: ServedModel) -> list[list[int]]:

@@ -4,7 +4,8 @@ Every entry point takes (config, run_dir, should_stop, **handles) and returns wh
 or told to stop. What is particular to the agent comes from its builder
 (agents/): the models served, the setup steps, the rollout, the learner, the data.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -25,6 +26,7 @@ from chorus.inference_server.served_model import ServedModel
 from chorus.inference_server.service import start_server
 from chorus.launch import run_dir as layout
 from chorus.launch.experiment import ExperimentConfig
+from chorus.learners import background
 from chorus.learners import learner as learner_lib
 from chorus.learners import loop
 from chorus.learners import supervised
@@ -158,26 +160,33 @@ def dataset_replayer(config: ExperimentConfig, run_dir: str, should_stop: StopFn
     time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def actor_loop(config: ExperimentConfig, run_dir: str, actor_id: int, rollout,
+               replay_address: str) -> Iterator[Actor]:
+  """One actor loop with its replay writer and RLDS directory, closed on exit."""
+  schema = config.builder().schema()
+  writer = TrajectoryWriter(replay_address, config.replay.table, schema, config.sequence)
+  with EpisodeLogger(layout.rlds_dir(run_dir, actor_id), schema=schema,
+                     max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
+    yield Actor(actor_id, config.actor, config.make_task(), rollout=rollout,
+                write_replay=writer.write, log_episode=episode_logger.write,
+                metrics=MetricsWriter(layout.metrics_path(run_dir), f'actor_{actor_id}'),
+                seed=config.seed)
+  writer.close()
+
+
 def actor(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, actor_ids: list[int],
           inference_address: str, replay_address: str):
   """Runs one actor loop per id, each in its own thread with its own clients and RLDS shard."""
-  builder = config.builder()
-  schema = builder.schema()
   client = InferenceClient(inference_address)
   client.wait_until_ready()
-  rollout = builder.make_rollout(client, config.make_task(), config.actor)
+  rollout = config.builder().make_rollout(client, config.make_task(), config.actor)
   errors = []
 
   def run_one(actor_id: int):
     try:
-      writer = TrajectoryWriter(replay_address, config.replay.table, schema, config.sequence)
-      with EpisodeLogger(layout.rlds_dir(run_dir, actor_id), schema=schema,
-                         max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
-        Actor(actor_id, config.actor, config.make_task(), rollout=rollout,
-              write_replay=writer.write, log_episode=episode_logger.write,
-              metrics=MetricsWriter(layout.metrics_path(run_dir), f'actor_{actor_id}'),
-              seed=config.seed).run(lambda: should_stop() or bool(errors))
-      writer.close()
+      with actor_loop(config, run_dir, actor_id, rollout, replay_address) as one_actor:
+        one_actor.run(lambda: should_stop() or bool(errors))
     except BaseException as error:  # pylint: disable=broad-except
       errors.append(error)  # Stops the sibling loops; the process then fails and restarts.
       raise
@@ -215,8 +224,9 @@ def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
   return config.builder().make_learner(agents.LearnerContext(
       model=config.model.decoder_config(), sequence=config.sequence, task=config.make_task(),
       params=params, reference_params=params,
-      optimizer=learner_lib.make_optimizer(config.learner.learning_rate,
-                                           config.learner.max_grad_norm),
+      optimizer=learner_lib.make_optimizer(
+          config.learner.learning_rate, config.learner.max_grad_norm,
+          decay_steps=config.learner.max_steps if config.learner.learning_rate_decay else 0),
       mesh=sharding.make_mesh(config.mesh)))
 
 
@@ -237,23 +247,30 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   publishers = {(address, name): ParameterPublisher(address, model=name)
                 for address in inference_addresses for name in learner_obj.published_params()}
-  for publisher in publishers.values():
-    publisher.wait_until_ready()
+  for connection in publishers.values():
+    connection.wait_until_ready()
   if checkpointer.latest_step() is not None:  # Resume after a crash or restart.
     learner_obj.restore(checkpointer.restore(learner_obj.state))
     logging.info('Learner resumed at step %d', learner_obj.step)
 
-  def publish(models_to_publish: dict, version: int, resume: bool = False) -> float:
-    return sum(publishers[address, name].publish(params, version, resume=resume)
-               for address in inference_addresses for name, params in models_to_publish.items())
+  def push_to(address: str) -> Callable[[dict, int], None]:
+    def push(models_to_publish: dict, version: int, resume: bool = False):
+      for name, params in models_to_publish.items():
+        publishers[address, name].publish(params, version, resume=resume)
+    return push
 
   # A restarted learner may be behind what the servers serve (steps after its checkpoint,
   # or every step if it crashed before the first one): put its own version back.
-  publish(learner_obj.published_params(), learner_obj.step, resume=True)
+  for address in inference_addresses:
+    push_to(address)(learner_obj.published_params(), learner_obj.step, resume=True)
+  publisher = background.BackgroundPublisher(
+      {address: push_to(address) for address in inference_addresses})
   loop.run_learner(learner_obj, _training_batches(config, run_dir, replay_addresses),
-                   config.learner, publish=publish, checkpoint=checkpointer.save,
+                   config.learner, publish=publisher.submit, checkpoint=checkpointer.save,
                    metrics=MetricsWriter(layout.metrics_path(run_dir), 'learner'),
                    tensorboard_dir=layout.tensorboard_dir(run_dir), should_stop=should_stop)
+  publisher.flush()  # The servers serve the last version before the run's final evaluation.
+  publisher.close()
   checkpointer.close()
 
 

@@ -7,6 +7,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
+from chorus.launch import cost
 from chorus.metrics import read_metrics
 from chorus.models import codec
 
@@ -27,6 +28,9 @@ PROGRESS_METRICS = (('task_reward', 'reward'), ('policy_lag', 'lag'), ('loss', '
 class Progress:
   """Turns the growing metrics.jsonl into one terminal line per call.
 
+  Reads only what was appended since the last call: the file grows by every node's
+  lines, and re-reading all of it every few seconds would cost the launcher quadratic time.
+
   Args:
     metrics_path: the run's metrics.jsonl.
     max_steps: the learner's step budget.
@@ -38,15 +42,34 @@ class Progress:
     self._path = metrics_path
     self._max_steps = max_steps
     self._metrics = PROGRESS_METRICS + tuple(agent_metrics)
+    self._offset = 0
+    self._actors: dict[str, dict] = {}
+    self._learner: dict | None = None
     self._last = None  # (time, episodes, tokens)
 
+  def _read_new_lines(self):
+    try:
+      with open(self._path, 'rb') as file:
+        file.seek(self._offset)
+        data = file.read()
+    except FileNotFoundError:
+      return
+    whole = data[:data.rfind(b'\n') + 1]  # A line still being written waits for next time.
+    self._offset += len(whole)
+    for line in whole.splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record.get('kind') in ('actor', 'actor_final'):
+        self._actors[record['node']] = record
+      elif record.get('kind') == 'learner':
+        self._learner = record
+
   def line(self, now: float) -> str:
-    records = read_metrics(self._path)
-    actors = _latest_per_node(records, 'actor')
-    actors.update(_latest_per_node(records, 'actor_final'))
-    episodes = sum(r['episodes'] for r in actors.values())
-    tokens = sum(r['generated_tokens'] for r in actors.values())
-    learner = [r for r in records if r.get('kind') == 'learner']
+    self._read_new_lines()
+    episodes = sum(r['episodes'] for r in self._actors.values())
+    tokens = sum(r['generated_tokens'] for r in self._actors.values())
     rates = ''
     if self._last:
       elapsed = max(now - self._last[0], 1e-6)
@@ -54,8 +77,8 @@ class Progress:
                f'{(tokens - self._last[2]) / elapsed:.0f}')
     self._last = (now, episodes, tokens)
     text = f'episodes {episodes}{rates}'
-    if learner:
-      last = learner[-1]
+    if self._learner:
+      last = self._learner
       text = f'step {last["step"]}/{self._max_steps} | {text} | ' + ' | '.join(
           f'{label} {last[name]:.3f}' for name, label in self._metrics if name in last)
     else:
@@ -63,11 +86,37 @@ class Progress:
     return text
 
 
+def run_cost(records: list[dict], rl_window: tuple[float, float], episodes: int) -> dict:
+  """CPU-seconds per node (whole run and RL phase), per episode, and the learner's duty cycle."""
+  ledger = cost.CpuLedger(records)
+  rl_cpu = ledger.by_node(*rl_window)
+  total = sum(rl_cpu.values())
+  # Imports and config of the nodes started for RL (actors, learner, evaluator).
+  startup = ledger.startup(*rl_window)
+  per_episode = lambda seconds: 1000 * seconds / episodes if episodes else None
+  return dict(
+      rl_window=list(rl_window),
+      rl_cpu_seconds=total,
+      rl_startup_cpu_seconds=startup,
+      cpu_ms_per_episode=per_episode(total),
+      cpu_ms_per_episode_after_startup=per_episode(total - startup),
+      rl_cpu_seconds_by_node=rl_cpu,
+      cpu_seconds_by_node=ledger.by_node(),
+      learner_duty_cycle=cost.learner_duty_cycle(records),
+      # Other programs on the machine slow the run's wall clock, not its CPU-seconds much.
+      load_average_1min=os.getloadavg()[0], cpu_count=os.cpu_count())
+
+
 def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: dict,
-              final_eval: dict, rl_seconds: float, wall_seconds: float,
+              final_eval: dict, rl_window: tuple[float, float], wall_seconds: float,
               restarts: dict[str, int]) -> dict:
-  """Writes run_dir/summary.json and returns it."""
+  """Writes run_dir/summary.json and returns it.
+
+  `rl_window` is (start, end) of the RL phase as wall times (time.time()): actors and
+  learner started -> the learner done.
+  """
   records = read_metrics(metrics_path)
+  rl_seconds = rl_window[1] - rl_window[0]
   learner = [r for r in records if r.get('kind') == 'learner']
   actor_final = _latest_per_node(records, 'actor_final')
   actor_latest = _latest_per_node(records, 'actor')
@@ -91,6 +140,8 @@ def summarize(run_dir: str, metrics_path: str, config: dict, *, initial_eval: di
       wall_seconds=wall_seconds,
       restarts=restarts,
       actor_episode_digests={node: r.get('episode_digest') for node, r in actor_final.items()},
+      cost=run_cost(records, rl_window, episodes),
+      time_to_reward=cost.time_to_reward(records, cost.CpuLedger(records), rl_window[0]),
   )
   with open(os.path.join(run_dir, 'summary.json'), 'w') as file:
     json.dump(summary, file, indent=2)

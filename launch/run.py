@@ -14,6 +14,7 @@ from chorus import agents
 from chorus.actors.evaluation import evaluate
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import InferenceError
+from chorus.launch import cost
 from chorus.launch import experiment
 from chorus.launch import run_dir as layout
 from chorus.launch import program as program_lib
@@ -132,6 +133,8 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   with open(layout.config_path(run_dir), 'w') as file:
     json.dump(config_dict, file, indent=2)
   metrics_path = layout.metrics_path(run_dir)
+  # The launcher's own CPU (progress lines, supervision); its children meter themselves.
+  meter = cost.CpuMeter(metrics_path, cost.LAUNCHER_NODE, include_children=False)
   stop = _StopRequested()
   program = program_lib.make_program(config)
   by_kind = {kind: [node for node in program if node.kind == kind] for kind in program_lib.KINDS}
@@ -154,7 +157,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
              f'{initial_eval["reward"]:.3f}, exact match {initial_eval["exact_match"]:.3f}')
     if stop():
       raise KeyboardInterrupt
-    rl_start = time.monotonic()
+    rl_start_time = time.time()  # Wall time: the nodes' CPU samples carry time.time().
     launcher.start(by_kind[program_lib.WORKER] + by_kind[program_lib.MAIN])
     progress = report.Progress(metrics_path, config.learner.max_steps,
                                config.builder().progress_metrics)
@@ -166,7 +169,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
         next_print += progress_every_s
     if stop():
       raise KeyboardInterrupt  # `finally` stops the learner first, then actors, then services.
-    rl_seconds = time.monotonic() - rl_start
+    rl_end_time = time.time()
     launcher.stop((program_lib.WORKER,))
     final_eval = _evaluate(config, inference_address, min_version=config.learner.max_steps)
     if config.guided_task:
@@ -175,9 +178,10 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
              f'exact match {final_eval["exact_match"]:.3f}')
   finally:
     launcher.close()
-  summary = report.summarize(run_dir, metrics_path, config_dict, initial_eval=initial_eval,
-                             final_eval=final_eval, rl_seconds=rl_seconds,
-                             wall_seconds=time.monotonic() - start, restarts=launcher.restarts)
   report.plot_curves(run_dir, metrics_path, initial_eval=initial_eval, final_eval=final_eval)
+  meter.stop()  # After the plots (a CPU-second or two), before the summary that reads it.
+  summary = report.summarize(run_dir, metrics_path, config_dict, initial_eval=initial_eval,
+                             final_eval=final_eval, rl_window=(rl_start_time, rl_end_time),
+                             wall_seconds=time.monotonic() - start, restarts=launcher.restarts)
   logging.info('summary: %s', summary)
   return summary

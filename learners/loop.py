@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from chorus import core
+from chorus.learners import background
 from chorus.metrics import MetricsWriter
 
 
@@ -17,7 +18,9 @@ class LearnerConfig:
 
   Attributes:
     batch_size: trajectories per update.
-    learning_rate: Adam learning rate.
+    learning_rate: Adam learning rate (its peak with `learning_rate_decay`).
+    learning_rate_decay: decay it linearly to 0 at `max_steps`: late, with a peaked policy
+      and rewards near their maximum, a constant rate let the policy drift away.
     max_grad_norm: global gradient-norm clip.
     max_steps: updates before the learner stops (and with it the run).
     publish_every: updates between parameter pushes to the inference servers.
@@ -26,6 +29,7 @@ class LearnerConfig:
   """
   batch_size: int = 32
   learning_rate: float = 1e-4
+  learning_rate_decay: bool = False
   max_grad_norm: float = 1.0
   max_steps: int = 400
   publish_every: int = 1
@@ -34,13 +38,16 @@ class LearnerConfig:
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
-                publish: Callable[[dict[str, object], int], float], checkpoint: Callable[[int, object], None],
-                metrics: MetricsWriter, tensorboard_dir: str | None = None,
+                publish: Callable[[dict[str, object], int], None],
+                checkpoint: Callable[[int, object], None], metrics: MetricsWriter,
+                tensorboard_dir: str | None = None,
                 should_stop: Callable[[], bool] = lambda: False) -> int:
   """Runs `learner.update` on `batches` until `config.max_steps`; returns the last step.
 
-  `publish(models, version)` pushes `learner.published_params()` (served model name ->
-  parameters) and returns the seconds it took.
+  `publish(models, version)` pushes or schedules `learner.published_params()` (served
+  model name -> parameters); its time is logged as `publish_seconds`, so a publisher that
+  pushes in the background (background.BackgroundPublisher.submit) keeps it near 0.
+  The next batch is read while an update runs (background.Prefetcher).
 
   Parameter version = learner step: the version pushed after k updates is k, so the policy
   lag of a batch is exactly (updates done so far) - (version that sampled it). After a
@@ -51,18 +58,23 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   window: dict[str, list[float]] = {}
   window_start, trajectories_seen = time.monotonic(), 0
   step = learner.step
+  batches = background.Prefetcher(batches)
   while step < config.max_steps and not should_stop():
     wait_start = time.monotonic()
     batch = next(batches)
     wait_seconds = time.monotonic() - wait_start
     lag = step - np.asarray(batch.param_version)
+    update_start = time.monotonic()
     update_metrics = learner.update(batch)
+    update_seconds = time.monotonic() - update_start
     step = learner.step
     trajectories_seen += len(batch.reward)
     update_metrics.update(policy_lag=float(lag.mean()), max_policy_lag=float(lag.max()),
-                          batch_wait_seconds=wait_seconds)
+                          batch_wait_seconds=wait_seconds, update_seconds=update_seconds)
     if step % config.publish_every == 0 or step == config.max_steps:
-      update_metrics['publish_seconds'] = publish(learner.published_params(), step)
+      publish_start = time.monotonic()
+      publish(learner.published_params(), step)
+      update_metrics['publish_seconds'] = time.monotonic() - publish_start
     for name, value in update_metrics.items():
       window.setdefault(name, []).append(value)
     if step % config.log_every == 0 or step == config.max_steps:
@@ -70,6 +82,10 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
       means = {name: float(np.mean(values)) for name, values in window.items()}
       means['max_policy_lag'] = float(np.max(window['max_policy_lag']))
       means['trajectories_per_second'] = trajectories_seen / elapsed
+      # Share of the window's wall time inside updates: what prefetching and background
+      # publishing raise.
+      means['duty_cycle'] = float(np.sum(window['update_seconds'])) / elapsed
+      means['window_seconds'] = elapsed
       metrics.write(kind='learner', step=step, **means)
       if summary_writer:
         with summary_writer.as_default(step=step):

@@ -13,9 +13,16 @@ import optax
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def make_optimizer(learning_rate: float, max_grad_norm: float) -> optax.GradientTransformation:
-  """Adam on gradients clipped to a global norm of `max_grad_norm` (the RL learners')."""
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+def make_optimizer(learning_rate: float, max_grad_norm: float,
+                   decay_steps: int = 0) -> optax.GradientTransformation:
+  """Adam on gradients clipped to a global norm of `max_grad_norm` (the RL learners').
+
+  With `decay_steps` > 0 the learning rate falls linearly from `learning_rate` to 0 at that
+  step (the step count is in the optimiser state, so a restored learner resumes it).
+  """
+  schedule = (optax.linear_schedule(learning_rate, 0.0, decay_steps) if decay_steps > 0
+              else learning_rate)
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(schedule))
 
 
 def optimizer_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, params: Any,

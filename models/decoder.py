@@ -14,6 +14,7 @@ The architecture is `DecoderConfig` (decoder_config.py): Chorus's tiny models an
 Gemma family (Gemma, Gemma 2) are configs of this one module.
 """
 from collections.abc import Sequence
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -97,7 +98,45 @@ def _norm(config: DecoderConfig, name: str) -> RMSNorm:
   return RMSNorm(config.rms_norm_eps, config.param_dtype, name=name)
 
 
-def _dense(config: DecoderConfig, features, name: str, axis=-1) -> nn.DenseGeneral:
+class LoraDense(nn.Module):
+  """A bias-free DenseGeneral whose kernel has a low-rank adapter, applied on the fly.
+
+  y = x . W + scale * (x . A) . B with x's last `num_inputs` axes contracted: the same
+  function as the merged kernel W + scale * (A @ B).reshape(W.shape) (models/lora.py),
+  without forming it.
+  """
+  features: tuple[int, ...]
+  num_inputs: int
+  rank: int
+  scale: float
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    in_shape = x.shape[-self.num_inputs:]
+    in_size, out_size = math.prod(in_shape), math.prod(self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(in_axis=tuple(
+        range(self.num_inputs)), out_axis=tuple(range(self.num_inputs, self.num_inputs
+                                                      + len(self.features)))),
+                        in_shape + self.features, param_dtype)
+    lora_a = self.param('lora_a', nn.initializers.normal(stddev=in_size ** -0.5),
+                        (in_size, self.rank), param_dtype)
+    lora_b = self.param('lora_b', nn.initializers.zeros_init(), (self.rank, out_size),
+                        param_dtype)
+    flat = x.reshape(x.shape[:-self.num_inputs] + (in_size,)).astype(dtype)
+    base = flat @ kernel.reshape(in_size, out_size).astype(dtype)
+    adapted = (flat @ lora_a.astype(dtype)) @ lora_b.astype(dtype)
+    return (base + self.scale * adapted).reshape(x.shape[:-self.num_inputs] + self.features)
+
+
+def _dense(config: DecoderConfig, features, name: str, axis=-1) -> nn.Module:
+  """A bias-free projection, with a LoRA adapter when `config.lora` targets `name`."""
+  if config.lora.rank and name in config.lora.targets:
+    return LoraDense(tuple(np.atleast_1d(features).tolist()),
+                     len(axis) if isinstance(axis, tuple) else 1, config.lora.rank,
+                     config.lora.scale, config.dtype, config.param_dtype, name=name)
   return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=jnp.dtype(config.dtype),
                          param_dtype=jnp.dtype(config.param_dtype), name=name)
 

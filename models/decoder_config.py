@@ -19,6 +19,42 @@ GEMMA_VOCAB_SIZE = 256_000
 GEMMA_EOS_ID = 1
 
 
+LORA_TARGETS = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (LoRA, arXiv 2106.09685) on the decoder's projections.
+
+  A target's kernel W acts as W + (alpha / rank) * A @ B, A [in, rank] (random) and
+  B [rank, out] (zeros, so a fresh adapter changes nothing), reshaped to W's shape. With
+  adapters, learners train only A and B over the frozen weights (models/lora.py).
+
+  Attributes:
+    rank: the adapters' rank; 0 adds none (the whole model trains).
+    alpha: scale numerator: the adapter's update is (alpha / rank) * A @ B.
+    targets: which projections get adapters: attention 'query', 'key', 'value', 'out'
+      and MLP 'gate', 'up', 'down'.
+  """
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LORA_TARGETS
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank < 0:
+      raise ValueError(f'lora.rank must be an int >= 0 (0: no adapters); got {self.rank!r}.')
+    if not self.alpha > 0:
+      raise ValueError(f'lora.alpha must be > 0; got {self.alpha!r}.')
+    unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+    if unknown or not self.targets:
+      raise ValueError(f'lora.targets {list(self.targets)} must be a non-empty subset of '
+                       f'{list(LORA_TARGETS)}.')
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Sizes and architecture of a decoder.
@@ -52,6 +88,7 @@ class DecoderConfig:
     param_dtype: dtype parameters are created and loaded in ('float32' or 'bfloat16');
       train in float32, serve large checkpoints in bfloat16.
     eos_token_id: the id that ends a completion (samplers stop at it); the tokenizer's.
+    lora: low-rank adapters on the projections (rank 0: none), applied on the fly.
   """
   vocab_size: int
   num_layers: int
@@ -73,6 +110,7 @@ class DecoderConfig:
   rms_norm_eps: float = 1e-6
   param_dtype: str = 'float32'
   eos_token_id: int = tokenizer.EOS_ID
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
     for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',

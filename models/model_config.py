@@ -11,6 +11,7 @@ from chorus.models import pretrained as pretrained_lib
 from chorus.models import text_tokenizers
 from chorus.models import tokenizer as char_tokenizer
 from chorus.models.decoder_config import DecoderConfig
+from chorus.models.decoder_config import LoraConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,23 +27,34 @@ class ModelConfig:
     dtype: compute and KV-cache dtype of a pretrained model ('float32', 'bfloat16').
     param_dtype: dtype a pretrained model's weights are cast to as they load (float32
       to train them).
+    lora: low-rank adapters (rank 0: none): RL then trains only the adapters over the
+      frozen warm-started weights, and pushes and checkpoints only them (models/lora.py).
+      The supervised warm start trains the weights without adapters.
   """
   pretrained: str = ''
   decoder: DecoderConfig = DecoderConfig.tiny(char_tokenizer.CharTokenizer().vocab_size)
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in config_lib.SUPPORTED_DTYPES:
         raise ValueError(f'model.{name} must be one of {config_lib.SUPPORTED_DTYPES}; got '
                          f'{getattr(self, name)!r}.')
+    if self.decoder.lora.rank:
+      raise ValueError('Set adapters with model.lora, not model.decoder.lora.')
     if self.pretrained:
       # Every node, wherever it starts, reads the same directory.
       object.__setattr__(self, 'pretrained', os.path.abspath(self.pretrained))
 
   def decoder_config(self) -> DecoderConfig:
-    """The policy's architecture: `decoder`, or the checkpoint's config.json."""
+    """The policy's architecture: `decoder`, or the checkpoint's config.json; with `lora`."""
+    config = self.base_decoder_config()
+    return dataclasses.replace(config, lora=self.lora) if self.lora.rank else config
+
+  def base_decoder_config(self) -> DecoderConfig:
+    """The architecture without adapters: what the warm start trains and the reference is."""
     if not self.pretrained:
       return self.decoder
     return pretrained_lib.read_config(self.pretrained, dtype=self.dtype,
@@ -57,7 +69,8 @@ class ModelConfig:
     return tokenizer
 
   def initial_params(self, rng: jax.Array) -> decoder_lib.Params:
-    """Random parameters of `decoder`, or the checkpoint's with a value head from `rng`."""
+    """Random parameters of `decoder`, or the checkpoint's with a value head from `rng`;
+    without adapters (`lora.add_adapters` adds them where RL starts)."""
     if not self.pretrained:
       return decoder_lib.init_params(self.decoder, rng)
-    return pretrained_lib.load_params(self.pretrained, self.decoder_config(), rng)
+    return pretrained_lib.load_params(self.pretrained, self.base_decoder_config(), rng)

@@ -1,4 +1,5 @@
 """Actor side of replay: writes whole trajectories into a Reverb table."""
+from collections.abc import Sequence
 import time
 
 import reverb
@@ -10,9 +11,10 @@ from chorus import schema as schema_lib
 class TrajectoryWriter:
   """Writes each trajectory as one Reverb item of fixed-shape padded fields.
 
-  `write` returns once the item is stored. On a full queue table that is when the learner
-  has made room: the back-pressure that bounds policy lag. `should_stop` is polled while
-  waiting so a stopping actor is never stuck inside Reverb.
+  `write` sends a request's worth of trajectories with one flush (one round trip to the
+  server, not one per trajectory) and returns once all are stored. On a full queue table
+  that is when the learner has made room: the back-pressure that bounds policy lag.
+  `should_stop` is polled while waiting so a stopping actor is never stuck inside Reverb.
   """
 
   def __init__(self, address: str, table: str, schema: schema_lib.TrajectorySchema,
@@ -25,12 +27,18 @@ class TrajectoryWriter:
     self._poll_ms = poll_ms
     self.blocked_seconds = 0.0
 
-  def write(self, trajectory: core.Trajectory, should_stop=lambda: False) -> bool:
-    """Stores `trajectory`; returns False if `should_stop()` turned true while waiting."""
-    row = self._schema.padded_row(trajectory, self._spec)
-    self._writer.append(row)
-    self._writer.create_item(self._table, priority=1.0,
-                             trajectory={name: self._writer.history[name][-1] for name in row})
+  def write(self, trajectories: Sequence[core.Trajectory], should_stop=lambda: False) -> bool:
+    """Stores `trajectories`; returns False if `should_stop()` turned true while waiting.
+
+    Rows are checked before anything is sent, so a bad trajectory (ValueError) stores none.
+    """
+    rows = [self._schema.padded_row(trajectory, self._spec) for trajectory in trajectories]
+    for row in rows:
+      self._writer.append(row)
+      # `history` rebuilds the whole structure on every access: once per row, not per field.
+      history = self._writer.history
+      self._writer.create_item(self._table, priority=1.0,
+                               trajectory={name: history[name][-1] for name in row})
     start = time.monotonic()
     try:
       while True:

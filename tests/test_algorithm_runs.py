@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from chorus.actors import music
+from chorus.actors import reverse_digits
 from chorus.datasets import read_trajectories
+from chorus.learners import grpo
 from chorus.metrics import read_metrics
 from chorus.models import codec
 
@@ -147,3 +149,80 @@ def test_music_run_writes_rlds_episodes_and_wav_samples_that_read_back(name, tmp
     # Up to the first EOS: at most the cap of num_frames + 1 tokens.
     assert 0 < waveform.size <= (task.config.num_frames + 1) * task.codec.frame_samples
   assert os.path.getsize(os.path.join(samples, 'after_spectrograms.png')) > 1000
+
+
+# GRPO asks for 8 samples of each prompt in one request, which must fit max_batch_size 8.
+_ONE_PROMPT_PER_REQUEST = ('--set', 'actor.prompts_per_request=1')
+
+
+def _learner_metrics(run_dir: str) -> list[dict]:
+  learner = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
+  assert [r['step'] for r in learner] == [4, 8]
+  return learner
+
+
+def test_grpo_records_group_relative_advantages_and_learns_from_them(tmp_path):
+  run_dir = str(tmp_path / 'text_grpo')
+  summary = _run('text_grpo', run_dir, *_ONE_PROMPT_PER_REQUEST)
+  assert summary['learner_steps'] == _STEPS
+  assert summary['final_eval']['param_versions'] == [_STEPS]
+  learner = _learner_metrics(run_dir)
+  assert all(0 <= r['zero_advantage_fraction'] <= 1 and r['kl'] >= 0 for r in learner)
+  episodes = read_trajectories(os.path.join(run_dir, 'rlds'))
+  by_actor = {}
+  for episode in episodes:
+    by_actor.setdefault(episode.actor_id, []).append(episode)
+  groups = 0
+  for actor_episodes in by_actor.values():
+    actor_episodes.sort(key=lambda e: e.episode_id)
+    # Each request is one prompt's group of 8, recorded in order; a stopped actor may
+    # leave its last group incomplete.
+    for start in range(0, len(actor_episodes) - 7, 8):
+      group = actor_episodes[start:start + 8]
+      assert len({e.prompt_id for e in group}) == 1
+      np.testing.assert_allclose(
+          [e.extras['advantage'] for e in group],
+          grpo.group_advantages(np.array([[e.reward for e in group]]), epsilon=1e-4)[0],
+          rtol=1e-5, atol=1e-6)
+      groups += 1
+  assert groups >= _STEPS // 2
+
+
+def test_ppo_trains_policy_and_value_over_epochs(tmp_path):
+  run_dir = str(tmp_path / 'text_ppo')
+  summary = _run('text_ppo', run_dir)
+  assert summary['learner_steps'] == _STEPS
+  assert summary['final_eval']['param_versions'] == [_STEPS]
+  learner = _learner_metrics(run_dir)
+  # Epochs after the first move the policy away from the sampler's, so some ratios clip.
+  assert any(r['clip_fraction'] > 0 for r in learner)
+  assert all(np.isfinite(r['value_loss']) for r in learner)
+  assert all(not e.extras for e in read_trajectories(os.path.join(run_dir, 'rlds')))
+
+
+@pytest.mark.parametrize('extra', [(), _LEARNED_PREFERENCE_MODEL])
+def test_oaif_learns_from_judged_pairs_online_then_offline_from_their_record(extra, tmp_path):
+  online_dir = str(tmp_path / 'online')
+  summary = _run('text_oaif', online_dir, *extra)
+  assert summary['learner_steps'] == _STEPS
+  learner = _learner_metrics(online_dir)
+  assert all(0 <= r['pair_accuracy'] <= 1 and 0 <= r['label_accuracy'] <= 1 for r in learner)
+  task = reverse_digits.ReverseDigitsTask()
+  episodes = read_trajectories(os.path.join(online_dir, 'rlds'))
+  assert len(episodes) >= _STEPS * 8
+  for episode in episodes:
+    assert sorted(episode.extras) == ['rejected_reward', 'rejected_tokens']
+    prompt = task.prompt_from_id(episode.prompt_id)
+    assert episode.extras['rejected_reward'] == pytest.approx(
+        task.reward(prompt, episode.extras['rejected_tokens']))
+  learned = 'reward_model.log' in os.listdir(os.path.join(online_dir, 'logs'))
+  assert learned == bool(extra)
+  assert ('preference' in _served_versions(online_dir)) == learned
+  if learned:
+    return
+  # Offline DPO: the recorded pairs, read back from RLDS by the learner; no actors.
+  offline_dir = str(tmp_path / 'offline')
+  summary = _run('text_oaif', offline_dir, '--replay-dataset', os.path.join(online_dir, 'rlds'))
+  assert summary['learner_steps'] == _STEPS and summary['episodes'] == 0
+  assert not os.path.exists(os.path.join(offline_dir, 'rlds'))
+  assert all(0 <= r['label_accuracy'] <= 1 for r in _learner_metrics(offline_dir))

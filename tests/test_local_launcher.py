@@ -95,7 +95,7 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
 def test_sigint_to_the_launcher_stops_every_node(tmp_path):
   run_dir = str(tmp_path / 'run')
   launcher = _start(run_dir, '--num-actors', '2', '--max-learner-steps', '100000',
-                    '--set', 'evaluation.every_s=0')
+                    '--set', 'actors_per_process=1', '--set', 'evaluation.every_s=0')
   try:
     def learner_started():
       path = os.path.join(run_dir, 'logs', 'learner.log')

@@ -38,14 +38,28 @@ def _processes_mentioning(text: str) -> list[int]:
   return pids
 
 
-@pytest.fixture(scope='module', name='run_dir')
-def fixture_run_dir(tmp_path_factory):
+def _waited_children_cpu_seconds() -> float:
+  """cutime + cstime of this process from /proc: CPU of every descendant it has reaped."""
+  with open('/proc/self/stat') as file:
+    fields = file.read().rsplit(')', 1)[1].split()
+  return (int(fields[13]) + int(fields[14])) / os.sysconf('SC_CLK_TCK')
+
+
+@pytest.fixture(scope='module', name='run')
+def fixture_run(tmp_path_factory) -> tuple[str, float]:
+  """The run's directory, and the CPU-seconds of its whole process tree as /proc reports."""
   run_dir = str(tmp_path_factory.mktemp('run') / 'text_vtrace')
+  before = _waited_children_cpu_seconds()
   result = subprocess.run(
       [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir] + _SMALL_RUN,
       capture_output=True, text=True, timeout=900, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return run_dir
+  return run_dir, _waited_children_cpu_seconds() - before
+
+
+@pytest.fixture(scope='module', name='run_dir')
+def fixture_run_dir(run) -> str:
+  return run[0]
 
 
 def test_run_directory_has_summary_curves_checkpoints_tensorboard_and_rlds(run_dir):
@@ -66,6 +80,20 @@ def test_run_directory_has_summary_curves_checkpoints_tensorboard_and_rlds(run_d
   assert any(name.startswith('events') for name in os.listdir(os.path.join(run_dir, 'tensorboard')))
   learner_records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
   assert [r['step'] for r in learner_records] == [4, 8, 12]
+
+
+def test_cost_accounting_sums_to_what_proc_reports_for_the_process_tree(run):
+  run_dir, tree_cpu_seconds = run
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    cost = json.load(file)['cost']
+  nodes = cost['cpu_seconds_by_node']
+  assert {'launcher', 'warm_start', 'replay_0', 'inference_server_0', 'actors_0',
+          'learner'} <= set(nodes)
+  # After their last samples: the launcher's summary and its exit (about 1.5 CPU-s).
+  assert sum(nodes.values()) == pytest.approx(tree_cpu_seconds, rel=0.1)
+  assert 0 < cost['rl_cpu_seconds'] < sum(nodes.values())
+  assert cost['cpu_ms_per_episode'] > 0
+  assert 0 < cost['learner_duty_cycle'] < 1
 
 
 def test_rlds_episodes_read_back_exactly_what_each_actor_sent(run_dir):

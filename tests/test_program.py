@@ -80,8 +80,8 @@ def test_a_tag_switches_the_agent_to_its_defaults_and_fields_of_it_set_after():
   assert (config.agent.beta, config.agent.reward_model.kind) == (0.25, 'learned')
   assert experiment.to_dict(config)['agent']['tag'] == 'bond'
   assert experiment.from_dict(experiment.ExperimentConfig, experiment.to_dict(config)) == config
-  with pytest.raises(ValueError, match=r"Unknown AgentConfig tag 'ppo'.*'vtrace'"):
-    experiment.apply_overrides(_config(), ['agent=ppo'])
+  with pytest.raises(ValueError, match=r"Unknown AgentConfig tag 'trpo'.*'vtrace'"):
+    experiment.apply_overrides(_config(), ['agent=trpo'])
   with pytest.raises(ValueError, match="VTraceConfig has no field 'beta'"):
     experiment.apply_overrides(_config(), ['agent.beta=0.5'])
 

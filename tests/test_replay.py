@@ -45,8 +45,9 @@ def test_queue_table_returns_each_trajectory_once_in_order_with_fixed_shapes(ser
   rng = np.random.default_rng(0)
   sent = [_trajectory(rng, i) for i in range(8)]
   trajectory_writer = writer.TrajectoryWriter(address, config.table, _SCHEMA, _SPEC)
-  for trajectory in sent:
-    assert trajectory_writer.write(trajectory)
+  assert trajectory_writer.write(sent[:3])  # A request's worth at once, then one by one.
+  for trajectory in sent[3:]:
+    assert trajectory_writer.write([trajectory])
   batches = dataset.batch_iterator(address, config.table, 4, _SCHEMA, _SPEC)
   received = [next(batches), next(batches)]
   expected = _SCHEMA.batch_trajectories(sent, _SPEC)
@@ -68,10 +69,10 @@ def test_writer_blocks_on_full_queue_and_gives_up_when_asked_to_stop(server):
   rng = np.random.default_rng(1)
   trajectory_writer = writer.TrajectoryWriter(address, config.table, _SCHEMA, _SPEC, poll_ms=50)
   for i in range(config.max_size):
-    assert trajectory_writer.write(_trajectory(rng, i))
+    assert trajectory_writer.write([_trajectory(rng, i)])
   stop = threading.Event()
   threading.Timer(0.5, stop.set).start()
-  assert not trajectory_writer.write(_trajectory(rng, 99), should_stop=stop.is_set)
+  assert not trajectory_writer.write([_trajectory(rng, 99)], should_stop=stop.is_set)
   assert trajectory_writer.blocked_seconds >= 0.4
 
 
@@ -84,7 +85,7 @@ def test_batches_mix_trajectories_from_several_servers():
     for shard, address in enumerate(addresses):
       trajectory_writer = writer.TrajectoryWriter(address, config.table, _SCHEMA, _SPEC)
       for i in range(4):
-        assert trajectory_writer.write(_trajectory(rng, 100 * shard + i))
+        assert trajectory_writer.write([_trajectory(rng, 100 * shard + i)])
     batch = next(dataset.batch_iterator(addresses, config.table, 8, _SCHEMA, _SPEC))
     assert sorted(batch.param_version.tolist()) == [0, 1, 2, 3, 100, 101, 102, 103]
   finally:

@@ -20,6 +20,8 @@ from chorus.datasets import EpisodeLogger
 from chorus.datasets import episode_dataset
 from chorus.datasets import read_episodes
 from chorus.datasets import read_trajectories
+from chorus.datasets import rlds_records
+from chorus.datasets import rlds_schema
 
 _FIELDS = ('reward', 'terminated', 'param_version', 'temperature', 'model_name', 'prompt_id',
            'actor_id', 'episode_id', 'task', 'seed', 'reward_components')
@@ -114,6 +116,15 @@ def test_two_writers_read_back_as_one_dataset_with_every_field_exact(two_actor_d
   assert_same_trajectories(got, expected)
   assert {t.terminated for t in expected} == {True, False}
   assert {len(t.reward_components) for t in expected} >= {0, 1, len(_COMPONENT_NAMES)}
+
+
+def test_records_are_the_examples_tfds_encodes_for_every_field_kind():
+  features = rlds_schema.features(SCHEMA)
+  for trajectory in random_trajectories(5, 60):
+    ours = tf.train.Example.FromString(rlds_records.serialize_episode(trajectory, SCHEMA))
+    tfds_made = tf.train.Example.FromString(
+        features.serialize_example(rlds_schema.episode(trajectory, SCHEMA)))
+    assert ours == tfds_made
 
 
 def test_extras_are_plain_rlds_step_and_episode_fields(two_actor_dirs):
