@@ -28,3 +28,4 @@ from chorus.agents.oaif import OAIFConfig
 from chorus.agents.ppo import PPOConfig
 from chorus.agents.soft_q import SoftQConfig
 from chorus.agents.vtrace import VTraceConfig
+from chorus.agents.warp import WarpConfig

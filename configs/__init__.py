@@ -3,7 +3,8 @@ first line describes it (`chorus configs` lists them)."""
 import importlib
 
 CONFIG_NAMES = ('text_vtrace', 'text_soft_q', 'text_irl', 'text_bond', 'text_nash_md',
-                'text_grpo', 'text_ppo', 'text_oaif', 'music_vtrace', 'music_cfg_distill')
+                'text_grpo', 'text_ppo', 'text_oaif', 'text_warp', 'music_vtrace',
+                'music_cfg_distill')
 
 
 def _module(name: str):

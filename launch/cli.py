@@ -13,30 +13,42 @@ from chorus.launch import experiment
 from chorus.launch import model_commands
 
 
-def _run(args) -> int:
+def _experiment_config(args, command: str):
+  """The experiment of --config, --plugin, --set and the flags; None after printing an error."""
   config = configs.get_config(args.config)
   try:
     # Before the overrides: they may name the plugins' agents and tasks.
     plugins_lib.import_plugins(args.plugin)
   except ImportError as error:
-    print(f'chorus run: {error}', file=sys.stderr)
-    return 2
+    print(f'chorus {command}: {error}', file=sys.stderr)
+    return None
   config = dataclasses.replace(config, plugins=config.plugins + tuple(args.plugin))
   overrides = list(args.set)
   for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
                       ('seed', 'seed'), ('replay_dataset', 'replay_dataset'),
                       ('skip_corrupt', 'skip_corrupt')):
-    value = getattr(args, flag)
+    value = getattr(args, flag, None)
     if value is not None:
       overrides.append(f'{field}={value}')
   try:
     config = experiment.apply_overrides(config, overrides)
     config.check()
   except (ValueError, FileNotFoundError) as error:  # Damaged datasets are ValueErrors too.
-    print(f'chorus run: {error}', file=sys.stderr)
-    return 2
-  run_dir = args.run_dir or os.path.join(
+    print(f'chorus {command}: {error}', file=sys.stderr)
+    return None
+  return config
+
+
+def _default_run_dir(args, config) -> str:
+  return args.run_dir or os.path.join(
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
+
+
+def _run(args) -> int:
+  config = _experiment_config(args, 'run')
+  if config is None:
+    return 2
+  run_dir = _default_run_dir(args, config)
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
   try:
     summary = run.run_experiment(config, run_dir, launcher=args.launcher,
@@ -51,6 +63,29 @@ def _run(args) -> int:
                final_win_rate_vs_reference=summary['final_eval'].get('win_rate'))
   print(json.dumps(shown, indent=2))
   print(f'Summary, curves, RLDS and checkpoints in {os.path.abspath(run_dir)}')
+  return 0
+
+
+def _merge_runs(args) -> int:
+  config = _experiment_config(args, 'merge-runs')
+  if config is None:
+    return 2
+  from chorus.launch import merging  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
+    settings = merging.MergeSettings(num_runs=args.runs, iterations=args.iterations,
+                                     liti_rate=args.liti_rate)
+  except ValueError as error:
+    print(f'chorus merge-runs: {error}', file=sys.stderr)
+    return 2
+  run_dir = _default_run_dir(args, config)
+  try:
+    summary = merging.merge_runs(config, run_dir, settings)
+  except KeyboardInterrupt:
+    print('Stopped; every node was shut down.', file=sys.stderr)
+    return 130
+  print(json.dumps({key: summary[key] for key in ('gain_at_equal_kl', 'wall_seconds')},
+                   indent=2))
+  print(f'KL-reward front in {os.path.abspath(run_dir)}/front.json and front.png')
   return 0
 
 
@@ -110,6 +145,26 @@ def main(argv=None) -> int:
                           help='override any config field, e.g. --set learner.batch_size=64; '
                           'see `chorus configs NAME` for fields and defaults')
   run_parser.set_defaults(handler=_run)
+  merge_parser = commands.add_parser(
+      'merge-runs', help='M runs from one init, merged by SLERP of their task vectors and '
+      'interpolated towards the init (LITI), I times; writes the KL-reward front')
+  merge_parser.add_argument('--config', required=True,
+                            help=f'experiment of each run, one of {configs.CONFIG_NAMES}')
+  merge_parser.add_argument('--run-dir', help='output directory (default: runs/NAME-TIMESTAMP)')
+  merge_parser.add_argument('--runs', type=int, default=2, help='M, runs per iteration '
+                            '(default: 2)')
+  merge_parser.add_argument('--iterations', type=int, default=2, help='I (default: 2)')
+  merge_parser.add_argument('--liti-rate', type=float, default=0.3,
+                            help='eta of init <- (1 - eta) init + eta merged (default: 0.3)')
+  merge_parser.add_argument('--max-learner-steps', type=int,
+                            help='learner updates of each run (default: config)')
+  merge_parser.add_argument('--seed', type=int, help='seed of run 0; run m of iteration i '
+                            'uses seed + 1000 i + m (default: config)')
+  merge_parser.add_argument('--plugin', action='append', default=[], metavar='MODULE',
+                            help='as for run')
+  merge_parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                            help='override a config field of every run, as for run')
+  merge_parser.set_defaults(handler=_merge_runs)
   evaluate_parser = commands.add_parser(
       'evaluate', help="a run's learner checkpoint on the prompts of a recorded RLDS dataset")
   evaluate_parser.add_argument('--run-dir', required=True, help='the run whose checkpoint to load')

@@ -38,7 +38,7 @@ def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | N
   if step is None:
     raise FileNotFoundError(f'No learner checkpoint in {layout.learner_checkpoint_dir(run_dir)}.')
   template = nodes.make_learner(
-      config, models.init_params(config.model.decoder_config(), jax.random.PRNGKey(0)))
+      config, models.init_params(config.model.decoder_config(), jax.random.PRNGKey(0)), run_dir)
   params = checkpointer.restore(template.state, step=step).params
   checkpointer.close()
   return params, step
