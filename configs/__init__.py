@@ -3,7 +3,7 @@ first line describes it (`chorus configs` lists them)."""
 import importlib
 
 CONFIG_NAMES = ('text_vtrace', 'text_soft_q', 'text_irl', 'text_bond', 'text_nash_md',
-                'text_grpo', 'text_ppo', 'text_oaif', 'text_warp', 'music_vtrace',
+                'text_grpo', 'text_ppo', 'text_oaif', 'text_warp', 'text_gkd', 'music_vtrace',
                 'music_cfg_distill')
 
 
