@@ -21,6 +21,7 @@ from chorus.agents.builder import SetupContext
 from chorus.agents.builder import SetupStep
 from chorus.agents.builder import tags
 from chorus.agents.cfg_distill import CFGDistillConfig
+from chorus.agents.gkd import GKDConfig
 from chorus.agents.grpo import GRPOConfig
 from chorus.agents.inverse_soft_q import InverseSoftQConfig
 from chorus.agents.nash_md import NashMDConfig
@@ -28,3 +29,4 @@ from chorus.agents.oaif import OAIFConfig
 from chorus.agents.ppo import PPOConfig
 from chorus.agents.soft_q import SoftQConfig
 from chorus.agents.vtrace import VTraceConfig
+from chorus.agents.warp import WarpConfig

@@ -26,10 +26,13 @@ import enum
 import os
 from typing import Any, ClassVar
 
+import jax
+
 from chorus import core
 from chorus import models
 from chorus import schema as schema_lib
 from chorus.metrics import MetricsWriter
+from chorus.models.checkpoints import Checkpointer
 
 POLICY_MODEL = 'policy'
 REFERENCE_MODEL = 'reference'
@@ -123,6 +126,8 @@ class LearnerContext:
       constant (`Learner(constants=...)`), so that it is sharded like the policy.
     optimizer: the optax optimiser the experiment configures.
     mesh: the learner's device mesh (models/sharding.py), or None for one device.
+    run_dir: the run directory, where setup steps wrote what the learner may hold as
+      a constant too (a teacher the servers also serve, say; see `restore`).
   """
   model: models.DecoderConfig
   sequence: core.SequenceSpec
@@ -131,6 +136,18 @@ class LearnerContext:
   reference_params: Any
   optimizer: Any
   mesh: Any = None
+  run_dir: str = ''
+
+  def restore(self, checkpoint: str, model: models.DecoderConfig):
+    """Parameters of `model` that a setup step saved under the run-directory-relative
+    `checkpoint` (as a ServedModelSpec names it)."""
+    return restore_params(os.path.join(self.run_dir, checkpoint), model)
+
+
+def restore_params(directory: str, model: models.DecoderConfig):
+  """The decoder parameters of `model` saved in the orbax `directory` (its newest step)."""
+  shapes = jax.eval_shape(lambda rng: models.init_params(model, rng), jax.random.PRNGKey(0))
+  return Checkpointer(directory).restore(shapes)
 
 
 class DataSource(enum.Enum):

@@ -4,22 +4,33 @@ Trained by a setup step on the task's noisy preference pairs (`task.preference_p
 see learners/preference.py), saved as an orbax checkpoint in the run directory, then
 served read-only by the inference servers under its name, where actors score
 completions with it. BOND judges with a reward model, Nash-MD with a preference model.
+
+With `num_models` M > 1 the step does WARM (arXiv 2401.12187): M models fine-tuned from
+one initialisation, each on its own stream of pairs, whose weight average is served. It
+logs the held-out accuracy of each model, of their prediction ensemble (the mean of
+their scores, M forward passes) and of the weight average (one), and keeps the M models
+in checkpoints/reward_model_members/<m> for later comparisons.
 """
 import dataclasses
 import logging
+import os
 import time
 
+import jax
 import numpy as np
 
 from chorus import core
+from chorus import models
 from chorus.agents import builder as builder_lib
 from chorus.learners import preference
+from chorus.learners import weight_averaging
 from chorus.learners.preference import RewardModelConfig
 from chorus.models.checkpoints import Checkpointer
 
 REWARD = 'reward'
 PREFERENCE = 'preference'
 CHECKPOINT_DIR = 'checkpoints/reward_model'
+MEMBERS_DIR = 'checkpoints/reward_model_members'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +55,22 @@ class LearnedModel:
     return self.kind if self.learned else None
 
   def check(self, task: core.Task) -> None:
-    if self.learned and not hasattr(task, 'preference_pair'):
+    if not self.learned:
+      return
+    if not hasattr(task, 'preference_pair'):
       raise ValueError(f'A learned {self.kind} model trains on the task\'s preference pairs, '
                        f'and task {task.name!r} has no `preference_pair`; use '
                        'reward_model.kind=programmatic.')
+    if self.config.model.vocab_size != task.tokenizer.vocab_size:
+      raise ValueError(f'The learned {self.kind} model has a vocabulary of '
+                       f'{self.config.model.vocab_size} tokens and the task\'s tokenizer '
+                       f'{task.tokenizer.vocab_size}; set its model.vocab_size to match.')
 
   def served_models(self) -> tuple[builder_lib.ServedModelSpec, ...]:
     if not self.learned:
       return ()
-    return (builder_lib.ServedModelSpec(self.kind, kind=self.kind, checkpoint=CHECKPOINT_DIR),)
+    return (builder_lib.ServedModelSpec(self.kind, kind=self.kind, checkpoint=CHECKPOINT_DIR,
+                                        model=self.config.model),)
 
   def setup_steps(self) -> tuple[builder_lib.SetupStep, ...]:
     if not self.learned:
@@ -60,21 +78,42 @@ class LearnedModel:
     return (builder_lib.SetupStep('reward_model', self.train, accelerator=True),)
 
   def train(self, context: builder_lib.SetupContext) -> None:
-    """Trains the model on noisy task pairs, logs held-out accuracy, saves its checkpoint."""
+    """Trains the model(s) on noisy task pairs, logs held-out accuracy, saves the checkpoint."""
     config, task, spec = self.config, context.task, context.sequence
-    train, accuracy = ((preference.train_preference_model, preference.preference_model_accuracy)
-                       if self.kind == PREFERENCE else
-                       (preference.train_reward_model, preference.reward_model_accuracy))
+    train, margins = ((preference.train_preference_model, preference.preference_margins)
+                      if self.kind == PREFERENCE else
+                      (preference.train_reward_model, preference.reward_margins))
     start = time.monotonic()
-    rng = np.random.default_rng([context.seed, config.seed, 11])
-    pairs = preference.preference_batches(task, rng, config.batch_size, spec.prompt_len,
-                                          spec.completion_len, num_pairs=config.num_pairs)
-    params, history = train(context.model, config, pairs)
-    for record in history[::max(1, len(history) // 20)] + history[-1:]:
-      context.metrics.write(kind='reward_model', model=self.kind, **record)
-    held_out = accuracy(context.model, params, task, np.random.default_rng([context.seed, 12]),
-                        spec.prompt_len, spec.completion_len)
-    context.metrics.write(kind='reward_model_eval', model=self.kind, **held_out)
-    Checkpointer(context.path(CHECKPOINT_DIR)).save(0, params)
-    logging.info('%s model: %d steps in %.1f s, held-out %s', self.kind, config.steps,
-                 time.monotonic() - start, held_out)
+    init = models.init_params(config.model, jax.random.PRNGKey(config.seed))
+    members = []
+    for member in range(config.num_models):
+      # Fresh pairs (num_pairs=0) differ from member to member; a fixed labelled set
+      # (num_pairs > 0) is the same for all, each member seeing it in its own order.
+      member_rng = np.random.default_rng([context.seed, config.seed, 11, member])
+      pairs = preference.preference_batches(
+          task, np.random.default_rng([context.seed, config.seed, 11]) if config.num_pairs
+          else member_rng, config.batch_size, spec.prompt_len, spec.completion_len,
+          num_pairs=config.num_pairs, order_rng=member_rng)
+      params, history = train(config.model, config, pairs, params=init)
+      for record in history[::max(1, len(history) // 20)] + history[-1:]:
+        context.metrics.write(kind='reward_model', model=self.kind, member=member, **record)
+      members.append(params)
+
+    def held_out(params_list):
+      return preference.held_out_accuracy(
+          lambda batch: margins(config.model, params_list, batch), task,
+          np.random.default_rng([context.seed, 12]), spec.prompt_len, spec.completion_len)
+
+    served = weight_averaging.average(members)
+    if config.num_models > 1:
+      for member, params in enumerate(members):
+        context.metrics.write(kind='reward_model_eval', model=self.kind, member=member,
+                              **held_out([params]))
+        Checkpointer(context.path(os.path.join(MEMBERS_DIR, str(member)))).save(0, params)
+      context.metrics.write(kind='reward_model_eval', model=self.kind, member='ensemble',
+                            **held_out(members))
+    result = held_out([served])
+    context.metrics.write(kind='reward_model_eval', model=self.kind, **result)
+    Checkpointer(context.path(CHECKPOINT_DIR)).save(0, served)
+    logging.info('%s model: %d x %d steps in %.1f s, held-out %s', self.kind,
+                 config.num_models, config.steps, time.monotonic() - start, result)

@@ -44,18 +44,21 @@ class VTraceConfig(builder_lib.AgentConfig, tag='vtrace'):
   entropy_cost: float = 0.001
 
 
-def make_vtrace_learner(context: builder_lib.LearnerContext,
-                        config: VTraceConfig) -> learner_lib.Learner:
-  """V-trace actor-critic against the frozen reference of `context`."""
-  model = context.model
+def vtrace_loss_fn(model, config: VTraceConfig, kl_model: str):
+  """The V-trace loss of `config`, its KL penalty to the auxiliary tree `kl_model`.
+
+  The loss reads log pi_{kl_model}(a_t|s_t) from `aux[kl_model]` (the frozen reference,
+  or a moving anchor) and reports `kl_to_<kl_model>`, the mean sequence log-ratio of the
+  sampled completions.
+  """
 
   def loss_fn(params, aux, batch: core.TrajectoryBatch):
     mask = batch.completion_mask
     target = policy.evaluate_actions(model, params, batch)
-    reference = policy.evaluate_actions(model, aux['reference'], batch)
-    reference_logprobs = jax.lax.stop_gradient(reference.logprobs)
+    kl_logprobs = jax.lax.stop_gradient(
+        policy.evaluate_actions(model, aux[kl_model], batch).logprobs)
     rewards = token_mdp.token_rewards(batch.reward, mask, batch.behaviour_logprobs,
-                                      reference_logprobs, config.kl_coef)
+                                      kl_logprobs, config.kl_coef)
     discounts = token_mdp.token_discounts(mask, batch.terminated, config.discount)
     loss, metrics = vtrace.vtrace_loss(
         target.logprobs, batch.behaviour_logprobs, target.values, target.entropy, rewards,
@@ -63,11 +66,18 @@ def make_vtrace_learner(context: builder_lib.LearnerContext,
         c_clip=config.c_clip, lambda_=config.lambda_, value_cost=config.value_cost,
         entropy_cost=config.entropy_cost)
     real = mask.astype(jnp.float32)
-    metrics['kl_to_reference'] = (
-        ((batch.behaviour_logprobs - reference_logprobs) * real).sum(axis=1).mean())
+    metrics[f'kl_to_{kl_model}'] = (
+        ((batch.behaviour_logprobs - kl_logprobs) * real).sum(axis=1).mean())
     return loss, {**metrics, **policy.batch_metrics(batch)}
 
-  return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
+  return loss_fn
+
+
+def make_vtrace_learner(context: builder_lib.LearnerContext,
+                        config: VTraceConfig) -> learner_lib.Learner:
+  """V-trace actor-critic against the frozen reference of `context`."""
+  return learner_lib.Learner(vtrace_loss_fn(context.model, config, 'reference'),
+                             params=context.params, optimizer=context.optimizer,
                              constants={'reference': context.reference_params},
                              mesh=context.mesh)
 

@@ -5,7 +5,8 @@ import importlib
 import os
 
 CONFIG_NAMES = ('text_vtrace', 'text_soft_q', 'text_irl', 'text_bond', 'text_nash_md',
-                'text_grpo', 'text_ppo', 'text_oaif', 'music_vtrace', 'music_cfg_distill')
+                'text_grpo', 'text_ppo', 'text_oaif', 'text_warp', 'text_gkd', 'music_vtrace',
+                'music_cfg_distill')
 
 
 def _module(name: str):

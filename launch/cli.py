@@ -33,18 +33,19 @@ def _fail(command: str, error) -> int:
 
 def _task_overrides(args) -> list[str]:
   """`--set` overrides choosing the user's task: --prompts/--reward or --task."""
-  if args.task and (args.prompts or args.reward):
+  task, prompts, reward = (getattr(args, flag, None) for flag in ('task', 'prompts', 'reward'))
+  if task and (prompts or reward):
     raise ValueError('--task replaces the task; give either --task MODULE:CLASS or '
                      '--prompts FILE --reward MODULE:FUNCTION, not both.')
-  if bool(args.prompts) != bool(args.reward):
+  if bool(prompts) != bool(reward):
     raise ValueError('--prompts FILE and --reward MODULE:FUNCTION go together.')
-  if args.prompts:
-    if not os.path.isfile(args.prompts):
-      raise FileNotFoundError(f'Prompt file {os.path.abspath(args.prompts)} does not exist.')
-    return ['task=prompt_file', f'task.path={os.path.abspath(args.prompts)}',
-            f'task.reward={args.reward}']
-  if args.task:
-    return ['task=user_task', f'task.cls={args.task}']
+  if prompts:
+    if not os.path.isfile(prompts):
+      raise FileNotFoundError(f'Prompt file {os.path.abspath(prompts)} does not exist.')
+    return ['task=prompt_file', f'task.path={os.path.abspath(prompts)}',
+            f'task.reward={reward}']
+  if task:
+    return ['task=user_task', f'task.cls={task}']
   return []
 
 
@@ -59,7 +60,7 @@ def _build_config(args):
   for flag, field in (('num_actors', 'num_actors'), ('max_learner_steps', 'learner.max_steps'),
                       ('seed', 'seed'), ('replay_dataset', 'replay_dataset'),
                       ('skip_corrupt', 'skip_corrupt')):
-    value = getattr(args, flag)
+    value = getattr(args, flag, None)
     if value is not None:
       overrides.append(f'{field}={value}')
   config = experiment.apply_overrides(config, overrides)
@@ -85,16 +86,28 @@ class _TerminalProgress:
     print(*args, flush=True)
 
 
+def _default_run_dir(args, config) -> str:
+  return args.run_dir or os.path.join(
+      'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
+
+
+def _check_config_name(command: str, name: str) -> int | None:
+  """2 after printing an error when `name` is no config; None when it is one."""
+  if name not in configs.CONFIG_NAMES:
+    return _fail(command, ValueError(f'Unknown config {name!r}; available: '
+                                     f'{", ".join(configs.CONFIG_NAMES)}.'))
+  return None
+
+
 def _run(args) -> int:
-  if args.config not in configs.CONFIG_NAMES:
-    return _fail('run', ValueError(f'Unknown config {args.config!r}; available: '
-                                   f'{", ".join(configs.CONFIG_NAMES)}.'))
+  unknown = _check_config_name('run', args.config)
+  if unknown is not None:
+    return unknown
   try:
     config = _build_config(args)
   except _USAGE_ERRORS as error:
     return _fail('run', error)
-  run_dir = args.run_dir or os.path.join(
-      'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
+  run_dir = _default_run_dir(args, config)
   from chorus.launch import report  # pylint: disable=g-import-not-at-top
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
   from chorus.launch.local import NodeFailed  # pylint: disable=g-import-not-at-top
@@ -117,6 +130,29 @@ def _run(args) -> int:
   if problems:
     print(f'chorus run: the run failed: {"; ".join(problems)}.', file=sys.stderr)
     return 1
+  return 0
+
+
+def _merge_runs(args) -> int:
+  unknown = _check_config_name('merge-runs', args.config)
+  if unknown is not None:
+    return unknown
+  from chorus.launch import merging  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
+    config = _build_config(args)
+    settings = merging.MergeSettings(num_runs=args.runs, iterations=args.iterations,
+                                     liti_rate=args.liti_rate)
+  except _USAGE_ERRORS as error:
+    return _fail('merge-runs', error)
+  run_dir = _default_run_dir(args, config)
+  try:
+    summary = merging.merge_runs(config, run_dir, settings)
+  except KeyboardInterrupt:
+    print('Stopped; every node was shut down.', file=sys.stderr)
+    return 130
+  print(json.dumps({key: summary[key] for key in ('gain_at_equal_kl', 'wall_seconds')},
+                   indent=2))
+  print(f'KL-reward front in {os.path.abspath(run_dir)}/front.json and front.png')
   return 0
 
 
@@ -201,6 +237,26 @@ def main(argv=None) -> int:
                           help='override any config field, e.g. --set learner.batch_size=64; '
                           'see `chorus configs NAME` for fields and defaults')
   run_parser.set_defaults(handler=_run)
+  merge_parser = commands.add_parser(
+      'merge-runs', help='M runs from one init, merged by SLERP of their task vectors and '
+      'interpolated towards the init (LITI), I times; writes the KL-reward front')
+  merge_parser.add_argument('--config', required=True,
+                            help=f'experiment of each run, one of {configs.CONFIG_NAMES}')
+  merge_parser.add_argument('--run-dir', help='output directory (default: runs/NAME-TIMESTAMP)')
+  merge_parser.add_argument('--runs', type=int, default=2, help='M, runs per iteration '
+                            '(default: 2)')
+  merge_parser.add_argument('--iterations', type=int, default=2, help='I (default: 2)')
+  merge_parser.add_argument('--liti-rate', type=float, default=0.3,
+                            help='eta of init <- (1 - eta) init + eta merged (default: 0.3)')
+  merge_parser.add_argument('--max-learner-steps', type=int,
+                            help='learner updates of each run (default: config)')
+  merge_parser.add_argument('--seed', type=int, help='seed of run 0; run m of iteration i '
+                            'uses seed + 1000 i + m (default: config)')
+  merge_parser.add_argument('--plugin', action='append', default=[], metavar='MODULE',
+                            help='as for run')
+  merge_parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                            help='override a config field of every run, as for run')
+  merge_parser.set_defaults(handler=_merge_runs)
   evaluate_parser = commands.add_parser(
       'evaluate', help="a run's learner checkpoint on the prompts of a recorded RLDS dataset")
   evaluate_parser.add_argument('--run-dir', required=True, help='the run whose checkpoint to load')

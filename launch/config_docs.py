@@ -61,6 +61,12 @@ def _is_group(hint) -> bool:
                                             and issubclass(hint, core.TaggedConfig))
 
 
+def _built_in_tags(base: type) -> list[str]:
+  """The tags of `base` that Chorus defines (not those a plugin or a test registered)."""
+  return [tag for tag in base.tags() if base.by_tag(tag).__module__.startswith('chorus.')
+          and not base.by_tag(tag).__module__.startswith('chorus.tests.')]
+
+
 def _section(cls, path: str, level: int, note: str = '') -> list[str]:
   """The markdown of one config class at `path` (`note`: its parent's word on it), then its
   nested groups."""
@@ -91,10 +97,10 @@ def _section(cls, path: str, level: int, note: str = '') -> list[str]:
   for name, hint in groups:
     sub_path = f'{path}.{name}' if path else name
     if isinstance(hint, type) and issubclass(hint, core.TaggedConfig):
+      tags = _built_in_tags(hint)
       lines += [f'{"#" * (level + 1)} `{sub_path}`', '',
-                f'{docs.get(name, "")} One of: '
-                + ', '.join(f'`{tag}`' for tag in hint.tags()) + '.', '']
-      for tag in hint.tags():
+                f'{docs.get(name, "")} One of: ' + ', '.join(f'`{tag}`' for tag in tags) + '.', '']
+      for tag in tags:
         lines += _section(hint.by_tag(tag), sub_path, level + 2)
     else:
       lines += _section(hint, sub_path, level + 1, docs.get(name, ''))

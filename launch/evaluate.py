@@ -44,7 +44,7 @@ def load_params(run_dir: str, config: experiment.ExperimentConfig, step: int | N
     raise FileNotFoundError(f'No learner checkpoint in {layout.learner_checkpoint_dir(run_dir)}.')
   base = (nodes.warm_start_params(config, run_dir) if config.model.lora.rank else
           models.init_params(config.model.base_decoder_config(), jax.random.PRNGKey(0)))
-  template = nodes.make_learner(config, base)
+  template = nodes.make_learner(config, base, run_dir)
   params = checkpointer.restore(template.state, step=step).params
   checkpointer.close()
   if template.trains_adapters:

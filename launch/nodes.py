@@ -56,7 +56,8 @@ def warm_start_params(config: ExperimentConfig, run_dir: str):
 def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
   """Supervised warm start on demonstrations; its params are version 0 and the reference.
 
-  The demonstrations are the task's own, or the episodes of `warm_start.dataset` (RLDS).
+  The demonstrations are the task's own, or the episodes of `warm_start.dataset` (RLDS);
+  training starts from `warm_start.init` when it names a checkpoint.
   """
   del should_stop  # Minutes at most; a stop during it kills the process.
   metrics = MetricsWriter(layout.metrics_path(run_dir), 'warm_start')
@@ -74,9 +75,13 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
     batches = demonstrations.demonstration_batches(task, config.seed,
                                                    config.warm_start.batch_size, config.sequence)
   start = time.monotonic()
-  params, history = supervised.warm_start(
-      config.model.base_decoder_config(), config.warm_start, batches,
-      config.model.initial_params(jax.random.PRNGKey(config.seed)))
+  if config.warm_start.init:
+    initial_params = Checkpointer(config.warm_start.init).restore(
+        _param_shapes(config.model.base_decoder_config()))
+  else:
+    initial_params = config.model.initial_params(jax.random.PRNGKey(config.seed))
+  params, history = supervised.warm_start(config.model.base_decoder_config(), config.warm_start,
+                                          batches, initial_params)
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     metrics.write(kind='warm_start', **record)
   Checkpointer(layout.warm_start_dir(run_dir)).save(0, params)
@@ -237,7 +242,7 @@ def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
       next_time = time.monotonic() + config.evaluation.every_s
 
 
-def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
+def make_learner(config: ExperimentConfig, params, run_dir: str = '') -> learner_lib.Learner:
   """The agent's learner on this node's mesh, starting from (and regularised to) `params`.
 
   With `model.lora`, fresh adapters (the same function) are added to `params`: the learner
@@ -245,14 +250,14 @@ def make_learner(config: ExperimentConfig, params) -> learner_lib.Learner:
   """
   if config.model.lora.rank:
     params = lora.add_adapters(params, config.model.decoder_config(),
-                                      jax.random.PRNGKey(config.seed + 1))
+                               jax.random.PRNGKey(config.seed + 1))
   return config.builder().make_learner(agents.LearnerContext(
       model=config.model.decoder_config(), sequence=config.sequence, task=config.make_task(),
       params=params, reference_params=params,
       optimizer=learner_lib.make_optimizer(
           config.learner.learning_rate, config.learner.max_grad_norm,
           decay_steps=config.learner.max_steps if config.learner.learning_rate_decay else 0),
-      mesh=sharding.make_mesh(config.mesh)))
+      mesh=sharding.make_mesh(config.mesh), run_dir=run_dir))
 
 
 def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: list[str]):
@@ -268,7 +273,7 @@ def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: 
 
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
             inference_addresses: list[str], replay_addresses: list[str]):
-  learner_obj = make_learner(config, warm_start_params(config, run_dir))
+  learner_obj = make_learner(config, warm_start_params(config, run_dir), run_dir)
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   publishers = {(address, name): ParameterPublisher(address, model=name)
                 for address in inference_addresses for name in learner_obj.published_params()}

@@ -21,6 +21,11 @@ from chorus.learners import optimization
 from chorus.models import reward_models
 
 _KINDS = ('programmatic', 'learned')
+# The reward model's own architecture by default: 4 blocks of width 64 over the
+# character vocabulary (a 2-block model cannot tell a swapped digit pair apart).
+DEFAULT_MODEL = models.DecoderConfig(
+    vocab_size=models.CharTokenizer().vocab_size, num_layers=4, embed_dim=64, num_heads=4,
+    num_kv_heads=2, head_dim=16, mlp_dim=256, max_seq_len=64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,19 +38,27 @@ class RewardModelConfig:
       ignored. 'learned' trains a reward model (Bradley-Terry) or a pairwise preference
       model on the task's noisy preference pairs before RL starts, and the inference
       server serves it.
-    steps: Adam steps of that training.
+    model: the learned model's architecture, its own (not the policy's); its
+      vocabulary is the task tokenizer's, and a preference model's max_seq_len must
+      hold the prompt and both completions.
+    steps: Adam steps of that training (of each model, with `num_models` > 1).
     batch_size: preference pairs per step.
     learning_rate: Adam learning rate.
     num_pairs: 0 draws fresh labelled pairs every step (an unlimited annotator budget);
       N > 0 draws one fixed dataset of N pairs and cycles through it in reshuffled
       epochs, as with a finite human-labelled dataset.
-    seed: seeds the pairs and the model's initial parameters.
+    num_models: M. WARM (arXiv 2401.12187) for M > 1: M models are fine-tuned from one
+      initialisation, each on its own stream of pairs (its own order of the fixed
+      dataset with `num_pairs`), and the average of their weights is served.
+    seed: seeds the pairs and the models' (shared) initial parameters.
   """
   kind: str = 'programmatic'
+  model: models.DecoderConfig = DEFAULT_MODEL
   steps: int = 300
   batch_size: int = 32
   learning_rate: float = 3e-3
   num_pairs: int = 0
+  num_models: int = 1
   seed: int = 0
 
   def __post_init__(self):
@@ -54,8 +67,9 @@ class RewardModelConfig:
     for name in ('steps', 'num_pairs', 'seed'):
       if getattr(self, name) < 0:
         raise ValueError(f'RewardModelConfig.{name} must be >= 0; got {getattr(self, name)}.')
-    if self.batch_size < 1:
-      raise ValueError(f'RewardModelConfig.batch_size must be >= 1; got {self.batch_size}.')
+    for name in ('batch_size', 'num_models'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'RewardModelConfig.{name} must be >= 1; got {getattr(self, name)}.')
     if self.num_pairs and self.num_pairs < self.batch_size:
       raise ValueError(f'num_pairs={self.num_pairs} is smaller than batch_size='
                        f'{self.batch_size}; use num_pairs=0 for fresh pairs or raise it.')
@@ -134,10 +148,10 @@ def make_preference_batch(task, pairs, prompt_len: int, completion_len: int) -> 
     rejected.append(second if first_preferred else first)
   prompt_tokens, prompt_mask = models.left_pad_prompts(
       [task.encode_prompt(p) for p in prompts], prompt_len)
-  chosen_tokens, chosen_mask = models.right_pad_completions([task.encode_completion(c) for c in chosen],
-                                          completion_len)
-  rejected_tokens, rejected_mask = models.right_pad_completions([task.encode_completion(r) for r in rejected],
-                                              completion_len)
+  chosen_tokens, chosen_mask = models.right_pad_completions(
+      [task.encode_completion(c) for c in chosen], completion_len)
+  rejected_tokens, rejected_mask = models.right_pad_completions(
+      [task.encode_completion(r) for r in rejected], completion_len)
   rewards = lambda texts: np.array([task.text_reward(p, t) for p, t in zip(prompts, texts)],
                                    np.float32)
   return PreferenceBatch(prompt_tokens, prompt_mask, chosen_tokens, chosen_mask,
@@ -145,7 +159,9 @@ def make_preference_batch(task, pairs, prompt_len: int, completion_len: int) -> 
 
 
 def preference_batches(task, rng: np.random.Generator, batch_size: int, prompt_len: int,
-                       completion_len: int, num_pairs: int = 0) -> Iterator[PreferenceBatch]:
+                       completion_len: int, num_pairs: int = 0,
+                       order_rng: np.random.Generator | None = None
+                       ) -> Iterator[PreferenceBatch]:
   """Endless batches of the task's noisy preference pairs (`task.preference_pair`).
 
   Args:
@@ -157,6 +173,8 @@ def preference_batches(task, rng: np.random.Generator, batch_size: int, prompt_l
     completion_len: T, at least `task.max_preference_completion_tokens`.
     num_pairs: 0 for fresh pairs in every batch; N > 0 for a fixed set of N pairs,
       cycled in reshuffled epochs.
+    order_rng: shuffles the fixed set's epochs (default: `rng`), so that models trained
+      on one set (WARM's) can see it in different orders.
 
   Yields:
     PreferenceBatch with prompts [B, P] and completions [B, T].
@@ -170,8 +188,9 @@ def preference_batches(task, rng: np.random.Generator, batch_size: int, prompt_l
                      'must hold at least one batch.')
   dataset = make_preference_batch(task, [task.preference_pair(rng) for _ in range(num_pairs)],
                                   prompt_len, completion_len)
+  order_rng = rng if order_rng is None else order_rng
   while True:
-    order = rng.permutation(num_pairs)
+    order = order_rng.permutation(num_pairs)
     for start in range(0, num_pairs - batch_size + 1, batch_size):
       rows = order[start:start + batch_size]
       yield PreferenceBatch(*(field[rows] for field in dataset))
@@ -249,44 +268,44 @@ def train_preference_model(decoder_config: models.DecoderConfig, config: RewardM
   return _train(_preference_model_loss, decoder_config, config, pairs_iterator, params)
 
 
-def _true_order_accuracy(margins: np.ndarray, first_rewards: np.ndarray,
-                         second_rewards: np.ndarray) -> float:
-  """Share of non-tied pairs where sign(margin) agrees with sign(first - second reward)."""
-  truth = np.asarray(first_rewards) - np.asarray(second_rewards)
+def ordered_accuracy(margins: np.ndarray, batch: PreferenceBatch) -> float:
+  """Share of the batch's pairs, ties in task reward left out, that `margins` [B] order like
+  the task's reward: margin > 0 where the chosen completion has the higher reward."""
+  truth = np.asarray(batch.chosen_rewards) - np.asarray(batch.rejected_rewards)
   decided = truth != 0
   if not decided.any():
     return float('nan')
   return float(np.mean((np.asarray(margins) > 0)[decided] == (truth > 0)[decided]))
 
 
-def _held_out_accuracy(margin_fn, task, rng: np.random.Generator, prompt_len: int,
-                       completion_len: int, num_prompts: int) -> dict[str, float]:
-  prompts = task.eval_prompts()[:num_prompts]
-  pairs = [task.preference_pair(rng, prompt) for prompt in prompts]
-  batch = make_preference_batch(task, pairs, prompt_len, completion_len)
-  metrics = {'accuracy': _true_order_accuracy(margin_fn(batch), batch.chosen_rewards,
-                                              batch.rejected_rewards)}
-  # The correct answer against each corruption; 'swap' is the sloppy annotator's (and so a
-  # warm-started policy's) mistake, the one RL needs the model to see.
-  correct = [task.corrupted_answer(prompt, 'correct', rng) for prompt in prompts]
-  for kind in task.corruptions:
-    corrupted = [task.corrupted_answer(prompt, kind, rng) for prompt in prompts]
-    batch = make_preference_batch(task, [(p, c, x, True) for p, c, x in
-                                         zip(prompts, correct, corrupted)],
-                                  prompt_len, completion_len)
-    metrics[f'accuracy_correct_vs_{kind}'] = _true_order_accuracy(
-        margin_fn(batch), batch.chosen_rewards, batch.rejected_rewards)
-  return metrics
+def reward_margins(decoder_config: models.DecoderConfig, members, batch: PreferenceBatch
+                   ) -> np.ndarray:
+  """[B] r(x, chosen) - r(x, rejected), r the mean score of the reward models `members`
+  (a list of parameter trees; one for a single model, several for a prediction ensemble)."""
+  def scores(tokens, mask):
+    return np.mean([np.asarray(reward_models.reward_scores(
+        decoder_config, params, batch.prompt_tokens, batch.prompt_mask, tokens, mask))
+                    for params in members], axis=0)
+  return (scores(batch.chosen_tokens, batch.chosen_mask)
+          - scores(batch.rejected_tokens, batch.rejected_mask))
 
 
-def reward_model_accuracy(decoder_config: models.DecoderConfig, params, task,
-                          rng: np.random.Generator, prompt_len: int, completion_len: int,
-                          num_prompts: int = 256) -> dict[str, float]:
-  """How often a reward model orders held-out pairs like the task's reward does.
+def preference_margins(decoder_config: models.DecoderConfig, members, batch: PreferenceBatch
+                       ) -> np.ndarray:
+  """[B] logits of P(chosen > rejected), the mean of the preference models `members`'."""
+  return np.mean([np.asarray(reward_models.preference_logits(
+      decoder_config, params, batch.prompt_tokens, batch.prompt_mask, batch.chosen_tokens,
+      batch.chosen_mask, batch.rejected_tokens, batch.rejected_mask)) for params in members],
+                 axis=0)
+
+
+def held_out_accuracy(margins_fn, task, rng: np.random.Generator, prompt_len: int,
+                      completion_len: int, num_prompts: int = 256) -> dict[str, float]:
+  """How often a model orders held-out pairs like the task's reward does.
 
   Args:
-    decoder_config: the reward model's config.
-    params: its parameters.
+    margins_fn: PreferenceBatch -> [B] margins (`reward_margins` or `preference_margins`
+      with the model's parameters bound).
     task: the task (its `eval_prompts()` are never in the training pairs).
     rng: draws the candidates.
     prompt_len: P.
@@ -298,20 +317,33 @@ def reward_model_accuracy(decoder_config: models.DecoderConfig, params, task,
     and 'accuracy_correct_vs_<kind>' for the correct answer against each of
     `task.corruptions`.
   """
-  def margins(batch):
-    scores = lambda tokens, mask: reward_models.reward_scores(
-        decoder_config, params, batch.prompt_tokens, batch.prompt_mask, tokens, mask)
-    return np.asarray(scores(batch.chosen_tokens, batch.chosen_mask)
-                      - scores(batch.rejected_tokens, batch.rejected_mask))
-  return _held_out_accuracy(margins, task, rng, prompt_len, completion_len, num_prompts)
+  prompts = task.eval_prompts()[:num_prompts]
+  pairs = [task.preference_pair(rng, prompt) for prompt in prompts]
+  batch = make_preference_batch(task, pairs, prompt_len, completion_len)
+  metrics = {'accuracy': ordered_accuracy(margins_fn(batch), batch)}
+  # The correct answer against each corruption; 'swap' is the sloppy annotator's (and so a
+  # warm-started policy's) mistake, the one RL needs the model to see.
+  correct = [task.corrupted_answer(prompt, 'correct', rng) for prompt in prompts]
+  for kind in task.corruptions:
+    corrupted = [task.corrupted_answer(prompt, kind, rng) for prompt in prompts]
+    batch = make_preference_batch(task, [(p, c, x, True) for p, c, x in
+                                         zip(prompts, correct, corrupted)],
+                                  prompt_len, completion_len)
+    metrics[f'accuracy_correct_vs_{kind}'] = ordered_accuracy(margins_fn(batch), batch)
+  return metrics
+
+
+def reward_model_accuracy(decoder_config: models.DecoderConfig, params, task,
+                          rng: np.random.Generator, prompt_len: int, completion_len: int,
+                          num_prompts: int = 256) -> dict[str, float]:
+  """`held_out_accuracy` of one reward model."""
+  return held_out_accuracy(lambda batch: reward_margins(decoder_config, [params], batch), task,
+                           rng, prompt_len, completion_len, num_prompts)
 
 
 def preference_model_accuracy(decoder_config: models.DecoderConfig, params, task,
                               rng: np.random.Generator, prompt_len: int, completion_len: int,
                               num_prompts: int = 256) -> dict[str, float]:
-  """As `reward_model_accuracy`, for a pairwise preference model (sign of its logit)."""
-  def margins(batch):
-    return np.asarray(reward_models.preference_logits(
-        decoder_config, params, batch.prompt_tokens, batch.prompt_mask, batch.chosen_tokens,
-        batch.chosen_mask, batch.rejected_tokens, batch.rejected_mask))
-  return _held_out_accuracy(margins, task, rng, prompt_len, completion_len, num_prompts)
+  """`held_out_accuracy` of one pairwise preference model (the sign of its logit)."""
+  return held_out_accuracy(lambda batch: preference_margins(decoder_config, [params], batch),
+                           task, rng, prompt_len, completion_len, num_prompts)

@@ -2,6 +2,7 @@
 from collections.abc import Iterator
 import dataclasses
 import functools
+import os
 
 import chex
 import jax
@@ -25,11 +26,20 @@ class WarmStartConfig:
     dataset: RLDS dataset directory to learn from instead of the task's demonstrations
       (e.g. a run's rlds/ folder after `chorus datasets filter --min-reward 1`); empty
       uses the task's.
+    init: an orbax checkpoint directory of policy parameters of the experiment's model
+      (another run's checkpoints/warm_start, or a merged policy written by `chorus
+      merge-runs`) to start from instead of the model's initial parameters; with
+      `steps=0` the run starts exactly there. Stored as an absolute path.
   """
   steps: int = 400
   batch_size: int = 64
   learning_rate: float = 3e-3
   dataset: str = ''
+  init: str = ''
+
+  def __post_init__(self):
+    if self.init:  # Every node, wherever it starts, reads the same directory.
+      object.__setattr__(self, 'init', os.path.abspath(self.init))
 
   def __post_init__(self):
     core.check_ranges(self, 'warm_start', steps=(0, None), batch_size=(1, None),

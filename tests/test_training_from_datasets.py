@@ -59,7 +59,7 @@ def _fake_run(run_dir: str, config: experiment.ExperimentConfig, seed: int, step
   with open(os.path.join(run_dir, 'config.json'), 'w') as file:
     json.dump(experiment.to_dict(config), file)
   learner = nodes.make_learner(config, models.init_params(config.model.decoder,
-                                                        jax.random.PRNGKey(seed)))
+                                                        jax.random.PRNGKey(seed)), run_dir)
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
   checkpointer.save(step, learner.state)
   checkpointer.close()

@@ -1,0 +1,113 @@
+"""The GKD agent (agents/gkd.py): its rollout's on-policy share, its teacher constant, its loss."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from chorus import agents
+from chorus import core
+from chorus import models
+from chorus.actors import reverse_digits
+from chorus.actors.actor import ActorConfig
+from chorus.agents import gkd as gkd_agent
+from chorus.inference_server.client import Completion
+from chorus.inference_server.client import GenerateResult
+from chorus.learners import gkd
+from chorus.learners import learner as learner_lib
+from chorus.models.checkpoints import Checkpointer
+
+_SPEC = core.SequenceSpec(16, 12)
+
+
+class _FakeClient:
+  """Answers `generate` with one fixed completion; records which model sampled."""
+
+  def __init__(self):
+    self.models = []
+
+  def generate(self, prompts, *, model='policy', **unused_options):
+    self.models.append(model)
+    completion = Completion(np.array([5, 6, models.EOS_ID]), np.array([-0.1, -0.2, -0.3]), True)
+    return GenerateResult([completion for _ in prompts],
+                          param_version=7 if model == 'policy' else -1)
+
+  def status(self):
+    return {'policy': {'param_version': 7}}
+
+
+@pytest.mark.parametrize('fraction, expected', [(1.0, 12), (0.0, 0), (0.25, 3), (0.5, 6)])
+def test_rollout_asks_the_student_for_exactly_the_on_policy_share(fraction, expected):
+  task, client = reverse_digits.ReverseDigitsTask(), _FakeClient()
+  rollout = gkd_agent.OnOrOffPolicyRollout(client, task, ActorConfig(),
+                                           on_policy_fraction=fraction)
+  rng = np.random.default_rng(0)
+  samples = [rollout([task.train_prompt(rng)])[0] for _ in range(12)]
+  assert client.models.count('policy') == expected
+  assert client.models.count(gkd_agent.TEACHER) == 12 - expected
+  for model, sample in zip(client.models, samples):
+    assert sample.extras['on_policy'] == float(model == 'policy')
+    assert sample.param_version == 7  # Teacher samples carry the served policy's version.
+
+
+def _batch(task, seed: int):
+  rng = np.random.default_rng(seed)
+  trajectories = []
+  for index in range(8):
+    prompt = task.train_prompt(rng)
+    completion = task.demonstration(prompt, rng)
+    trajectories.append(core.Trajectory(
+        prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
+        completion_tokens=np.asarray(completion, np.int32),
+        behaviour_logprobs=-rng.exponential(size=len(completion)).astype(np.float32),
+        reward=float(rng.random()), terminated=True, param_version=0,
+        extras={'on_policy': float(index % 2)}))
+  builder = agents.make_builder(agents.GKDConfig())
+  return builder.schema().batch_trajectories(trajectories, _SPEC)
+
+
+def _logits(model, params, batch):
+  return models.forward_completions(model, params, batch.prompt_tokens, batch.prompt_mask,
+                                    batch.completion_tokens, batch.completion_mask)[0]
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_learner_holds_the_saved_teacher_as_a_constant_and_distils_it(tmp_path, beta):
+  task = reverse_digits.ReverseDigitsTask()
+  student = models.DecoderConfig.tiny(task.tokenizer.vocab_size)
+  config = agents.GKDConfig(beta=beta)
+  teacher = models.init_params(config.teacher_model, jax.random.PRNGKey(3))
+  Checkpointer(os.path.join(tmp_path, gkd_agent.TEACHER_CHECKPOINT)).save(0, teacher)
+  params = models.init_params(student, jax.random.PRNGKey(0))
+  learner = agents.make_builder(config).make_learner(agents.LearnerContext(
+      model=student, sequence=_SPEC, task=task, params=params, reference_params=params,
+      optimizer=learner_lib.make_optimizer(3e-3, 1.0), run_dir=str(tmp_path)))
+  # Frozen: not in the train state (so not checkpointed, never moved), never published.
+  assert gkd_agent.TEACHER not in learner.state.aux
+  assert learner.published_params().keys() == {'policy'}
+
+  batch = _batch(task, 0)
+  expected, _ = gkd.gkd_loss(_logits(student, params, batch),
+                             _logits(config.teacher_model, teacher, batch),
+                             batch.completion_mask, beta=beta)
+  losses = [learner.update(batch) for _ in range(15)]
+  assert losses[0]['loss'] == pytest.approx(float(expected), rel=1e-4)
+  assert losses[0]['on_policy_fraction'] == pytest.approx(0.5)
+  assert losses[-1]['loss'] < 0.8 * losses[0]['loss']
+
+
+def test_config_refuses_what_cannot_make_a_teacher():
+  with pytest.raises(ValueError, match='beta must be in'):
+    agents.GKDConfig(beta=-0.1)
+  with pytest.raises(ValueError, match='on_policy_fraction must be in'):
+    agents.GKDConfig(on_policy_fraction=1.5)
+  with pytest.raises(ValueError, match='needs teacher.init'):
+    agents.GKDConfig(teacher=gkd_agent.supervised.WarmStartConfig(steps=0))
+  builder = agents.make_builder(agents.GKDConfig())
+  assert [spec.name for spec in builder.served_models(None)] == [gkd_agent.TEACHER]
+  assert [step.name for step in builder.setup_steps(None)] == [gkd_agent.TEACHER]
+  wrong = reverse_digits.ReverseDigitsTask()
+  builder = agents.make_builder(agents.GKDConfig(teacher_model=models.DecoderConfig.tiny(
+      wrong.tokenizer.vocab_size + 1)))
+  with pytest.raises(ValueError, match='teacher_model.vocab_size'):
+    builder.check(wrong)
