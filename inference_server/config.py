@@ -23,10 +23,14 @@ class InferenceServerConfig:
   `ServedModel` beside this config.
 
   Attributes:
-    scheduler: how generation is batched. 'continuous': `max_batch_size` decoding slots;
+    scheduler: how generation is batched. 'dynamic' (the default): requests gathered into
+      a batch (size cap and `max_wait_ms` deadline) that decodes until its longest row is
+      done, on one parameter version. 'continuous': `max_batch_size` decoding slots;
       between decode steps finished rows leave and waiting rows are prefilled into free
-      slots (inference_server/scheduler.py). 'dynamic': requests gathered into a batch
-      (size cap and `max_wait_ms` deadline) that decodes until its longest row is done.
+      slots (inference_server/scheduler.py); a push mid-completion switches the row's
+      remaining tokens to the new version. Cheaper per token, but text_vtrace learned
+      less with it (0.83 against 0.96 held-out reward, benchmarks/RESULTS.md), so it is
+      opt-in until that is understood.
     max_batch_size: most rows decoding at once: the continuous scheduler's slots, the
       dynamic batcher's largest batch (and, for both, the most rows in one request:
       prompts times samples per prompt). A guided row runs two decoder rows
@@ -41,7 +45,7 @@ class InferenceServerConfig:
     num_threads: gRPC worker threads; at least the number of concurrent callers.
     seed: seeds the sampling random stream.
   """
-  scheduler: str = 'continuous'
+  scheduler: str = 'dynamic'
   max_batch_size: int = 32
   max_wait_ms: float = 5.0
   decode_steps_per_call: int = 4

@@ -21,8 +21,8 @@ from chorus.inference_server.service import start_server
 VOCAB_SIZE = 37
 SEQUENCE = core.SequenceSpec(prompt_len=8, completion_len=12)
 NUM_SLOTS = 4
-CONFIG = InferenceServerConfig(max_batch_size=NUM_SLOTS, decode_steps_per_call=1,
-                               request_timeout_s=120.0)
+CONFIG = InferenceServerConfig(scheduler='continuous', max_batch_size=NUM_SLOTS,
+                               decode_steps_per_call=1, request_timeout_s=120.0)
 NULL_CAPTION = 30
 _TIMEOUT_S = 120.0
 
