@@ -49,6 +49,7 @@ from chorus.benchmarks import inference_batching_mixture as mixture_lib
 from chorus.benchmarks import inference_batching_processes as processes
 from chorus.benchmarks import inference_batching_report as report
 from chorus.benchmarks import inference_batching_roles as roles
+from chorus.benchmarks import results
 
 # b of the mixture: the Nash-MD agent's default weight of the reference.
 _MIXTURE_COEF = 0.125
@@ -178,7 +179,7 @@ def main(argv=None):
   command = ' '.join([os.path.relpath(sys.executable)] + [shlex.quote(a) for a in sys.argv])
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-              machine=report.machine(), load_before=os.getloadavg(),
+              machine=results.machine(), load_before=os.getloadavg(),
               jax_version=metadata.version('jax'))
   children = processes.Children()
   try:
@@ -208,7 +209,7 @@ def main(argv=None):
     print()
     print(section)
     if args.output != '-':
-      report.write_section(args.output, title, section)
+      results.write_section(args.output, title, section)
       print(f'Wrote the "{title}" section of {args.output}.')
 
 

@@ -4,7 +4,6 @@ Imported by the parent process only (matplotlib loads lazily, in the plotting fu
 """
 import os
 import platform
-import re
 from typing import Any
 
 from chorus.benchmarks import inference_batching_measure as measure_lib
@@ -14,32 +13,6 @@ from chorus.benchmarks import inference_batching_roles as roles
 SCALING_TITLE = 'Inference batching'
 MIXTURE_TITLE = 'Nash-MD mixture sampling: KV caches against a no-cache re-run'
 UNBATCHED = 'unbatched'
-
-
-def machine() -> str:
-  """CPU model, cores, memory and kernel, as one line."""
-  model = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpuinfo = f.read()
-    fields = {key: re.search(rf'^{key}\s*:\s*(.+)$', cpuinfo, re.MULTILINE)
-              for key in ('model name', 'cpu family', 'model')}
-    if fields['model name']:
-      model = fields['model name'].group(1).strip()
-    if fields['cpu family'] and fields['model']:
-      # Virtual machines often show only the brand ("AMD EPYC"); family/model date it.
-      model += (f' (family {fields["cpu family"].group(1).strip()}, '
-                f'model {fields["model"].group(1).strip()})')
-  except OSError:
-    pass
-  memory = ''
-  try:
-    with open('/proc/meminfo') as f:
-      match = re.search(r'^MemTotal:\s+(\d+) kB', f.read(), re.MULTILINE)
-    memory = f', {int(match.group(1)) / 2**20:.0f} GiB RAM' if match else ''
-  except OSError:
-    pass
-  return f'{model}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}'
 
 
 def _load_line(info: dict[str, Any]) -> str:
@@ -216,30 +189,3 @@ def plot_mixture(rows: list[dict], path: str):
   figure.tight_layout()
   figure.savefig(path, dpi=100)
   plt.close(figure)
-
-
-def write_section(path: str, title: str, section: str):
-  """Replaces the section `## title` of `path`, keeping any other sections.
-
-  A "### Reading" subsection (prose written by a person about a run) is kept at the end
-  of the new section; its title names the run it was written for, so a rerun shows
-  when the prose is older than the numbers.
-  """
-  text = ''
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-  if not text.strip():
-    text = '# Benchmark results\n\n'
-  pattern = re.compile(rf'^## {re.escape(title)}\n.*?(?=^## |\Z)', re.MULTILINE | re.DOTALL)
-  match = pattern.search(text)
-  if match:
-    reading = re.search(r'^### Reading.*', match.group(0), re.MULTILINE | re.DOTALL)
-    if reading:
-      section = section.rstrip('\n') + '\n\n' + reading.group(0).rstrip('\n') + '\n'
-    text = text[:match.start()] + section + '\n' + text[match.end():]
-  else:
-    text = text.rstrip('\n') + '\n\n' + section + '\n'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    f.write(text.rstrip('\n') + '\n')

@@ -6,27 +6,13 @@ import pytest
 from chorus import agents
 from chorus import core
 from chorus import models
-from chorus import schema
+from chorus.actors import demonstrations
 from chorus.actors import reverse_digits
 from chorus.learners import learner as learner_lib
 from chorus.learners import policy
 from chorus.launch import merging
 
 _SPEC = core.SequenceSpec(16, 12)
-
-
-def _batch(task, seed: int):
-  rng = np.random.default_rng(seed)
-  trajectories = []
-  for _ in range(8):
-    prompt = task.train_prompt(rng)
-    completion = task.demonstration(prompt, rng)
-    trajectories.append(core.Trajectory(
-        prompt_tokens=np.asarray(task.encode_prompt(prompt), np.int32),
-        completion_tokens=np.asarray(completion, np.int32),
-        behaviour_logprobs=-rng.exponential(size=len(completion)).astype(np.float32),
-        reward=float(rng.random()), terminated=True, param_version=0))
-  return schema.CORE_SCHEMA.batch_trajectories(trajectories, _SPEC)
 
 
 def test_the_anchor_starts_at_the_init_and_follows_the_policy_by_ema():
@@ -38,7 +24,7 @@ def test_the_anchor_starts_at_the_init_and_follows_the_policy_by_ema():
   learner = agents.make_builder(config).make_learner(agents.LearnerContext(
       model=decoder, sequence=_SPEC, task=task, params=params, reference_params=reference,
       optimizer=learner_lib.make_optimizer(1e-2, 1.0)))
-  batch = _batch(task, 0)
+  batch = demonstrations.off_policy_batch(task, np.random.default_rng(0), 8, _SPEC)
   metrics = learner.update(batch)
   # At step 0 the anchor is the init, not the (different) reference: the KL metric is
   # the sampled log-ratio to the init.
