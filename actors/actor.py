@@ -72,7 +72,7 @@ class Actor:
       if reason:
         # Never trained on nor recorded; a failed user reward was logged by GuardedTask.
         self.skipped_episodes += 1
-        logging.warning('Actor %d dropped an episode of prompt %s (param version %d): %s; it '
+        logging.warning('Actor %d dropped an episode of prompt %r (param version %d): %s; it '
                         'goes neither to replay nor to RLDS (%d dropped so far).',
                         self.actor_id, prompt.prompt_id, sample.param_version, reason,
                         self.skipped_episodes)
