@@ -53,18 +53,20 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
     tmp_path):
   run_dir = str(tmp_path / 'run')
   metrics_path = os.path.join(run_dir, 'metrics.jsonl')
-  launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '60',
+  # Long enough (300 updates) that the kills below land mid-run on a fast idle machine.
+  launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '300',
                     '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2',
                     '--set', 'num_replay_servers=2', '--set', 'evaluation.every_s=5',
                     '--set', 'learner.checkpoint_every=10')
+  checkpoints = os.path.join(run_dir, 'checkpoints', 'learner')
   try:
-    # Liveness bounds, not timings: 14 processes share the machine's cores (a 2-core CI
-    # machine took over 300 s to the first checkpoint).
-    _wait_for(lambda: read_metrics(metrics_path, node='actor_0'), 900,
+    _wait_for(lambda: read_metrics(metrics_path, node='actor_0'), 300,
               'actor_0 to report episodes')
     os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'actors_0'][0], signal.SIGKILL)
-    _wait_for(lambda: os.path.isdir(os.path.join(run_dir, 'checkpoints', 'learner', '10')),
-              900, 'the learner to write its first checkpoint')
+    # Any step: the checkpointer keeps only the newest few, so step 10 may be gone.
+    _wait_for(lambda: os.path.isdir(checkpoints) and any(
+        name.isdigit() for name in os.listdir(checkpoints)), 300,
+              'the learner to write its first checkpoint')
     os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'learner'][0], signal.SIGKILL)
     os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'inference_server_1'][0],
             signal.SIGKILL)
@@ -74,8 +76,8 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
   assert launcher.returncode == 0, output[-3000:]
   with open(os.path.join(run_dir, 'summary.json')) as file:
     summary = json.load(file)
-  assert summary['learner_steps'] == 60
-  assert summary['final_eval']['param_versions'] == [60]
+  assert summary['learner_steps'] == 300
+  assert summary['final_eval']['param_versions'] == [300]
   # Clients ride out the inference server's restart: no actor or learner crash follows it.
   assert summary['restarts'] == {'actors_0': 1, 'learner': 1, 'inference_server_1': 1}
   with open(os.path.join(run_dir, 'logs', 'learner.log')) as file:
