@@ -147,9 +147,8 @@ class BondBuilder(builder_lib.AgentBuilder):
     return EXTRAS
 
   def served_models(self, model):
-    del model
     return (builder_lib.ServedModelSpec(ANCHOR_MODEL, published=True),
-            *self._judge.served_models())
+            *self._judge.served_models(model))
 
   def scored_models(self):
     return (ANCHOR_MODEL,)

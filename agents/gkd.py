@@ -53,7 +53,8 @@ class GKDConfig(builder_lib.AgentConfig, tag='gkd'):
     on_policy_fraction: lambda, the share of actor requests answered by the student's
       own samples; the others by teacher samples. Requests alternate deterministically
       so that the share is exact.
-    teacher_model: the teacher's architecture (same vocabulary as the student).
+    teacher_model: the teacher's architecture; its vocab_size is replaced by the
+      student's (the same token ids).
     teacher: how the teacher is made: supervised training on the task's
       demonstrations (`steps`, `batch_size`, `learning_rate`), starting from `init` (an
       orbax directory of `teacher_model` parameters, e.g. an RL-tuned policy) when set;
@@ -109,17 +110,24 @@ class OnOrOffPolicyRollout:
             for prompt, completion in zip(prompts, result.completions)]
 
 
+def teacher_architecture(config: GKDConfig,
+                         student_model: models.DecoderConfig) -> models.DecoderConfig:
+  """`teacher_model` with the student's vocabulary: distillation compares the two token by
+  token, so both read and write the same ids (the task tokenizer's or a checkpoint's)."""
+  return dataclasses.replace(config.teacher_model, vocab_size=student_model.vocab_size)
+
+
 def train_teacher(config: GKDConfig, context: builder_lib.SetupContext) -> None:
   """Trains (or loads) the teacher and saves it where the servers and learner read it."""
   start = time.monotonic()
-  teacher = config.teacher
+  teacher, model = config.teacher, teacher_architecture(config, context.model)
   if teacher.init:
-    params = builder_lib.restore_params(teacher.init, config.teacher_model)
+    params = builder_lib.restore_params(teacher.init, model)
   else:
-    params = models.init_params(config.teacher_model, jax.random.PRNGKey(context.seed + 1))
+    params = models.init_params(model, jax.random.PRNGKey(context.seed + 1))
   batches = demonstrations.demonstration_batches(context.task, context.seed + 1,
                                                  teacher.batch_size, context.sequence)
-  params, history = supervised.warm_start(config.teacher_model, teacher, batches, params)
+  params, history = supervised.warm_start(model, teacher, batches, params)
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     context.metrics.write(kind='teacher', **record)
   Checkpointer(context.path(TEACHER_CHECKPOINT)).save(0, params)
@@ -128,7 +136,8 @@ def train_teacher(config: GKDConfig, context: builder_lib.SetupContext) -> None:
 
 def make_gkd_learner(context: builder_lib.LearnerContext, config: GKDConfig):
   """The student learns the teacher's per-token distributions on the batch's sequences."""
-  student_model, teacher_model = context.model, config.teacher_model
+  student_model = context.model
+  teacher_model = teacher_architecture(config, student_model)
 
   def logits(model, params, batch: core.TrajectoryBatch):
     return models.forward_completions(model, params, batch.prompt_tokens, batch.prompt_mask,
@@ -156,17 +165,9 @@ class GKDBuilder(builder_lib.AgentBuilder):
   def trajectory_extras(self):
     return EXTRAS
 
-  def check(self, task):
-    vocab_size = self.config.teacher_model.vocab_size
-    if vocab_size != task.tokenizer.vocab_size:
-      raise ValueError(f'The teacher has a vocabulary of {vocab_size} tokens and the task\'s '
-                       f'tokenizer {task.tokenizer.vocab_size}; distillation compares teacher '
-                       'and student token by token: set agent.teacher_model.vocab_size.')
-
   def served_models(self, model):
-    del model
     return (builder_lib.ServedModelSpec(TEACHER, checkpoint=TEACHER_CHECKPOINT,
-                                        model=self.config.teacher_model),)
+                                        model=teacher_architecture(self.config, model)),)
 
   def setup_steps(self, replay_dataset):
     return (builder_lib.SetupStep(TEACHER, lambda context: train_teacher(self.config, context),

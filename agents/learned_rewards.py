@@ -61,16 +61,18 @@ class LearnedModel:
       raise ValueError(f'A learned {self.kind} model trains on the task\'s preference pairs, '
                        f'and task {task.name!r} has no `preference_pair`; use '
                        'reward_model.kind=programmatic.')
-    if self.config.model.vocab_size != task.tokenizer.vocab_size:
-      raise ValueError(f'The learned {self.kind} model has a vocabulary of '
-                       f'{self.config.model.vocab_size} tokens and the task\'s tokenizer '
-                       f'{task.tokenizer.vocab_size}; set its model.vocab_size to match.')
 
-  def served_models(self) -> tuple[builder_lib.ServedModelSpec, ...]:
+  def architecture(self, policy_model: models.DecoderConfig) -> models.DecoderConfig:
+    """`config.model` with the policy's vocabulary (the task tokenizer's, or a pretrained
+    checkpoint's): the model reads the same token ids."""
+    return dataclasses.replace(self.config.model, vocab_size=policy_model.vocab_size)
+
+  def served_models(self, policy_model: models.DecoderConfig
+                    ) -> tuple[builder_lib.ServedModelSpec, ...]:
     if not self.learned:
       return ()
     return (builder_lib.ServedModelSpec(self.kind, kind=self.kind, checkpoint=CHECKPOINT_DIR,
-                                        model=self.config.model),)
+                                        model=self.architecture(policy_model)),)
 
   def setup_steps(self) -> tuple[builder_lib.SetupStep, ...]:
     if not self.learned:
@@ -79,7 +81,8 @@ class LearnedModel:
 
   def train(self, context: builder_lib.SetupContext) -> None:
     """Trains the model(s) on noisy task pairs, logs held-out accuracy, saves the checkpoint."""
-    config, task, spec = self.config, context.task, context.sequence
+    config = dataclasses.replace(self.config, model=self.architecture(context.model))
+    task, spec = context.task, context.sequence
     train, margins = ((preference.train_preference_model, preference.preference_margins)
                       if self.kind == PREFERENCE else
                       (preference.train_reward_model, preference.reward_margins))

@@ -134,8 +134,7 @@ class NashMDBuilder(builder_lib.AgentBuilder):
     return EXTRAS
 
   def served_models(self, model):
-    del model
-    return self._judge.served_models()
+    return self._judge.served_models(model)
 
   def scored_models(self):
     return (builder_lib.REFERENCE_MODEL,)

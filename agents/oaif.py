@@ -167,8 +167,7 @@ class OAIFBuilder(builder_lib.AgentBuilder):
     return EXTRAS
 
   def served_models(self, model):
-    del model
-    return self._judge.served_models()
+    return self._judge.served_models(model)
 
   def setup_steps(self, replay_dataset):
     return self._judge.setup_steps()

@@ -39,8 +39,8 @@ class RewardModelConfig:
       model on the task's noisy preference pairs before RL starts, and the inference
       server serves it.
     model: the learned model's architecture, its own (not the policy's); its
-      vocabulary is the task tokenizer's, and a preference model's max_seq_len must
-      hold the prompt and both completions.
+      vocab_size is replaced by the policy's (the same token ids), and a preference
+      model's max_seq_len must hold the prompt and both completions.
     steps: Adam steps of that training (of each model, with `num_models` > 1).
     batch_size: preference pairs per step.
     learning_rate: Adam learning rate.

@@ -79,11 +79,12 @@ def test_an_ensembles_margin_is_the_mean_of_its_members():
                              np.mean(single, axis=0), rtol=1e-5, atol=1e-6)
 
 
-def test_reward_model_vocabulary_must_be_the_tasks():
-  config = _config(num_models=1)
-  wrong = dataclasses.replace(_TINY, vocab_size=_TINY.vocab_size + 1)
-  config = experiment.apply_overrides(config, [f'agent.reward_model.model.vocab_size='
-                                               f'{wrong.vocab_size}'])
-  with pytest.raises(ValueError, match='set its model.vocab_size'):
-    config.check()
-  assert isinstance(config.agent, agents.BondConfig)
+def test_the_reward_model_reads_the_policys_token_ids():
+  judge = learned_rewards.LearnedModel(_config(num_models=1).agent.reward_model,
+                                       learned_rewards.REWARD)
+  policy = dataclasses.replace(_TINY, vocab_size=22)  # A pretrained checkpoint's, say.
+  (spec,) = judge.served_models(policy)
+  assert spec.model.vocab_size == 22
+  assert spec.model.num_layers == judge.config.model.num_layers
+
+
