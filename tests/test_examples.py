@@ -36,8 +36,10 @@ def _chorus_run(run_dir: str, *args) -> dict:
 def test_prompt_file_run_raises_the_held_out_reward(tmp_path):
   summary = _chorus_run(
       str(tmp_path / 'run'), '--prompts', _PROMPTS, '--reward', _REWARD,
+      # The default learning rate (2e-4, decaying): a constant 3e-4 collapsed on an idle
+      # machine (0.447 -> 0.077), as it did for text_vtrace (benchmarks/RESULTS.md).
       '--max-learner-steps', '500', '--set', 'warm_start.steps=60',
-      '--set', 'learner.learning_rate=3e-4', '--set', 'learner.checkpoint_every=250',
+      '--set', 'learner.checkpoint_every=250',
       '--set', 'task.eval_fraction=0.05')
   task = summary['config']['task']
   assert task['tag'] == 'prompt_file' and task['path'] == _PROMPTS and task['reward'] == _REWARD
