@@ -40,7 +40,8 @@ MODEL_KINDS = ('decoder', 'reward', 'preference')
 
 
 class AgentConfig(core.TaggedConfig):
-  """Base of every agent's config dataclass; each passes its tag: `class C(AgentConfig, tag='x')`."""
+  """Base of every agent's config dataclass; each passes its tag:
+  `class C(AgentConfig, tag='x')`."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,7 +84,8 @@ def make_ppo_learner(context: builder_lib.LearnerContext,
 
   return learner_lib.Learner(loss_fn, params=context.params, optimizer=context.optimizer,
                              constants={'reference': context.reference_params},
-                             mesh=context.mesh, prepare_batch=prepare_batch, num_epochs=config.num_epochs,
+                             mesh=context.mesh, prepare_batch=prepare_batch,
+                             num_epochs=config.num_epochs,
                              num_minibatches=config.num_minibatches)
 
 

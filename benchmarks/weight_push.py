@@ -49,10 +49,11 @@ def _zeros(config):
 
 def _serve(size_bytes: float, port_file: str):
   """Server process: serves a model of about `size_bytes` until killed."""
-  from chorus import core  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server.config import InferenceServerConfig  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server.served_model import ServedModel  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server.service import start_server  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from chorus import core
+  from chorus.inference_server.config import InferenceServerConfig
+  from chorus.inference_server.served_model import ServedModel
+  from chorus.inference_server.service import start_server
   config = _decoder_config(size_bytes)
   served = ServedModel('policy', config, _zeros(config), version=0,
                        config=InferenceServerConfig(max_batch_size=1),
@@ -74,10 +75,11 @@ def _peak_rss_bytes(pid: int) -> int:
 
 
 def _measure(size_gb: float, num_servers: int, wire_dtype: str, workdir: str) -> dict:
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from chorus.inference_server.client import ParameterPublisher  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import subprocess
+  import jax
+  import numpy as np
+  from chorus.inference_server.client import ParameterPublisher
   size_bytes = size_gb * 1e9
   port_files = [os.path.join(workdir, f'port_{size_gb}_{index}') for index in range(num_servers)]
   servers = [subprocess.Popen([sys.executable, __file__, '--serve', str(size_bytes), port_file],
@@ -107,7 +109,8 @@ def _measure(size_gb: float, num_servers: int, wire_dtype: str, workdir: str) ->
         wall_s=wall, gb_per_s=tree_bytes * num_servers / wall / 1e9,
         client_cpu_s=(self_after.ru_utime + self_after.ru_stime
                       - self_cpu.ru_utime - self_cpu.ru_stime),
-        server_cpu_s=sum(results.process_cpu_seconds(s.pid) - c for s, c in zip(servers, server_cpu)),
+        server_cpu_s=sum(results.process_cpu_seconds(server.pid) - before
+                         for server, before in zip(servers, server_cpu)),
         server_peak_rss_x=max(_peak_rss_bytes(s.pid) for s in servers) / tree_bytes)
   finally:
     for server in servers:

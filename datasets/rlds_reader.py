@@ -105,7 +105,8 @@ def _directory_builder(directory: str) -> tfds.core.DatasetBuilder | None:
   return builder if split and split.num_examples else None
 
 
-def _no_episodes_error(paths: list[str], skipped: list[rlds_files.SkippedFile]) -> FileNotFoundError:
+def _no_episodes_error(paths: list[str],
+                       skipped: list[rlds_files.SkippedFile]) -> FileNotFoundError:
   left_out = f' (left out as damaged: {[s.path for s in skipped]})' if skipped else ''
   return FileNotFoundError(
       f'No readable RLDS episodes in {paths}{left_out}: each is missing, or holds neither a '

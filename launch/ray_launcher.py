@@ -288,7 +288,8 @@ class RayLauncher(local_lib.LauncherBase):
       failure = failure or 'exited with code 0 before the run ended'
       log = self.log_path(name)
       if not running.node.restart:
-        raise NodeFailed(f'Node {name} {failure}; its log {log} ends with:\n{local_lib.log_tail(log)}')
+        raise NodeFailed(f'Node {name} {failure}; its log {log} ends with:\n'
+                         f'{local_lib.log_tail(log)}')
       if running.restarts >= self.max_restarts:
         raise NodeFailed(f'Node {name} failed {running.restarts + 1} times (last: it {failure}); '
                          f'see {log}:\n{local_lib.log_tail(log)}')

@@ -365,9 +365,10 @@ def forward_completions(config: DecoderConfig, params: Params,
 
   Returns:
     logits [B, T, V] float32 ([B, T + 1, V] with `include_final`), where logits[:, t] is
-    the distribution completion token t was drawn from; and values [B, T + 1] float32, where values[:, t] is the value of
-    the prefix ending just before completion token t (values[:, T], or values[:, n] for
-    a completion of n tokens, is the value after the whole completion).
+    the distribution completion token t was drawn from; and values [B, T + 1] float32,
+    where values[:, t] is the value of the prefix ending just before completion token t
+    (values[:, T], or values[:, n] for a completion of n tokens, is the value after the
+    whole completion).
   """
   prompt_len, completion_len = prompt_tokens.shape[1], completion_tokens.shape[1]
   if prompt_len + completion_len > config.max_seq_len:

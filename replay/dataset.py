@@ -17,8 +17,8 @@ def batch_iterator(addresses: str | Sequence[str], table: str, batch_size: int,
   Reads through reverb.TrajectoryDataset, which streams samples, a quarter of a batch in
   flight per server: every row taken out of a queue table before the learner needs it is
   a row whose policy lag grows while it waits (the learner loop already reads the next
-  batch during an update, learners/background.py). With several servers, rows come from whichever server
-  has data first, so a slow shard never stalls the learner while others have data.
+  batch during an update, learners/background.py). With several servers, rows come from
+  whichever server has data first, so a slow shard never stalls the learner while others have data.
   """
   addresses = [addresses] if isinstance(addresses, str) else list(addresses)
   signature = trajectory_signature(schema, spec)

@@ -279,7 +279,8 @@ def test_params_of_another_architecture_are_invalid_and_not_served(client, publi
   assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
   assert f'Push to {MODEL!r} refused' in str(raised.value)
   assert (f'embedder/embedding is sent with shape ({VOCAB_SIZE + 1}, 64); the model has '
-          f'({VOCAB_SIZE}, 64)' in str(raised.value) or "unexpected ['layer_2/" in str(raised.value))
+          f'({VOCAB_SIZE}, 64)' in str(raised.value)
+          or "unexpected ['layer_2/" in str(raised.value))
   _assert_serves(client, expected_version=served)
   # The rejected push did not use up its version number.
   publisher.publish(other_params, served + 1)

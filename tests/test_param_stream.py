@@ -61,8 +61,8 @@ def test_bfloat16_on_the_wire_halves_the_bytes_and_comes_back_as_float32():
   arrays = _assemble(chunks, _layout(params))
   for got, (_, expected) in zip(arrays, param_stream.tensors(params)):
     assert got.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(got),
-                                  np.asarray(expected).astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(expected).astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def _corrupted(kind: str):
