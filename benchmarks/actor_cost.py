@@ -144,8 +144,7 @@ def _format_section(command: str, config: experiment.ExperimentConfig, result: d
       '(cProfile with a per-thread CPU clock) and is scaled to the unprofiled cost.',
       '',
       f'- Command: `{command}`',
-      f'- Date: {results.now()}; machine: {results.machine()}; 1-minute load average '
-      f'{load_before:.2f} before, {load_after:.2f} after',
+      results.date_machine_load(load_before, load_after),
       f'- Actor: {config.actor.prompts_per_request} prompts per request, '
       f'{result["episodes"]} episodes per window ({result["episodes_per_second"]:.0f} '
       'episodes/s alone: one actor, nothing else asking the server)',

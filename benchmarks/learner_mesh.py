@@ -97,8 +97,7 @@ def main(argv=None) -> int:
   text = '\n'.join([
       f'## {SECTION_TITLE}', '',
       f'- Command: `.venv/bin/python benchmarks/learner_mesh.py {" ".join(argv or sys.argv[1:])}`',
-      f'- Date: {results.now()}; machine: {results.machine()}; 1-minute load average '
-      f'{load:.2f} before, {results.load_average():.2f} after',
+      results.date_machine_load(load, results.load_average()),
       f'- Model: `small`, {rows[0]["parameters"] / 1e6:.1f}M parameters; V-trace, batch 32, '
       f'prompt 16 + completion 12 tokens, Adam; {args.steps} timed updates per mesh; 8 host '
       'CPU devices on the machine\'s 2 cores.', '', _table(rows), ''])

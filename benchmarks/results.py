@@ -41,6 +41,12 @@ def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
 
 
+def date_machine_load(load_before: float, load_after: float) -> str:
+  """A section's "- Date: ...; machine: ...; 1-minute load average ..." line."""
+  return (f'- Date: {now()}; machine: {machine()}; 1-minute load average '
+          f'{load_before:.2f} before, {load_after:.2f} after')
+
+
 def process_cpu_seconds(pid: int) -> float:
   """user + system CPU-seconds of a live process (/proc/PID/stat utime + stime)."""
   with open(f'/proc/{pid}/stat') as file:

@@ -123,8 +123,7 @@ def _format_section(command: str, result: dict, load_before: float, load_after: 
       f'{result["batch_size"]}. Per CPU-second counts both processes.',
       '',
       f'- Command: `{command}`',
-      f'- Date: {results.now()}; machine: {results.machine()}; 1-minute load average '
-      f'{load_before:.2f} before, {load_after:.2f} after',
+      results.date_machine_load(load_before, load_after),
       '',
       '| operation | rows | rows/s | rows per CPU-s | client CPU-us per row '
       '| server CPU-us per row |',

@@ -223,8 +223,7 @@ def main(argv=None) -> int:
   text = '\n'.join([
       f'## {SECTION_TITLE}', '',
       f'- Command: `.venv/bin/python benchmarks/weight_push.py {" ".join(argv or sys.argv[1:])}`',
-      f'- Date: {results.now()}; machine: {results.machine()}; 1-minute load average '
-      f'{load:.2f} before, {results.load_average():.2f} after',
+      results.date_machine_load(load, results.load_average()),
       '- Each server process serves a one-layer decoder holding the tree; pushes go to all '
       'servers at once, one thread each (as the learner\'s background publisher), in 4 MiB '
       'chunks; GB/s counts the bytes of one tree times the servers.',

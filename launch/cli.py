@@ -49,8 +49,15 @@ def _task_overrides(args) -> list[str]:
   return []
 
 
+def _check_config_name(name: str) -> None:
+  """ValueError naming the available configs unless `name` is one (imports nothing)."""
+  if name not in configs.CONFIG_NAMES:
+    raise ValueError(f'Unknown config {name!r}; available: {", ".join(configs.CONFIG_NAMES)}.')
+
+
 def _build_config(args):
   """The experiment config of `chorus run`'s flags, checked; raises _USAGE_ERRORS."""
+  _check_config_name(args.config)  # Before the import that takes seconds.
   from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
   config = configs.get_config(args.config)
   # Before the overrides: they may name the plugins' agents and tasks.
@@ -91,18 +98,7 @@ def _default_run_dir(args, config) -> str:
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
 
 
-def _check_config_name(command: str, name: str) -> int | None:
-  """2 after printing an error when `name` is no config; None when it is one."""
-  if name not in configs.CONFIG_NAMES:
-    return _fail(command, ValueError(f'Unknown config {name!r}; available: '
-                                     f'{", ".join(configs.CONFIG_NAMES)}.'))
-  return None
-
-
 def _run(args) -> int:
-  unknown = _check_config_name('run', args.config)
-  if unknown is not None:
-    return unknown
   try:
     config = _build_config(args)
   except _USAGE_ERRORS as error:
@@ -134,15 +130,15 @@ def _run(args) -> int:
 
 
 def _merge_runs(args) -> int:
-  unknown = _check_config_name('merge-runs', args.config)
-  if unknown is not None:
-    return unknown
-  from chorus.launch import merging  # pylint: disable=g-import-not-at-top  (imports JAX)
   try:
     config = _build_config(args)
+  except _USAGE_ERRORS as error:
+    return _fail('merge-runs', error)
+  from chorus.launch import merging  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
     settings = merging.MergeSettings(num_runs=args.runs, iterations=args.iterations,
                                      liti_rate=args.liti_rate)
-  except _USAGE_ERRORS as error:
+  except ValueError as error:
     return _fail('merge-runs', error)
   run_dir = _default_run_dir(args, config)
   try:
@@ -177,9 +173,10 @@ def _configs(args) -> int:
     for name in configs.CONFIG_NAMES:
       print(f'{name:<{width}}{configs.description(name)}')
     return 0
-  if args.name not in configs.CONFIG_NAMES:
-    return _fail('configs', ValueError(f'Unknown config {args.name!r}; available: '
-                                       f'{", ".join(configs.CONFIG_NAMES)}.'))
+  try:
+    _check_config_name(args.name)
+  except ValueError as error:
+    return _fail('configs', error)
   from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
   print(json.dumps(experiment.to_dict(configs.get_config(args.name)), indent=2))
   return 0

@@ -46,8 +46,8 @@ def initialize(group: ProcessGroup) -> None:
   if not group.coordinator:
     raise ValueError('A learner of several processes needs the coordinator address of '
                      'process 0.')
-  if jax.config.jax_platforms in (None, '', 'cpu') or 'cpu' in str(jax.config.jax_platforms):
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Only the CPU backend reads this; GPUs and TPUs keep NCCL and ICI.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=group.coordinator,
                              num_processes=group.count, process_id=group.index)
 
