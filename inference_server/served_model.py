@@ -1,6 +1,7 @@
 """A served model: one named model's kind, parameters, version and the lanes that serve it."""
 import concurrent.futures
 import dataclasses
+import functools
 import threading
 from typing import Any
 
@@ -99,9 +100,11 @@ class ServedModel:
       adapted = dataclasses.replace(decoder_config, lora=pushed_adapters)
       pushed = jax.eval_shape(lambda rng: lora.split(models.init_params(adapted, rng))[1],
                               jax.random.PRNGKey(0))
-      frozen = params
-      self._merge_adapters = jax.jit(
-          lambda adapters: lora.merge(lora.combine(frozen, adapters), adapted))
+      # The frozen weights are an argument, not a closure: jit would bake closed-over
+      # arrays into the compiled program as constants (a copy of the whole model).
+      merge = jax.jit(lambda frozen, adapters: lora.merge(lora.combine(frozen, adapters),
+                                                          adapted))
+      self._merge_adapters = functools.partial(merge, params)
     self._template = jax.tree_util.tree_map(_shape_and_dtype, pushed)
     self._treedef = jax.tree_util.tree_structure(pushed)
     self.tensor_layout = tuple(
