@@ -7,6 +7,7 @@ with the launcher even if it is SIGKILLed.
 """
 from collections.abc import Callable
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -60,7 +61,10 @@ def start_worker(run_dir: str, name: str, log, secret: str | None = None) -> sub
   return subprocess.Popen(
       [sys.executable, '-m', 'chorus.launch.worker', run_dir, name],
       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-      start_new_session=True, preexec_fn=die_with_parent)
+      start_new_session=True,
+      # With the parent's pid: a parent killed between the fork and the prctl leaves no
+      # orphan (it would run on, unsupervised, holding the node's port).
+      preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 def log_tail(path: str, lines: int = 15) -> str:

@@ -4,12 +4,14 @@ Running the node in a child rather than in the Ray worker keeps JAX, TensorFlow 
 state out of the actor (a restarted node starts clean), puts the output of C++ libraries
 in the node's log, and stops a node with SIGTERM the same way on both launchers.
 """
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import threading
+import time
 
 import ray
 
@@ -18,8 +20,21 @@ from chorus.launch.local import NodeFailed
 
 
 def placement_path(run_dir: str, node: str) -> str:
-  """Where a node's host records the Ray node it last ran on."""
+  """Where a node's host records the Ray node it last ran on and the node's pid."""
   return os.path.join(run_dir, 'nodes', f'{node}.ray.json')
+
+
+def _is_running_node(pid: int, run_dir: str, name: str) -> bool:
+  """Whether `pid` is alive (not a zombie) and is the worker of node `name` of this run."""
+  try:
+    with open(f'/proc/{pid}/stat') as file:
+      if file.read().rsplit(')', 1)[1].split()[0] == 'Z':
+        return False
+    with open(f'/proc/{pid}/cmdline', 'rb') as file:
+      argv = file.read().split(b'\0')
+  except OSError:
+    return False
+  return b'chorus.launch.worker' in argv and argv[-3:-1] == [run_dir.encode(), name.encode()]
 
 
 @ray.remote(max_concurrency=2)
@@ -29,10 +44,12 @@ class NodeHost:
   Two calls run at once, so `terminate` and `kill` reach the process while `run` waits.
   """
 
-  def __init__(self, run_dir: str, name: str, secret: str | None = None):
+  def __init__(self, run_dir: str, name: str, secret: str | None = None,
+               stop_timeout_s: float = 30.0):
     self._run_dir = run_dir
     self._name = name
     self._secret = secret  # The run's (auth.py): into the node's environment, nowhere else.
+    self._stop_timeout_s = stop_timeout_s
     self._lock = threading.Lock()
     self._process: subprocess.Popen | None = None
     self._stopping = False
@@ -74,8 +91,7 @@ class NodeHost:
       raise NodeFailed(f'Node {self._name} was moved by Ray from {address_ip} to '
                        f'{placement["ip"]} ({placement["hostname"]}); its clients hold the old '
                        'address, so the run cannot go on.')
-    with open(placement_path(self._run_dir, self._name), 'w') as file:
-      json.dump(placement, file, indent=2)
+    self._end_previous_node(placement)
     with self._lock, open(local_lib.node_log_path(self._run_dir, self._name), 'ab') as log:
       if self._stopping:
         return None
@@ -85,7 +101,37 @@ class NodeHost:
       log.flush()
       # As on the local launcher: its own session, and SIGTERM when its host dies.
       self._process = local_lib.start_worker(self._run_dir, self._name, log, self._secret)
+      path = placement_path(self._run_dir, self._name)
+      with open(f'{path}.tmp', 'w') as file:
+        json.dump(dict(placement, node_pid=self._process.pid), file, indent=2)
+      os.replace(f'{path}.tmp', path)
     return self._process.wait()
+
+  def _end_previous_node(self, placement: dict):
+    """Ends the node that this host's dead predecessor started on this machine.
+
+    That node got SIGTERM when its host died but may still be finishing its step. Two
+    copies of a node must not run at once: a serving node's copies would share its port
+    (gRPC binds with SO_REUSEPORT) and split its clients between them. It gets the stop
+    timeout to end, then SIGKILL. (A predecessor on another machine is out of reach;
+    there the node ends by itself on the same SIGTERM.)
+    """
+    try:
+      with open(placement_path(self._run_dir, self._name)) as file:
+        previous = json.load(file)
+    except (OSError, ValueError):
+      return  # The node's first run.
+    pid = previous.get('node_pid')
+    if pid is None or previous.get('ray_node_id') != placement['ray_node_id']:
+      return
+    deadline = time.monotonic() + self._stop_timeout_s
+    while _is_running_node(pid, self._run_dir, self._name) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    if _is_running_node(pid, self._run_dir, self._name):
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # Its own session: the group is the node's.
+      while _is_running_node(pid, self._run_dir, self._name):
+        time.sleep(0.05)
 
   def terminate(self):
     """Asks the node to stop (SIGTERM); a later `run` starts nothing."""

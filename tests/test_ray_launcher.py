@@ -205,6 +205,9 @@ def test_node_whose_ray_actor_dies_is_restarted_by_ray_at_its_address(launcher):
   second = _wait_for_placement(launcher.run_dir, 'replay', previous=first)
   assert second['ray_node_id'] == first['ray_node_id']
   assert second['host_pid'] != first['host_pid']
+  # The new host ended the orphaned first node before it started the second: never two
+  # copies (they would share the port).
+  assert test_local_run._processes_mentioning(launcher.run_dir) == [second['node_pid']]
   assert launcher.addresses['replay'] == address
   _wait_until_listening(address)
   launcher.stop()
