@@ -18,7 +18,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from chorus import configs
 from chorus import plugins as plugins_lib
 from chorus.launch import model_commands
+from chorus.launch import run_dir as layout
 
+_DEFAULT_CONFIG = 'text_vtrace'
 # What the user gave is wrong (not the run): one line on stderr, status 2.
 _USAGE_ERRORS = (ValueError, FileNotFoundError, ImportError, TypeError, KeyError)
 # `chorus datasets` builds its parser only when called (it imports TensorFlow).
@@ -57,9 +59,10 @@ def _check_config_name(name: str) -> None:
 
 def _build_config(args):
   """The experiment config of `chorus run`'s flags, checked; raises _USAGE_ERRORS."""
-  _check_config_name(args.config)  # Before the import that takes seconds.
+  name = args.config or _DEFAULT_CONFIG
+  _check_config_name(name)  # Before the import that takes seconds.
   from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
-  config = configs.get_config(args.config)
+  config = configs.get_config(name)
   # Before the overrides: they may name the plugins' agents and tasks.
   plugins_lib.import_plugins(args.plugin)
   config = dataclasses.replace(config, plugins=config.plugins + tuple(args.plugin))
@@ -72,6 +75,29 @@ def _build_config(args):
       overrides.append(f'{field}={value}')
   config = experiment.apply_overrides(config, overrides)
   config.check()  # Damaged datasets are ValueErrors too.
+  return config
+
+
+# `chorus run` flags that make or change an experiment; --resume takes the run's own.
+_EXPERIMENT_FLAGS = ('config', 'prompts', 'reward', 'task', 'run_dir', 'num_actors', 'seed',
+                     'replay_dataset', 'skip_corrupt', 'plugin', 'set')
+
+
+def _resumed_config(args):
+  """The config of the run in `--resume RUN_DIR`, with a new step budget if one is given."""
+  given = [f'--{flag.replace("_", "-")}' for flag in _EXPERIMENT_FLAGS if getattr(args, flag)]
+  if given:
+    raise ValueError(f'--resume continues a run with its own config; leave out '
+                     f'{", ".join(given)} (--max-learner-steps, --launcher and --ray-address '
+                     'may go with it).')
+  layout.check_run_dir(args.resume, resume=True)
+  from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
+  with open(layout.config_path(args.resume)) as file:
+    config = experiment.load_experiment(json.load(file))
+  if args.max_learner_steps is not None:
+    config = experiment.apply_overrides(config,
+                                        [f'learner.max_steps={args.max_learner_steps}'])
+  config.check()
   return config
 
 
@@ -100,10 +126,14 @@ def _default_run_dir(args, config) -> str:
 
 def _run(args) -> int:
   try:
-    config = _build_config(args)
+    if args.resume:
+      config, run_dir = _resumed_config(args), args.resume
+    else:
+      config = _build_config(args)
+      run_dir = _default_run_dir(args, config)
+      layout.check_run_dir(run_dir, resume=False)
   except _USAGE_ERRORS as error:
     return _fail('run', error)
-  run_dir = _default_run_dir(args, config)
   from chorus.launch import report  # pylint: disable=g-import-not-at-top
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
   from chorus.launch.local import NodeFailed  # pylint: disable=g-import-not-at-top
@@ -113,7 +143,8 @@ def _run(args) -> int:
              if terminal else {})
   try:
     summary = run.run_experiment(config, run_dir, launcher=args.launcher,
-                                 ray_address=args.ray_address, **display)
+                                 ray_address=args.ray_address, resume=bool(args.resume),
+                                 **display)
   except KeyboardInterrupt:
     print('Stopped; every node was shut down.', file=sys.stderr)
     return 130
@@ -198,9 +229,13 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='chorus', description='Chorus: RL for token models.')
   commands = parser.add_subparsers(dest='command', required=True)
   run_parser = commands.add_parser('run', help='run an experiment locally, one process per node')
-  run_parser.add_argument('--config', default='text_vtrace',
+  run_parser.add_argument('--config',
                           help=f'experiment name, one of {", ".join(configs.CONFIG_NAMES)} '
-                          '(default: text_vtrace; `chorus configs` describes them)')
+                          f'(default: {_DEFAULT_CONFIG}; `chorus configs` describes them)')
+  run_parser.add_argument('--resume', metavar='RUN_DIR',
+                          help='continue a stopped run (or a finished one, with a larger '
+                          '--max-learner-steps) from its newest learner checkpoint, with its '
+                          'own config; setup steps that finished are not run again')
   run_parser.add_argument('--prompts', metavar='FILE',
                           help='train on your own prompts: a .jsonl, .csv or .parquet file with '
                           'a "prompt" per row, an optional "completion" (a demonstration) and '

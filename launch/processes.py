@@ -20,3 +20,12 @@ def die_with_parent(parent_pid: int | None = None):
   ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
   if parent_pid is not None and os.getppid() != parent_pid:
     os._exit(1)  # pylint: disable=protected-access
+
+
+def is_alive(pid: int) -> bool:
+  """Whether process `pid` exists and has not exited (a zombie waiting to be reaped has)."""
+  try:
+    with open(f'/proc/{pid}/stat') as file:
+      return file.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False

@@ -16,6 +16,7 @@ import time
 import ray
 
 from chorus.launch import local as local_lib
+from chorus.launch import processes
 from chorus.launch.local import NodeFailed
 
 
@@ -25,11 +26,10 @@ def placement_path(run_dir: str, node: str) -> str:
 
 
 def _is_running_node(pid: int, run_dir: str, name: str) -> bool:
-  """Whether `pid` is alive (not a zombie) and is the worker of node `name` of this run."""
+  """Whether `pid` is alive and is the worker of node `name` of this run (not a reused pid)."""
+  if not processes.is_alive(pid):
+    return False
   try:
-    with open(f'/proc/{pid}/stat') as file:
-      if file.read().rsplit(')', 1)[1].split()[0] == 'Z':
-        return False
     with open(f'/proc/{pid}/cmdline', 'rb') as file:
       argv = file.read().split(b'\0')
   except OSError:

@@ -138,13 +138,19 @@ def make_launcher(name: str, run_dir: str, config: LauncherConfig, *,
 
 
 def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launcher: str = 'local',
-                   ray_address: str | None = None, progress_every_s: float = 5.0,
-                   print_fn=print, progress_fn=None) -> dict:
+                   ray_address: str | None = None, resume: bool = False,
+                   progress_every_s: float = 5.0, print_fn=print, progress_fn=None) -> dict:
   """Runs `config`, one process per node; returns the summary (also in summary.json).
+
+  `resume` continues the run in `run_dir` (stopped, or finished with a smaller step
+  budget): setup nodes that finished are not run again, the learner restores its newest
+  checkpoint, actors append to the RLDS record and every node to metrics.jsonl. The
+  summary's rates and costs are of this session; learner_steps counts them all.
 
   `print_fn` gets every line for the terminal; `progress_fn` (default: `print_fn`) the
   periodic progress lines of RL.
   """
+  layout.check_run_dir(run_dir, resume)
   progress_fn = progress_fn or print_fn
   start = time.monotonic()
   run_dir = os.path.abspath(run_dir)
@@ -167,10 +173,16 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
   print_fn(f'Run directory: {run_dir} (logs in {run_dir}/logs)')
   try:
     for node in by_kind[program_lib.SETUP]:
+      done_path = layout.setup_done_path(run_dir, node.name)
+      if os.path.exists(done_path):  # Resumed: its checkpoint or data are in the run.
+        print_fn(f'[{time.monotonic() - start:6.0f}s] {node.name}: done before')
+        continue
       print_fn(f'[{time.monotonic() - start:6.0f}s] {node.name}...')
       launcher.run_to_completion(node, stop)
       if stop():
         raise KeyboardInterrupt
+      with open(done_path, 'w'):
+        pass
     launcher.start(by_kind[program_lib.SERVICE])
     inference_address = launcher.addresses[program_lib.inference_server_name(0)]
     _wait_for_services(launcher, inference_address, stop)

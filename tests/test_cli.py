@@ -1,10 +1,12 @@
 """The `chorus` command: fast to answer, and one clear line for what the user got wrong."""
+import json
 import subprocess
 import sys
 import time
 
 import pytest
 
+from chorus import configs
 from chorus.launch import cli
 
 
@@ -58,6 +60,26 @@ def test_a_task_reference_that_is_a_function_is_named(tmp_path, capsys):
   module.write_text('def score(prompt, completion, row):\n  return 1.0\n')
   assert cli.main(['run', '--task', f'{module}:score']) == 2
   assert 'not a class' in capsys.readouterr().err
+
+
+def test_a_directory_that_holds_a_run_is_only_resumed_and_with_the_runs_own_config(
+    tmp_path, capsys):
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  assert cli.main(['run', '--resume', str(run_dir)]) == 2
+  assert 'holds no run to resume' in capsys.readouterr().err
+  from chorus.launch import experiment  # pylint: disable=g-import-not-at-top  (imports JAX)
+  (run_dir / 'config.json').write_text(
+      json.dumps(experiment.to_dict(configs.get_config('text_vtrace'))))
+  assert cli.main(['run', '--run-dir', str(run_dir)]) == 2
+  assert f'already holds a run; continue it with `chorus run --resume {run_dir}`' in (
+      capsys.readouterr().err)
+  assert cli.main(['run', '--resume', str(run_dir), '--seed', '3', '--set', 'seed=4']) == 2
+  assert 'leave out --seed, --set' in capsys.readouterr().err
+  # The new budget goes through the run's config and its checks.
+  assert cli.main(['run', '--resume', str(run_dir), '--max-learner-steps', '0']) == 2
+  assert 'max_steps' in capsys.readouterr().err
+  assert not (run_dir / 'logs').exists()  # Nothing was started.
 
 
 def test_closing_table_shows_the_runs_key_numbers():

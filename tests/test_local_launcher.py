@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from chorus.launch import processes
 from chorus.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -31,14 +32,6 @@ def _processes(run_dir) -> list[dict]:
     return []
   with open(path) as file:
     return [json.loads(line) for line in file if line.strip()]
-
-
-def _alive(pid: int) -> bool:
-  try:
-    with open(f'/proc/{pid}/stat') as file:
-      return file.read().split(')')[-1].split()[0] != 'Z'
-  except FileNotFoundError:
-    return False
 
 
 def _wait_for(condition, timeout_s: float, what: str):
@@ -85,7 +78,7 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
   started = _processes(run_dir)
   assert [p['node'] for p in started].count('actors_0') == 2
   assert [p['node'] for p in started].count('learner') == 2
-  assert not [p for p in started if _alive(p['pid'])]
+  assert not [p for p in started if processes.is_alive(p['pid'])]
   requests = {}
   for record in read_metrics(metrics_path):
     if record.get('kind') == 'inference' and record['model'] == 'policy':
@@ -113,7 +106,7 @@ def test_sigint_to_the_launcher_stops_every_node(tmp_path):
   assert launcher.returncode == 130, output[-3000:]
   started = _processes(run_dir)
   assert {p['node'] for p in started} >= {'replay_0', 'inference_server_0', 'actors_0', 'learner'}
-  assert not [p for p in started if _alive(p['pid'])]
+  assert not [p for p in started if processes.is_alive(p['pid'])]
   # Every node stopped by itself (no SIGKILL after the grace period) and without an error.
   for node in ('learner', 'actors_0', 'actors_1', 'inference_server_0', 'replay_0'):
     with open(os.path.join(run_dir, 'logs', f'{node}.log')) as file:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+from chorus.launch import processes
+
 _HELPER = '''
 import os, subprocess, sys, time
 from chorus.launch.processes import die_with_parent
@@ -24,14 +26,6 @@ def _helper(mode: str) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True)
 
 
-def _alive(pid: int) -> bool:
-  try:
-    with open(f'/proc/{pid}/stat') as file:
-      return file.read().rsplit(')', 1)[1].split()[0] != 'Z'
-  except OSError:
-    return False
-
-
 def test_a_child_whose_parent_already_died_exits_at_once():
   helper = _helper('wrong_parent')
   out, err = helper.communicate(timeout=60)
@@ -41,10 +35,10 @@ def test_a_child_whose_parent_already_died_exits_at_once():
 def test_a_child_gets_sigterm_when_its_parent_is_sigkilled():
   parent = _helper('parent')
   child_pid = int(parent.stdout.readline())
-  assert _alive(child_pid)
+  assert processes.is_alive(child_pid)
   parent.send_signal(signal.SIGKILL)
   parent.wait(timeout=60)
   deadline = time.monotonic() + 30
-  while _alive(child_pid) and time.monotonic() < deadline:
+  while processes.is_alive(child_pid) and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert not _alive(child_pid)
+  assert not processes.is_alive(child_pid)

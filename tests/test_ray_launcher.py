@@ -20,6 +20,7 @@ from ray import cluster_utils
 from chorus.datasets import read_trajectories
 from chorus.launch import experiment
 from chorus.launch import local
+from chorus.launch import processes
 from chorus.launch.launcher_config import LauncherConfig
 from chorus.launch import program as program_lib
 from chorus.launch import ray_launcher
@@ -284,14 +285,6 @@ def test_ray_run_on_this_machine_needs_no_address_and_no_environment(tmp_path):
   assert test_local_run._processes_mentioning(run_dir) == []
 
 
-def _alive(pid: int) -> bool:
-  try:
-    with open(f'/proc/{pid}/stat') as file:
-      return file.read().rsplit(')', 1)[1].split()[0] != 'Z'
-  except OSError:
-    return False
-
-
 def _descendants(pid: int) -> list[int]:
   children = {}
   for entry in filter(str.isdigit, os.listdir('/proc')):
@@ -315,6 +308,6 @@ def test_no_ray_process_outlives_the_cluster(cluster):
   assert ray_processes
   cluster.shutdown()
   deadline = time.monotonic() + 30
-  while any(map(_alive, ray_processes)) and time.monotonic() < deadline:
+  while any(map(processes.is_alive, ray_processes)) and time.monotonic() < deadline:
     time.sleep(0.5)
-  assert [pid for pid in ray_processes if _alive(pid)] == []
+  assert [pid for pid in ray_processes if processes.is_alive(pid)] == []
