@@ -25,6 +25,7 @@ from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
 from chorus.inference_server.served_model import ServedModel
 from chorus.inference_server.service import start_server
+from chorus.launch import program as program_names
 from chorus.launch import run_dir as layout
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners import background
@@ -102,15 +103,18 @@ def setup(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, step: 
   steps[step].run(context)
 
 
-def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, port: int,
-           host: str = '127.0.0.1'):
-  del run_dir, host  # Reverb 0.14 cannot bind to one address (see replay/tables.py).
+def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, server_index: int,
+           port: int, host: str = '127.0.0.1'):
+  del host  # Reverb 0.14 cannot bind to one address (see replay/tables.py).
   replay_config = config.replay
   if config.builder().data(config.replay_dataset).source == agents.DataSource.DATASET_IN_REPLAY:
     # Inserts stop once the dataset is in: a sample-to-insert ratio would then block the
     # learner for good.
     replay_config = dataclasses.replace(replay_config, samples_per_insert=0.0)
-  tables.serve(replay_config, config.builder().schema(), config.sequence, port, should_stop)
+  name = program_names.replay_server_name(server_index)
+  tables.serve(replay_config, config.builder().schema(), config.sequence, port, should_stop,
+               checkpoint_dir=layout.replay_checkpoint_dir(run_dir, name),
+               metrics=MetricsWriter(layout.metrics_path(run_dir), name))
 
 
 def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:

@@ -89,8 +89,9 @@ def make_program(config: ExperimentConfig) -> list[Node]:
   `config.actors_per_process` actor loops, spread round-robin over the inference servers
   and the replay servers), or a dataset replayer fills replay once, or the learner reads
   a dataset itself (no replay servers). The learner publishes to every inference server
-  and samples from every replay server; it restarts from its latest checkpoint, and a
-  restarted inference server serves the warm-start parameters until its next push.
+  and samples from every replay server; it restarts from its latest checkpoint, a
+  restarted inference server serves the warm-start parameters until its next push, and a
+  restarted replay server its tables' latest checkpoint.
   """
   builder = config.builder()
   data = builder.data(config.replay_dataset)
@@ -101,7 +102,10 @@ def make_program(config: ExperimentConfig) -> list[Node]:
   nodes += [Node(step.name, 'setup', SETUP, kwargs=dict(step=step.name),
                  accelerator=step.accelerator)
             for step in builder.setup_steps(config.replay_dataset)]
-  nodes += [Node(name, 'replay', SERVICE, serves=True) for name in replays]
+  # Replay restarts from its tables' newest checkpoint; the actors' and the learner's
+  # Reverb clients reconnect to the same port.
+  nodes += [Node(name, 'replay', SERVICE, kwargs=dict(server_index=index), serves=True,
+                 restart=True) for index, name in enumerate(replays)]
   nodes += [Node(name, 'inference_server', SERVICE, kwargs=dict(server_index=index), serves=True,
                  restart=True, accelerator=True) for index, name in enumerate(servers)]
   if data.source == DataSource.ACTORS:

@@ -14,6 +14,11 @@ def learner_checkpoint_dir(run_dir: str) -> str:
   return os.path.join(run_dir, 'checkpoints', 'learner')
 
 
+def replay_checkpoint_dir(run_dir: str, node: str) -> str:
+  """Reverb's checkpoints of replay node `node`'s tables (it keeps the newest only)."""
+  return os.path.join(run_dir, 'checkpoints', node)
+
+
 def rlds_dir(run_dir: str, actor_id: int | None = None) -> str:
   base = os.path.join(run_dir, 'rlds')
   return base if actor_id is None else os.path.join(base, f'actor_{actor_id:03d}')

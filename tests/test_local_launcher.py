@@ -50,7 +50,8 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
   launcher = _start(run_dir, '--num-actors', '8', '--max-learner-steps', '300',
                     '--set', 'actors_per_process=2', '--set', 'num_inference_servers=2',
                     '--set', 'num_replay_servers=2', '--set', 'evaluation.every_s=5',
-                    '--set', 'learner.checkpoint_every=10')
+                    '--set', 'learner.checkpoint_every=10',
+                    '--set', 'replay.checkpoint_every_s=1')
   checkpoints = os.path.join(run_dir, 'checkpoints', 'learner')
   try:
     _wait_for(lambda: read_metrics(metrics_path, node='actor_0'), 300,
@@ -63,6 +64,11 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
     os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'learner'][0], signal.SIGKILL)
     os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'inference_server_1'][0],
             signal.SIGKILL)
+    _wait_for(lambda: [r for r in read_metrics(metrics_path, node='replay_1')
+                       if r['kind'] == 'replay_checkpoint' and r['inserts']], 300,
+              'replay_1 to checkpoint items')
+    replay_killed_at = time.time()
+    os.kill([p['pid'] for p in _processes(run_dir) if p['node'] == 'replay_1'][0], signal.SIGKILL)
     output, _ = launcher.communicate(timeout=600)
   finally:
     launcher.kill()
@@ -71,13 +77,23 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
     summary = json.load(file)
   assert summary['learner_steps'] == 300
   assert summary['final_eval']['param_versions'] == [300]
-  # Clients ride out the inference server's restart: no actor or learner crash follows it.
-  assert summary['restarts'] == {'actors_0': 1, 'learner': 1, 'inference_server_1': 1}
+  # Clients ride out the inference server's and replay's restarts: no actor or learner
+  # crash follows them.
+  assert summary['restarts'] == {'actors_0': 1, 'learner': 1, 'inference_server_1': 1,
+                                 'replay_1': 1}
+  # The restarted replay server started from its tables' last checkpoint before the kill.
+  replay = read_metrics(metrics_path, node='replay_1')
+  last_checkpoint = [r for r in replay if r['kind'] == 'replay_checkpoint'
+                     and r['time'] < replay_killed_at][-1]
+  restored = [r for r in replay if r['kind'] == 'replay_restored'
+              and r['time'] > replay_killed_at]
+  assert len(restored) == 1 and restored[0]['inserts'] >= last_checkpoint['inserts'] > 0
   with open(os.path.join(run_dir, 'logs', 'learner.log')) as file:
     assert 'Learner resumed at step' in file.read()
   started = _processes(run_dir)
   assert [p['node'] for p in started].count('actors_0') == 2
   assert [p['node'] for p in started].count('learner') == 2
+  assert [p['node'] for p in started].count('replay_1') == 2
   assert not [p for p in started if processes.is_alive(p['pid'])]
   requests = {}
   for record in read_metrics(metrics_path):
