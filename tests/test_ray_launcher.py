@@ -192,7 +192,8 @@ def test_node_asking_for_more_than_any_ray_node_has_fails_to_be_placed(cluster, 
 
 def test_node_whose_ray_actor_dies_is_restarted_by_ray_at_its_address(launcher):
   _write_config(launcher.run_dir)
-  replay = program_lib.Node('replay', 'replay', program_lib.SERVICE, serves=True, restart=True)
+  replay = program_lib.Node('replay', 'replay', program_lib.SERVICE, kwargs=dict(server_index=0),
+                            serves=True, restart=True)
   launcher.start([replay])
   address = launcher.addresses['replay']
   assert address.startswith('127.0.0.1:')
