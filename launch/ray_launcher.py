@@ -215,7 +215,7 @@ class RayLauncher(local_lib.LauncherBase):
       hosts[node.name] = ray_node_host.NodeHost.options(
           max_restarts=self.max_restarts if node.restart else 0,
           **_actor_options(self._resources(node))).remote(
-              self.run_dir, node.name, auth.run_secret(), self.stop_timeout_s)
+              self.run_dir, node.name, auth.run_secret(), stop_timeout_s=self.stop_timeout_s)
     places = {node.name: hosts[node.name].place.remote(node.serves) for node in nodes}
     _, unplaced = ray.wait(list(places.values()), num_returns=len(places),
                            timeout=self.placement_timeout_s)

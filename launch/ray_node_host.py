@@ -44,8 +44,8 @@ class NodeHost:
   Two calls run at once, so `terminate` and `kill` reach the process while `run` waits.
   """
 
-  def __init__(self, run_dir: str, name: str, secret: str | None = None,
-               stop_timeout_s: float = 30.0):
+  def __init__(self, run_dir: str, name: str, secret: str | None = None, *,
+               stop_timeout_s: float):
     self._run_dir = run_dir
     self._name = name
     self._secret = secret  # The run's (auth.py): into the node's environment, nowhere else.
