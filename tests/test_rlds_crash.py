@@ -41,6 +41,7 @@ def _start_writer(directory, count: int) -> subprocess.Popen:
 def _kill_after(writer: subprocess.Popen, acknowledged: int) -> list[str]:
   """SIGKILLs the writer while it writes, after `acknowledged` writes; returns every ack."""
   lines = [writer.stdout.readline() for _ in range(acknowledged)]
+  assert lines[-1], f'the writer ended (status {writer.wait()}) before {acknowledged} writes'
   writer.send_signal(signal.SIGKILL)
   writer.wait()
   return lines + writer.stdout.readlines()  # Those it printed before the signal landed.
@@ -300,7 +301,11 @@ def _write_and_acknowledge(directory: str, count: int):
   for trajectory in random_trajectories(11, count):
     logger.write(trajectory)
     written.append(trajectory)
-    print(f'{len(written) - 1} {digest(written)}', flush=True)
+    # One write per line: print() writes the text and its newline separately when Python
+    # runs unbuffered (PYTHONUNBUFFERED, as CI sets it), and a kill between them would
+    # leave the last acknowledgement without its newline.
+    sys.stdout.write(f'{len(written) - 1} {digest(written)}\n')
+    sys.stdout.flush()
 
 
 if __name__ == '__main__':
