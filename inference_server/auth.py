@@ -5,7 +5,8 @@ environment (`SECRET_ENV`), never in a file of the run directory, a log or confi
 Clients send it as call metadata (`METADATA_KEY`) on every call; a server started with a
 secret refuses any call without it, or with another, as UNAUTHENTICATED before the call
 reaches the service, so a stranger on the host can neither sample, score, read status nor
-push weights. Health checks (grpc.health.v1) are exempt: they say only SERVING.
+push weights. Health checks (grpc.health.v1) and reflection are exempt: they say only
+SERVING, and what the services' methods are.
 """
 import hmac
 import os
@@ -15,7 +16,9 @@ import grpc
 
 SECRET_ENV = 'CHORUS_RUN_SECRET'
 METADATA_KEY = 'chorus-run-secret'
-HEALTH_METHOD_PREFIX = '/grpc.health.v1.Health/'
+# Exempt from the secret: health says only SERVING, and reflection only the services'
+# schema, which is this repository's own .proto files.
+OPEN_METHOD_PREFIXES = ('/grpc.health.v1.Health/', '/grpc.reflection.v1alpha.ServerReflection/')
 
 
 def new_secret() -> str:
@@ -79,7 +82,8 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
-  """Lets through only calls carrying `secret` (compared in constant time), and health checks."""
+  """Lets through only calls carrying `secret` (compared in constant time), health checks
+  and reflection."""
 
   def __init__(self, secret: str):
     if not secret:
@@ -88,7 +92,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
   def intercept_service(self, continuation, handler_call_details):
     handler = continuation(handler_call_details)
-    if handler is None or handler_call_details.method.startswith(HEALTH_METHOD_PREFIX):
+    if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
       return handler
     sent = [value for key, value in handler_call_details.invocation_metadata or ()
             if key == METADATA_KEY]

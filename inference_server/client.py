@@ -14,6 +14,7 @@ import numpy as np
 from chorus.inference_server import auth
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
+from chorus.inference_server import tls
 from chorus.inference_server.config import GRPC_OPTIONS
 
 
@@ -116,12 +117,14 @@ def _call(name: str, method, request, timeout_s: float, address: str):
 
 class _Connection:
   """A channel to one inference server; every call carries `secret` (auth.py): by default
-  the run's, from this process's environment; '' sends none."""
+  the run's, from this process's environment; '' sends none. With `tls_dir` (tls.py) the
+  channel is TLS, verified against its CA certificate."""
 
-  def __init__(self, address: str, timeout_s: float, secret: str | None = None):
+  def __init__(self, address: str, timeout_s: float, secret: str | None = None,
+               tls_dir: str = ''):
     self.address = address
     self.timeout_s = timeout_s
-    self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    self._channel = tls.channel(address, tls_dir, GRPC_OPTIONS)
     secret = auth.run_secret() if secret is None else secret
     self._stub = inference_pb2_grpc.InferenceServiceStub(
         auth.secure_channel(self._channel, secret))
@@ -162,8 +165,9 @@ class _Connection:
 class InferenceClient(_Connection):
   """What an actor holds: asks one inference server for completions."""
 
-  def __init__(self, address: str, timeout_s: float = 120.0, *, secret: str | None = None):
-    super().__init__(address, timeout_s, secret)
+  def __init__(self, address: str, timeout_s: float = 120.0, *, secret: str | None = None,
+               tls_dir: str = ''):
+    super().__init__(address, timeout_s, secret, tls_dir)
     # Random per process, so the server can tell a restarted actor from the old one.
     self.actor_run_id = uuid.uuid4().hex
 
@@ -273,8 +277,8 @@ class ParameterPublisher(_Connection):
 
   def __init__(self, address: str, model: str = 'policy', timeout_s: float = 60.0, *,
                chunk_bytes: int = 4 << 20, wire_dtype: str = '',
-               secret: str | None = None):
-    super().__init__(address, timeout_s, secret)
+               secret: str | None = None, tls_dir: str = ''):
+    super().__init__(address, timeout_s, secret, tls_dir)
     self.model = model
     self.chunk_bytes = chunk_bytes
     self.wire_dtype = wire_dtype

@@ -5,6 +5,7 @@ Light on purpose (no JAX, no server modules): actor processes import it through 
 import dataclasses
 
 from chorus import core
+from chorus.inference_server import tls
 
 SCHEDULERS = ('continuous', 'dynamic')
 
@@ -44,6 +45,10 @@ class InferenceServerConfig:
       DEADLINE_EXCEEDED.
     num_threads: gRPC worker threads; at least the number of concurrent callers.
     seed: seeds the sampling random stream.
+    tls_dir: '' (the default) serves plaintext, which is enough on one machine's loopback.
+      For a cluster: a directory holding server.crt, server.key and ca.crt (PEM). The
+      servers serve TLS with the certificate, and every client verifies it against
+      ca.crt (tls.py). The path must hold the files on every machine of the run.
   """
   scheduler: str = 'dynamic'
   max_batch_size: int = 32
@@ -52,6 +57,7 @@ class InferenceServerConfig:
   request_timeout_s: float = 120.0
   num_threads: int = 64
   seed: int = 0
+  tls_dir: str = ''
 
   def __post_init__(self):
     if self.scheduler not in SCHEDULERS:
@@ -63,6 +69,10 @@ class InferenceServerConfig:
                        'at least 1.')
     core.check_ranges(self, 'inference', max_wait_ms=(0, None), request_timeout_s=(1e-3, None),
                       num_threads=(1, None))
+    missing = tls.missing_files(self.tls_dir) if self.tls_dir else []
+    if missing:
+      raise ValueError(f'inference.tls_dir={self.tls_dir!r} lacks {", ".join(missing)}; it '
+                       f'needs {", ".join(tls.FILES)} (PEM), or leave it empty for plaintext.')
 
   def batch_buckets(self) -> tuple[int, ...]:
     """Padded batch sizes (powers of two up to the cap), so XLA compiles a few shapes only."""

@@ -20,6 +20,7 @@ import concurrent.futures
 import math
 
 import grpc
+from grpc_reflection.v1alpha import reflection
 
 from chorus import core
 from chorus import models
@@ -29,6 +30,8 @@ from chorus.inference_server import health_pb2_grpc
 from chorus.inference_server import inference_pb2
 from chorus.inference_server import inference_pb2_grpc
 from chorus.inference_server import param_stream
+from chorus.inference_server import request_limits
+from chorus.inference_server import tls
 from chorus.inference_server.config import GRPC_OPTIONS
 from chorus.inference_server.config import InferenceServerConfig
 from chorus.inference_server.lanes import Row
@@ -299,7 +302,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     return response
 
 
-SERVICE_NAME = 'chorus.inference.InferenceService'
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name['InferenceService'].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name['Health'].full_name
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -317,11 +321,13 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
                  num_threads: int = 64,
                  mixtures: Sequence[tuple[str, str]] = (),
                  guided: Sequence[str] = (),
-                 secret: str | None = None) -> tuple[grpc.Server, int]:
+                 secret: str | None = None, tls_dir: str = '') -> tuple[grpc.Server, int]:
   """Starts serving on `address` (loopback unless told otherwise); returns (server, port).
 
   The server answers standard gRPC health checks (grpc.health.v1.Health/Check: SERVING) once
-  it is started, that is once every model is compiled.
+  it is started, that is once every model is compiled, and gRPC reflection (v1alpha, which
+  grpcurl falls back to). Each unary method reads requests only up to the size it can need
+  (request_limits.py).
 
   Args:
     served_models: the models, by name.
@@ -332,6 +338,7 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
     guided: decoders whose guidance lane to build and compile now, likewise.
     secret: the run's secret (auth.py): every call but health checks must carry it, or is
       refused UNAUTHENTICATED; None serves anyone (tests, a server of one's own).
+    tls_dir: '' serves plaintext; else a directory of tls.FILES: serves TLS (tls.py).
   """
   for name, mixture_name in mixtures:
     for needed in (name, mixture_name):
@@ -344,13 +351,20 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
       raise ValueError(f'Guided model {name!r} is not among the served models '
                        f'{sorted(served_models)}.')
     served_models[name].add_guidance().warm_up()
+  limits = request_limits.RequestLimitInterceptor(request_limits.method_limits(
+      (model.config, model.sequence) for model in served_models.values()))
+  # The secret first: a stranger's call is refused before its size is even looked at.
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                        options=GRPC_OPTIONS,
-                       interceptors=[auth.ServerInterceptor(secret)] if secret else [])
+                       interceptors=[auth.ServerInterceptor(secret), limits] if secret
+                       else [limits])
   inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served_models),
                                                             server)
   health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
-  port = server.add_insecure_port(address)
+  reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME,
+                                       reflection.SERVICE_NAME), server)
+  port = (server.add_secure_port(address, tls.server_credentials(tls_dir)) if tls_dir
+          else server.add_insecure_port(address))
   if port == 0:
     raise OSError(f'Could not bind the inference server to {address}; is the port in use?')
   server.start()

@@ -159,8 +159,9 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
   guided = [agents.REFERENCE_MODEL] if config.guided_task else []
   grpc_server, _ = start_server(served, f'{host}:{port}', config.inference.num_threads,
                                 mixtures=builder.mixtures(), guided=guided,
-                                secret=auth.run_secret())
-  logging.info('Inference server on %s:%d serving %s', host, port, sorted(served))
+                                secret=auth.run_secret(), tls_dir=config.inference.tls_dir)
+  logging.info('Inference server on %s:%d (%s) serving %s', host, port,
+               'TLS' if config.inference.tls_dir else 'plaintext', sorted(served))
   metrics = MetricsWriter(layout.metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():
     time.sleep(status_every_s)
@@ -205,7 +206,7 @@ def actor_loop(config: ExperimentConfig, run_dir: str, actor_id: int, rollout,
 def actor(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, actor_ids: list[int],
           inference_address: str, replay_address: str):
   """Runs one actor loop per id, each in its own thread with its own clients and RLDS shard."""
-  client = InferenceClient(inference_address)
+  client = InferenceClient(inference_address, tls_dir=config.inference.tls_dir)
   client.wait_until_ready()
   rollout = config.builder().make_rollout(client, config.make_task(), config.actor)
   errors = []
@@ -233,7 +234,7 @@ def evaluator(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   """Evaluates the served policy on held-out prompts every `evaluation.every_s` seconds."""
   metrics = MetricsWriter(layout.metrics_path(run_dir), 'evaluator')
   task = config.make_task()
-  with InferenceClient(inference_address) as client:
+  with InferenceClient(inference_address, tls_dir=config.inference.tls_dir) as client:
     client.wait_until_ready()
     next_time = time.monotonic()
     while not should_stop():
@@ -279,7 +280,8 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
             inference_addresses: list[str], replay_addresses: list[str]):
   learner_obj = make_learner(config, warm_start_params(config, run_dir), run_dir)
   checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
-  publishers = {(address, name): ParameterPublisher(address, model=name)
+  publishers = {(address, name): ParameterPublisher(address, model=name,
+                                                     tls_dir=config.inference.tls_dir)
                 for address in inference_addresses for name in learner_obj.published_params()}
   for connection in publishers.values():
     connection.wait_until_ready()

@@ -45,7 +45,7 @@ class _StopRequested:
 
 def _evaluate(config: experiment.ExperimentConfig, address: str, min_version: int) -> dict:
   """Held-out evaluation on the served policy once it serves `min_version` or newer."""
-  with InferenceClient(address) as client:
+  with InferenceClient(address, tls_dir=config.inference.tls_dir) as client:
     deadline = time.monotonic() + 120
     while client.status()['policy']['param_version'] < min_version:
       if time.monotonic() > deadline:
@@ -76,7 +76,7 @@ def _write_audio_samples(config: experiment.ExperimentConfig, address: str, run_
   """WAV files of the served policy on fixed captions (held-out ones first), and a plot."""
   task = config.make_task()
   prompts = list({p.prompt_id: p for p in task.eval_prompts()}.values())[:num_captions]
-  with InferenceClient(address) as client:
+  with InferenceClient(address, tls_dir=config.inference.tls_dir) as client:
     result = client.generate([task.encode_prompt(p) for p in prompts],
                              temperature=config.evaluation.temperature)
   os.makedirs(os.path.join(run_dir, 'samples'), exist_ok=True)
@@ -89,12 +89,12 @@ def _write_audio_samples(config: experiment.ExperimentConfig, address: str, run_
   return paths
 
 
-def _wait_for_services(launcher, inference_address: str, should_stop,
+def _wait_for_services(launcher, inference_address: str, tls_dir: str, should_stop,
                        poll_s: float = 1.0):
   """Waits until the first inference server answers, however long its start-up takes
   (compiling every batch shape of big models can take minutes), as long as every
   service node is alive; a node that dies is reported within `poll_s` (NodeFailed)."""
-  with InferenceClient(inference_address) as client:
+  with InferenceClient(inference_address, tls_dir=tls_dir) as client:
     while not should_stop():
       launcher.poll()  # Raises NodeFailed, with the node's log, if a service died.
       try:
@@ -185,7 +185,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
         pass
     launcher.start(by_kind[program_lib.SERVICE])
     inference_address = launcher.addresses[program_lib.inference_server_name(0)]
-    _wait_for_services(launcher, inference_address, stop)
+    _wait_for_services(launcher, inference_address, config.inference.tls_dir, stop)
     initial_eval = _evaluate(config, inference_address, min_version=0)
     if config.guided_task:
       _write_audio_samples(config, inference_address, run_dir, 'before')

@@ -1,5 +1,5 @@
 """The run's secret on a real inference server (a separate process, as in a run), and
-standard gRPC health checking."""
+standard gRPC health checking and reflection."""
 import os
 import subprocess
 import sys
@@ -109,3 +109,23 @@ def test_health_checking_answers_serving_without_the_secret(server):
       inference_pb2_grpc.InferenceServiceStub(channel).GetStatus(
           inference_pb2.StatusRequest(), timeout=_TIMEOUT_S)
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_reflection_describes_the_services_to_a_standard_client_without_the_secret(server):
+  # pylint: disable=g-import-not-at-top  (the reflection client is only this test's)
+  from google.protobuf import descriptor_pool
+  from grpc_reflection.v1alpha import proto_reflection_descriptor_database as reflection_db
+  address, _ = server
+  with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    database = reflection_db.ProtoReflectionDescriptorDatabase(channel)
+    assert set(database.get_services()) == {
+        'chorus.inference.InferenceService', 'grpc.health.v1.Health',
+        'grpc.reflection.v1alpha.ServerReflection'}
+    # Descriptors built from what the server sent, in a pool of their own.
+    service = descriptor_pool.DescriptorPool(database).FindServiceByName(
+        'chorus.inference.InferenceService')
+    ours = inference_pb2.DESCRIPTOR.services_by_name['InferenceService']
+    assert [method.name for method in service.methods] == [method.name for method in ours.methods]
+    generate = service.methods_by_name['Generate'].input_type
+    assert sorted(generate.fields_by_name) == sorted(
+        inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name)

@@ -7,7 +7,10 @@ import pytest
 from chorus import core
 from chorus import models
 from chorus.inference_server import inference_pb2
+from chorus.inference_server import health_pb2
+from chorus.inference_server import health_pb2_grpc
 from chorus.inference_server import inference_pb2_grpc
+from chorus.inference_server import request_limits
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import InferenceError
 from chorus.inference_server.client import ParameterPublisher
@@ -119,7 +122,8 @@ def test_a_learners_resume_may_jump_ahead(params):
 
 
 def test_errors_never_echo_a_large_payload(address):
-  name = 'x' * (1 << 20)
+  # Long enough to show if echoed, short enough to pass the size limits (tested below).
+  name = 'x' * 3000
   with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     requests = {
@@ -142,3 +146,59 @@ def test_errors_never_echo_a_large_payload(address):
         call()
       assert raised.value.code() != grpc.StatusCode.OK, what
       assert len(raised.value.details() or '') < 2000, (what, len(raised.value.details()))
+
+
+def test_the_largest_requests_a_server_can_need_fit_its_limits():
+  # The protobuf encoding itself, at its worst: token ids of 5-byte varints, all rows full.
+  rows, top = CONFIG.max_batch_size, 2**31 - 1
+  prompt = inference_pb2.TokenSequence(tokens=[top] * SEQUENCE.prompt_len)
+  completion = inference_pb2.TokenSequence(tokens=[top] * SEQUENCE.completion_len)
+  generate = inference_pb2.GenerateRequest(
+      model='p' * 100, mixture_model='r' * 100, prompts=[prompt] * rows,
+      unconditional_prompts=[prompt] * rows, max_new_tokens=top, temperature=1.0,
+      actor_run_id='a' * 100, num_samples=top, mixture_coef=0.5, guidance_scale=2.0,
+      seed=2**32 - 1)
+  score = inference_pb2.ScoreRequest(
+      model='p' * 100, prompts=[prompt] * rows, completions=[completion] * rows,
+      comparisons=[completion] * rows, temperature=1.0, expected_kind='k' * 100,
+      actor_run_id='a' * 100)
+  needed = request_limits.request_bytes_needed(CONFIG, SEQUENCE)
+  assert generate.ByteSize() <= needed and score.ByteSize() <= needed
+  # And the bound is not loose by more than the names' allowance.
+  assert needed - max(generate.ByteSize(), score.ByteSize()) < 5000
+
+
+def _send_raw(address, method, payload: bytes, **metadata):
+  """Calls `method` with `payload` as the request's bytes (no protobuf on this side)."""
+  with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    call = channel.unary_unary(method, request_serializer=lambda raw: raw,
+                               response_deserializer=lambda raw: raw)
+    with pytest.raises(grpc.RpcError) as raised:
+      call(payload, timeout=_TIMEOUT_S, metadata=list(metadata.items()) or None)
+    return raised.value
+
+
+@pytest.mark.parametrize('method', [request_limits.GENERATE, request_limits.SCORE,
+                                    request_limits.STATUS, request_limits.HEALTH_CHECK])
+def test_a_request_over_its_methods_limit_is_refused_unparsed(address, client, method):
+  limit = request_limits.method_limits([(CONFIG, SEQUENCE)])[method]
+  # Not a valid message at all: parsed, it would fail as INTERNAL, not be refused for size.
+  error = _send_raw(address, method, b'\xff' * (limit + 1))
+  assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+  assert f'at most {limit} bytes' in error.details() and f'has {limit + 1}' in error.details()
+  assert '\\xff' not in error.details() and len(error.details()) < 400
+  # The same garbage within the limit is parsed (and fails as garbage), and the server serves on.
+  assert _send_raw(address, method, b'\xff' * 8).code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+  assert client.generate([[1, 2]]).completions
+  with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    assert health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=_TIMEOUT_S).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_full_batch_of_the_longest_rows_is_served(client):
+  prompts = [[VOCAB_SIZE - 1] * SEQUENCE.prompt_len] * CONFIG.max_batch_size
+  assert len(client.generate(prompts, guidance_scale=2.0, unconditional_prompts=prompts,
+                             max_new_tokens=SEQUENCE.completion_len).completions) == len(prompts)
+  completions = [[VOCAB_SIZE - 1] * SEQUENCE.completion_len] * CONFIG.max_batch_size
+  assert len(client.score_logprobs(prompts, completions).logprobs) == len(prompts)

@@ -1,4 +1,5 @@
-"""`chorus run --resume`: a run continues from its newest checkpoint, with real processes."""
+"""`chorus run --resume`: a run continues from its newest checkpoint, with real processes
+(and over TLS)."""
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 
 from chorus.datasets import read_trajectories
 from chorus.metrics import read_metrics
+from tls_files import write_tls_dir
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +59,12 @@ def _stop_after_checkpoint(run_dir: str, *args: str, after_step: int) -> int:
 
 def test_a_run_resumes_from_its_checkpoint_after_a_stop_and_to_a_larger_budget(tmp_path):
   run_dir = str(tmp_path / 'run')
-  _chorus('--run-dir', run_dir, '--max-learner-steps', '4', *_SHORT)
+  # Over TLS (certificates written here), which a resume keeps from config.json: every
+  # node's inference traffic and the launcher's own evaluation go through it. One run
+  # tests both, as a separate TLS run would add a minute to the suite.
+  tls_dir = write_tls_dir(tmp_path / 'tls')
+  _chorus('--run-dir', run_dir, '--max-learner-steps', '4', *_SHORT,
+          '--set', f'inference.tls_dir={tls_dir}')
   finished = _summary(run_dir)
   episodes_before = len(read_trajectories(os.path.join(run_dir, 'rlds')))
   assert finished['learner_steps'] == 4
@@ -88,3 +95,6 @@ def test_a_run_resumes_from_its_checkpoint_after_a_stop_and_to_a_larger_budget(t
   episodes = read_trajectories(os.path.join(run_dir, 'rlds'))
   assert len(episodes) > episodes_before
   assert max(e.param_version for e in episodes) > stopped_at  # Sampled after the resume.
+  with open(os.path.join(run_dir, 'logs', 'inference_server_0.log')) as file:
+    started = re.findall(r'Inference server on 127\.0\.0\.1:\d+ \((\w+)\)', file.read())
+  assert started == ['TLS'] * 3  # The run and its two resumes.
