@@ -39,7 +39,8 @@ def request_bytes_needed(config: InferenceServerConfig, sequence: core.SequenceS
 def method_limits(served: Iterable[tuple[InferenceServerConfig, core.SequenceSpec]]
                   ) -> dict[str, int]:
   """The request limit in bytes of each limited method, for a server of `served` models."""
-  needed = max(request_bytes_needed(config, sequence) for config, sequence in served)
+  needed = max((request_bytes_needed(config, sequence) for config, sequence in served),
+               default=_NAMES_BYTES)
   return {GENERATE: needed, SCORE: needed, STATUS: _EMPTY_BYTES,
           HEALTH_CHECK: _SERVICE_NAME_BYTES}
 

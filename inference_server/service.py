@@ -336,8 +336,9 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
     mixtures: (model, mixture_model) pairs to build (and compile, with warm_up) now
       rather than at their first request; other pairs are built on first use.
     guided: decoders whose guidance lane to build and compile now, likewise.
-    secret: the run's secret (auth.py): every call but health checks must carry it, or is
-      refused UNAUTHENTICATED; None serves anyone (tests, a server of one's own).
+    secret: the run's secret (auth.py): every call but health checks and reflection must
+      carry it, or is refused UNAUTHENTICATED; None serves anyone (tests, a server of
+      one's own).
     tls_dir: '' serves plaintext; else a directory of tls.FILES: serves TLS (tls.py).
   """
   for name, mixture_name in mixtures:

@@ -7,6 +7,7 @@ what the user gave (configs, flags, files) end with one line on stderr and statu
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import sys
@@ -21,6 +22,8 @@ from chorus.launch import model_commands
 from chorus.launch import run_dir as layout
 
 _DEFAULT_CONFIG = 'text_vtrace'
+# A run directory that fails under the launcher: read-only, full, over quota, or unreadable.
+_DISK_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EIO)
 # What the user gave is wrong (not the run): one line on stderr, status 2.
 _USAGE_ERRORS = (ValueError, FileNotFoundError, ImportError, TypeError, KeyError)
 # `chorus datasets` builds its parser only when called (it imports TensorFlow).
@@ -124,15 +127,31 @@ def _default_run_dir(args, config) -> str:
       'runs', f'{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}')
 
 
+def _isolate_network(args) -> None:
+  """Re-executes this command in a network namespace of its own (network_namespace.py);
+  there, brings its loopback up."""
+  from chorus.launch import network_namespace  # pylint: disable=g-import-not-at-top
+  if network_namespace.inside():
+    network_namespace.bring_up_loopback()
+    return
+  if args.launcher != 'local':
+    raise ValueError('--isolate-network keeps every node on this machine; it goes with '
+                     '--launcher local only.')
+  network_namespace.check_available()
+  network_namespace.reexec_isolated(args.argv)
+
+
 def _run(args) -> int:
   try:
+    if args.isolate_network:
+      _isolate_network(args)  # Before anything else: the command starts again, isolated.
     if args.resume:
       config, run_dir = _resumed_config(args), args.resume
     else:
       config = _build_config(args)
       run_dir = _default_run_dir(args, config)
       layout.check_run_dir(run_dir, resume=False)
-  except _USAGE_ERRORS as error:
+  except (*_USAGE_ERRORS, OSError) as error:
     return _fail('run', error)
   from chorus.launch import report  # pylint: disable=g-import-not-at-top
   from chorus.launch import run  # pylint: disable=g-import-not-at-top  (imports JAX)
@@ -150,6 +169,13 @@ def _run(args) -> int:
     return 130
   except NodeFailed as error:  # The node's own error (a diverged learner, say) and log tail.
     print(f'chorus run: {error}', file=sys.stderr)
+    return 1
+  except OSError as error:  # The launcher's own files or sockets; the nodes are stopped.
+    hint = (f' The run directory cannot be written: free space or make it writable, then '
+            f'continue with `chorus run --resume {run_dir}`.'
+            if error.errno in _DISK_ERRORS else '')
+    print(f'chorus run: the run stopped: {error}. Every node was shut down.{hint}',
+          file=sys.stderr)
     return 1
   print(report.summary_table(summary))
   print(f'Summary, curves, RLDS and checkpoints in {os.path.abspath(run_dir)}')
@@ -262,6 +288,11 @@ def main(argv=None) -> int:
   run_parser.add_argument('--ray-address',
                           help='Ray cluster to join, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS or '
                           'a new local Ray instance)')
+  run_parser.add_argument('--isolate-network', action='store_true',
+                          help='run the launcher and every node in a loopback-only network '
+                          'namespace of their own, so that no process outside the run can '
+                          'reach its ports (Reverb included); local launcher only; needs '
+                          'root or unprivileged user namespaces (default: off)')
   run_parser.add_argument('--plugin', action='append', default=[], metavar='MODULE',
                           help='a module or .py file to import in every process first: it '
                           'may define agents and tasks of its own (repeatable)')
@@ -313,6 +344,7 @@ def main(argv=None) -> int:
   commands.add_parser('datasets', help=_DATASETS_HELP)  # Listed here, parsed by _datasets.
   model_commands.add_model_parsers(commands)
   args = parser.parse_args(argv)
+  args.argv = argv  # For a command that starts itself again (`run --isolate-network`).
   return args.handler(args)
 
 

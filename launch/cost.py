@@ -20,6 +20,7 @@ started, or had only just), its last value after its last (it had ended). A proc
 that was SIGKILLed loses what it spent after its last sample.
 """
 from collections.abc import Iterable, Sequence
+import logging
 import os
 import resource
 import threading
@@ -74,7 +75,11 @@ class CpuMeter:
 
   def _run(self):
     while not self._stopped.wait(self._every_s):
-      self._sample()
+      try:
+        self._sample()
+      except OSError as error:  # A full or failed disk: the process itself reports it.
+        logging.warning('CPU metering stopped: %s', error)
+        return
 
   def mark_started(self):
     """Writes a sample that ends this process's start-up (imports, config): its role begins."""

@@ -89,7 +89,7 @@ def _write_audio_samples(config: experiment.ExperimentConfig, address: str, run_
   return paths
 
 
-def _wait_for_services(launcher, inference_address: str, tls_dir: str, should_stop,
+def _wait_for_services(launcher, inference_address: str, should_stop, *, tls_dir: str,
                        poll_s: float = 1.0):
   """Waits until the first inference server answers, however long its start-up takes
   (compiling every batch shape of big models can take minutes), as long as every
@@ -185,7 +185,7 @@ def run_experiment(config: experiment.ExperimentConfig, run_dir: str, *, launche
         pass
     launcher.start(by_kind[program_lib.SERVICE])
     inference_address = launcher.addresses[program_lib.inference_server_name(0)]
-    _wait_for_services(launcher, inference_address, config.inference.tls_dir, stop)
+    _wait_for_services(launcher, inference_address, stop, tls_dir=config.inference.tls_dir)
     initial_eval = _evaluate(config, inference_address, min_version=0)
     if config.guided_task:
       _write_audio_samples(config, inference_address, run_dir, 'before')

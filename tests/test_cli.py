@@ -113,3 +113,16 @@ def test_terminal_progress_rewrites_one_line_and_ends_it_before_other_output(cap
   captured = capsys.readouterr()
   assert captured.err == '\r\033[Kstep 1/10\r\033[Kstep 2/10\n'
   assert captured.out == 'final eval\n'
+
+
+def test_isolate_network_goes_with_the_local_launcher_only(capsys):
+  assert cli.main(['run', '--isolate-network', '--launcher', 'ray']) == 2
+  assert capsys.readouterr().err.strip() == (
+      'chorus run: --isolate-network keeps every node on this machine; it goes with '
+      '--launcher local only.')
+
+
+def test_isolate_network_without_unshare_names_the_missing_command(capsys, monkeypatch):
+  monkeypatch.setenv('PATH', '/nonexistent')
+  assert cli.main(['run', '--isolate-network']) == 2
+  assert 'needs the `unshare` command (util-linux)' in capsys.readouterr().err

@@ -1,13 +1,17 @@
 """The local launcher under faults: a SIGKILLed actor is restarted, Ctrl-C leaves nothing behind."""
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
+from chorus.launch import network_namespace
 from chorus.launch import processes
 from chorus.metrics import read_metrics
 
@@ -105,16 +109,55 @@ def test_sigkilled_nodes_restart_and_two_inference_servers_share_eight_actors(
   assert evaluations and all(0 <= r['reward'] <= 1 for r in evaluations)
 
 
-def test_sigint_to_the_launcher_stops_every_node(tmp_path):
+def _isolation_available() -> bool:
+  try:
+    network_namespace.check_available()
+    return True
+  except OSError:
+    return False
+
+
+def _network_namespace(pid: int) -> str:
+  return os.readlink(f'/proc/{pid}/ns/net')
+
+
+def _refuses_connections(port: int) -> bool:
+  try:
+    socket.create_connection(('127.0.0.1', port), timeout=5).close()
+    return False
+  except ConnectionRefusedError:
+    return True
+
+
+# Also the test of `--isolate-network`, where this machine allows network namespaces (the
+# test id says which ran): the launcher starts again in a namespace of its own, and the
+# same Ctrl-C must stop it and every node. One run either way, to keep the suite short.
+_ISOLATED = _isolation_available()
+
+
+@pytest.mark.parametrize('isolated', [
+    pytest.param(_ISOLATED, id='isolated' if _ISOLATED else 'plain-no-namespaces-here')])
+def test_sigint_to_the_launcher_stops_every_node(tmp_path, isolated):
   run_dir = str(tmp_path / 'run')
   launcher = _start(run_dir, '--num-actors', '2', '--max-learner-steps', '100000',
-                    '--set', 'actors_per_process=1', '--set', 'evaluation.every_s=0')
+                    '--set', 'actors_per_process=1', '--set', 'evaluation.every_s=0',
+                    *(['--isolate-network'] if isolated else []))
   try:
     def learner_started():
       path = os.path.join(run_dir, 'logs', 'learner.log')
       return os.path.exists(path) and 'starting role' in open(path).read()
     _wait_for(learner_started, 300, 'the learner to start')
     time.sleep(2)
+    if isolated:
+      # Every node shares the launcher's namespace (same pid after the exec), not ours...
+      assert _network_namespace(launcher.pid) != _network_namespace(os.getpid())
+      running = [p['pid'] for p in _processes(run_dir) if processes.is_alive(p['pid'])]
+      assert len(running) >= 5  # Replay, inference server, two actors' processes, learner.
+      assert {_network_namespace(pid) for pid in running} == {_network_namespace(launcher.pid)}
+      # ...so the learner reaches Reverb there, and nothing here reaches any serving port.
+      for node in ('replay_0', 'inference_server_0'):
+        with open(os.path.join(run_dir, 'nodes', f'{node}.json')) as file:
+          assert _refuses_connections(json.load(file)['kwargs']['port']), node
     launcher.send_signal(signal.SIGINT)
     output, _ = launcher.communicate(timeout=120)
   finally:
@@ -152,8 +195,64 @@ def test_a_service_that_dies_during_start_up_is_reported_at_once(tmp_path):
     with pytest.raises(local.NodeFailed,
                        match=r'inference_server_0 crashed 1 times[\s\S]*No checkpoint'):
       run_lib._wait_for_services(launcher, launcher.addresses['inference_server_0'],
-                                 should_stop=lambda: False)
+                                 should_stop=lambda: False, tls_dir='')
     # The node's own start-up (imports, the failed restore) is most of this.
     assert time.monotonic() - start < 120
   finally:
     launcher.close()
+
+
+def _private_mount_command() -> list[str]:
+  return ['unshare', '--mount'] + (['--map-root-user'] if os.geteuid() != 0 else [])
+
+
+def _private_mounts_available() -> bool:
+  if shutil.which('unshare') is None:
+    return False
+  with tempfile.TemporaryDirectory() as directory:
+    return subprocess.run(_private_mount_command() + ['--', 'mount', '-t', 'tmpfs', 'tmpfs',
+                                                      directory], capture_output=True,
+                          check=False).returncode == 0
+
+
+# In a mount namespace of its own: a small tmpfs as the run's disk, filled up once the
+# learner runs; what the run directory holds is printed before the namespace goes.
+_FILL_THE_DISK_MID_RUN = '''
+set -u
+disk=$1; shift
+mount -t tmpfs -o size=256m tmpfs "$disk"
+"$@" &
+launcher=$!
+for _ in $(seq 600); do
+  grep -qs 'starting role' "$disk/run/logs/learner.log" && break
+  sleep 0.5
+done
+sleep 2
+dd if=/dev/zero of="$disk/filler" bs=1M status=none
+wait $launcher
+code=$?
+cat "$disk/run/nodes/processes.jsonl"
+exit $code
+'''
+
+
+@pytest.mark.skipif(not _private_mounts_available(),
+                    reason='no private mount namespaces here to give the run a small disk')
+def test_a_full_disk_stops_the_run_with_one_clear_line_and_no_node_left(tmp_path):
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  result = subprocess.run(
+      _private_mount_command() + ['--', 'bash', '-c', _FILL_THE_DISK_MID_RUN, 'bash', str(disk),
+                                  sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir',
+                                  f'{disk}/run', *_SHORT_RUN, '--num-actors', '2',
+                                  '--max-learner-steps', '100000', '--set',
+                                  'actors_per_process=1', '--set', 'evaluation.every_s=0'],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+  # The launcher's own last word: what failed and how to go on, not a stack of its own.
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('chorus run: '), result.stderr[-3000:]
+  assert 'No space left on device' in result.stderr, result.stderr[-3000:]
+  pids = [json.loads(line)['pid'] for line in result.stdout.splitlines()
+          if line.startswith('{"node"')]
+  assert pids and not [pid for pid in pids if processes.is_alive(pid)]

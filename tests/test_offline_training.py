@@ -18,7 +18,7 @@ from chorus.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 _COMMON = [
-    '--seed', '2', '--set', 'warm_start.steps=150', '--set', 'task.num_eval_prompts=128',
+    '--seed', '2', '--set', 'warm_start.steps=150', '--set', 'task.num_eval_prompts=1024',
     '--set', 'evaluation.every_s=0', '--set', 'inference.max_batch_size=32',
     '--set', 'learner.log_every=10', '--set', 'replay.min_size_to_sample=128',
 ]
@@ -44,7 +44,12 @@ def test_offline_soft_q_beats_the_behaviour_policy_that_recorded_the_dataset(tmp
   episodes = read_trajectories(dataset)
   assert len(episodes) >= 256
   assert {e.param_version for e in episodes} <= set(range(41))
-  behaviour_reward = _summary(recorded)['initial_eval_reward']
+  # With learning_rate 0 the run evaluated the behaviour policy twice: at its start and end.
+  # Their mean halves the sampling noise. Two evaluations of that one policy differed by
+  # 0.035 on 128 prompts and by 0.017 on the 1024 used here.
+  recorded_summary = _summary(recorded)
+  behaviour_reward = (recorded_summary['initial_eval_reward'] +
+                      recorded_summary['final_eval_reward']) / 2
 
   offline = str(tmp_path / 'offline')
   _chorus('run', '--config', 'text_soft_q', '--run-dir', offline, '--replay-dataset', dataset,
@@ -54,8 +59,12 @@ def test_offline_soft_q_beats_the_behaviour_policy_that_recorded_the_dataset(tmp
   replayed = read_metrics(os.path.join(offline, 'metrics.jsonl'), node='dataset_replayer')
   assert replayed[-1]['episodes'] == len(episodes)
   # Same seed, same warm start: the offline run starts from the behaviour policy.
-  assert summary['initial_eval_reward'] == pytest.approx(behaviour_reward, abs=0.03)
-  assert summary['final_eval_reward'] > behaviour_reward + 0.05
+  assert summary['initial_eval_reward'] == pytest.approx(
+      recorded_summary['initial_eval_reward'], abs=0.03)
+  # Measured gains: +0.033 (128 eval prompts), +0.061 (256), +0.067 (1024). On 1024 prompts
+  # the difference's sampling noise is about 0.011, so +0.02 is two of it above no gain,
+  # and well below the gain. The old +0.05 on 128 prompts failed a fresh run.
+  assert summary['final_eval_reward'] > behaviour_reward + 0.02
 
   result = json.loads(_chorus('evaluate', '--run-dir', offline, '--dataset', dataset))
   assert result['step'] == 600
