@@ -1,11 +1,11 @@
-"""Per-method request size limits: each call is parsed only if its method could need its size.
+"""Per-method request size limits, and requests that do not parse refused as such.
 
 gRPC's own cap (`config.MAX_MESSAGE_BYTES`) is one number for every method of a server,
 sized for parameter chunks. A Generate or Score request can hold at most `max_batch_size`
 rows of the served sequence lengths (the service refuses more), a status request is
 empty and a health check names one service; anything larger is refused
 RESOURCE_EXHAUSTED before protobuf parses it, with a message that says the sizes and
-never the payload.
+never the payload. A message that does not parse is refused INVALID_ARGUMENT.
 """
 from collections.abc import Iterable, Mapping
 import dataclasses
@@ -46,15 +46,19 @@ def method_limits(served: Iterable[tuple[InferenceServerConfig, core.SequenceSpe
 
 
 @dataclasses.dataclass(frozen=True)
-class _Oversized:
-  """Stands in for a request that was too large to parse."""
-  size: int
+class _Refused:
+  """Stands in for a request message the service never sees: the status and the reason."""
+  code: grpc.StatusCode
+  message: str
 
 
 class RequestLimitInterceptor(grpc.ServerInterceptor):
-  """Refuses, unparsed, any request of a limited unary method over its limit.
+  """Refuses request messages before the service sees them.
 
-  Methods not in `limits` (the parameter stream) keep gRPC's server-wide cap.
+  - Over its method's limit (`limits`): RESOURCE_EXHAUSTED, unparsed. Methods not in
+    `limits` (the parameter stream) keep gRPC's server-wide cap.
+  - Not a valid message of its type: INVALID_ARGUMENT. gRPC itself would answer INTERNAL,
+    as for a fault of the server's.
   """
 
   def __init__(self, limits: Mapping[str, int]):
@@ -62,27 +66,40 @@ class RequestLimitInterceptor(grpc.ServerInterceptor):
 
   def intercept_service(self, continuation, handler_call_details):
     handler = continuation(handler_call_details)
-    method = handler_call_details.method
-    if handler is None or method not in self._limits or handler.request_streaming:
+    if handler is None or handler.request_deserializer is None:
       return handler
-    limit, parse = self._limits[method], handler.request_deserializer
+    method, parse = handler_call_details.method, handler.request_deserializer
+    limit = self._limits.get(method)
 
     def checked_parse(raw: bytes):
-      return _Oversized(len(raw)) if len(raw) > limit else parse(raw)
-
-    def behaviour(serve):
-      def limited(request, context):
-        if isinstance(request, _Oversized):
-          context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+      if limit is not None and len(raw) > limit:
+        return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f'{method} takes requests of at most {limit} bytes on this server '
-                        f'(what the method can need with its max_batch_size and sequence '
-                        f'lengths); this one has {request.size}. Send fewer or shorter rows '
-                        'per request.')
-        return serve(request, context)
-      return limited
+                        '(what the method can need with its max_batch_size and sequence '
+                        f'lengths); this one has {len(raw)}. Send fewer or shorter rows per '
+                        'request.')
+      try:
+        return parse(raw)
+      except Exception:  # pylint: disable=broad-except  (the parser's DecodeError and kin)
+        return _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                        f'{method} got a message of {len(raw)} bytes that does not parse as '
+                        'its request type; send one serialized by the protocol\'s own stubs '
+                        '(inference_server/inference.proto).')
 
-    if handler.response_streaming:
-      return handler._replace(request_deserializer=checked_parse,
-                              unary_stream=behaviour(handler.unary_stream))
-    return handler._replace(request_deserializer=checked_parse,
-                            unary_unary=behaviour(handler.unary_unary))
+    def admitted(request, context):
+      if isinstance(request, _Refused):
+        context.abort(request.code, request.message)
+      return request
+
+    def admitted_stream(requests: Iterable, context):
+      for request in requests:
+        yield admitted(request, context)
+
+    kind = ('stream_' if handler.request_streaming else 'unary_') + (
+        'stream' if handler.response_streaming else 'unary')
+    serve = getattr(handler, kind)
+    if handler.request_streaming:
+      behaviour = lambda requests, context: serve(admitted_stream(requests, context), context)
+    else:
+      behaviour = lambda request, context: serve(admitted(request, context), context)
+    return handler._replace(request_deserializer=checked_parse, **{kind: behaviour})

@@ -187,8 +187,11 @@ def test_a_request_over_its_methods_limit_is_refused_unparsed(address, client, m
   assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
   assert f'at most {limit} bytes' in error.details() and f'has {limit + 1}' in error.details()
   assert '\\xff' not in error.details() and len(error.details()) < 400
-  # The same garbage within the limit is parsed (and fails as garbage), and the server serves on.
-  assert _send_raw(address, method, b'\xff' * 8).code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+  # The same garbage within the limit is parsed, fails as garbage (not as a fault of the
+  # server's, INTERNAL, which gRPC would say), and the server serves on.
+  error = _send_raw(address, method, b'\xff' * 8)
+  assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+  assert 'does not parse as its request type' in error.details()
   assert client.generate([[1, 2]]).completions
   with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
     assert health_pb2_grpc.HealthStub(channel).Check(
@@ -202,3 +205,16 @@ def test_a_full_batch_of_the_longest_rows_is_served(client):
                              max_new_tokens=SEQUENCE.completion_len).completions) == len(prompts)
   completions = [[VOCAB_SIZE - 1] * SEQUENCE.completion_len] * CONFIG.max_batch_size
   assert len(client.score_logprobs(prompts, completions).logprobs) == len(prompts)
+
+
+def test_a_params_stream_of_garbage_is_refused_as_invalid_and_the_version_stays(address, client):
+  served = client.status()['policy']['param_version']
+  with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    stream = channel.stream_unary('/chorus.inference.InferenceService/StreamParams',
+                                  request_serializer=lambda raw: raw,
+                                  response_deserializer=lambda raw: raw)
+    with pytest.raises(grpc.RpcError) as raised:
+      stream(iter([b'\xff' * 8, b'\x00' * 100]), timeout=_TIMEOUT_S)
+  assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+  assert 'does not parse' in raised.value.details()
+  assert client.status()['policy']['param_version'] == served
