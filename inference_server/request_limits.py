@@ -13,11 +13,20 @@ import dataclasses
 import grpc
 
 from chorus import core
+from chorus.inference_server import health_pb2
+from chorus.inference_server import inference_pb2
 from chorus.inference_server.config import InferenceServerConfig
 
-_SERVICE = '/chorus.inference.InferenceService/'
-GENERATE, SCORE, STATUS = _SERVICE + 'Generate', _SERVICE + 'Score', _SERVICE + 'GetStatus'
-HEALTH_CHECK = '/grpc.health.v1.Health/Check'
+
+def _path(module, service: str, method: str) -> str:
+  """The gRPC path of `method`, from the proto (as service.py names its services)."""
+  descriptor = module.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+  return f'/{descriptor.containing_service.full_name}/{descriptor.name}'
+
+
+GENERATE, SCORE, STATUS = (_path(inference_pb2, 'InferenceService', method)
+                           for method in ('Generate', 'Score', 'GetStatus'))
+HEALTH_CHECK = _path(health_pb2, 'Health', 'Check')
 
 _TOKEN_BYTES = 5  # The longest varint of a token id (a non-negative int32).
 _SEQUENCE_BYTES = 8  # A TokenSequence's field tags and lengths.

@@ -80,7 +80,8 @@ def serve(config: ReplayConfig, schema: schema_lib.TrajectorySchema, spec: core.
   restore go to `metrics` with the table's size and insert count.
 
   Reverb 0.14 listens on every interface ("[::]:port" is fixed inside its C++ server);
-  it offers no bind address, so this node cannot be restricted to loopback.
+  it offers no bind address, so this node cannot be restricted to loopback. `chorus run
+  --isolate-network` keeps other processes out around it (launch/network_namespace.py).
   """
   server = reverb.Server(make_tables(config, schema, spec), port=port,
                          checkpointer=reverb.checkpointers.DefaultCheckpointer(checkpoint_dir))
