@@ -164,8 +164,12 @@ class Task(Protocol):
   Attributes:
     name: recorded in every episode.
     tokenizer: encodes prompts and completions (the policy's tokenizer).
-    ends_at_length_cap: True when reaching the completion length cap ends the episode (a
-      music clip has a fixed number of frames) rather than cutting it short.
+    ends_at_length_cap: True when reaching the completion length cap ends the episode: the
+      reward scores a completion cut there as it is (every task of Chorus's: text
+      rewards read the cut text, a music clip has a fixed number of frames). False only
+      for a task whose episode goes on past the cap and whose reward does not score
+      the cut completion; the value learners then bootstrap from V(s_T), which no real
+      step trains (docs/algorithms.md, "How a row ends").
   """
   name: str
   tokenizer: Tokenizer

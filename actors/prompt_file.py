@@ -116,7 +116,8 @@ def _bucket(prompt_id: str) -> float:
 
 class PromptFileTask:
   """The prompts of a file; rewards from the user's function (see PromptFileConfig)."""
-  ends_at_length_cap = False
+  # The user's reward scores a completion cut by the cap as it is: the cap ends the episode.
+  ends_at_length_cap = True
 
   def __init__(self, config: PromptFileConfig, tokenizer: core.Tokenizer | None = None):
     if not config.path or not config.reward:

@@ -56,7 +56,8 @@ class ReverseDigitsTask:
   answer, over the longer of the two (so missing or extra digits cost too).
   """
   name = 'reverse_digits'
-  ends_at_length_cap = False  # A completion cut by the length cap was truncated.
+  # The reward scores a completion cut by the cap as it is: the cap ends the episode.
+  ends_at_length_cap = True
   # Kinds of sloppy answers in preference pairs (see `corrupted_answer`).
   corruptions = ('swap', 'drop', 'extra', 'substitute', 'random')
 

@@ -307,7 +307,9 @@ def add_datasets_parser(subparsers) -> None:
   filter_parser.add_argument('--min-reward', type=float, help='keep reward >= X')
   filter_parser.add_argument('--max-reward', type=float, help='keep reward <= X')
   filter_parser.add_argument('--terminated-only', action='store_true',
-                             help='keep episodes that ended with EOS')
+                             help='keep episodes recorded as terminated: ended with EOS, or '
+                             'at a length cap that ends the task\'s episodes (every '
+                             'built-in task\'s cap does)')
   filter_parser.add_argument('--min-version', type=int,
                              help='keep episodes sampled by param_version >= V')
   filter_parser.set_defaults(handler=_handler(_filter))

@@ -19,7 +19,8 @@ from chorus import models
 class RepeatTask:
   """Prompts 'repeat L N>' for a letter L and 1 <= N <= 8; the answer is L written N times."""
   name = 'repeat_letter'
-  ends_at_length_cap = False  # A completion cut by the length cap was truncated.
+  # The reward scores a completion cut by the cap as it is: the cap ends the episode.
+  ends_at_length_cap = True
   max_count = 8
 
   def __init__(self, tokenizer: core.Tokenizer | None = None):
