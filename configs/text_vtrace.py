@@ -18,20 +18,23 @@ def get_config() -> ExperimentConfig:
       agent=agents.VTraceConfig(),
       # Prompts padded to what the task needs ("rev 1234567>" is BOS + 12 tokens): every
       # padded position costs the learner and the server compute. Completions keep room
-      # past the longest answer (7 digits and EOS): capped at 8, a missing EOS truncates
-      # there, V-trace bootstraps from a value never trained beyond it, and seed 1 drifted
-      # to completions that all hit the cap (reward 0.83 -> 0.31; benchmarks/RESULTS.md).
+      # past the longest answer (7 digits and EOS). A cap of 8 learns as well now that
+      # the cap ends the episode (seeds 0-2: 0.971-0.987; when it bootstrapped, seed 1
+      # ran into it, 0.83 -> 0.31) but saved little: 3.7-3.9 CPU-ms per episode against
+      # 3.9 (benchmarks/RESULTS.md).
       sequence=core.SequenceSpec(prompt_len=13, completion_len=12),
       inference=InferenceServerConfig(max_batch_size=32, max_wait_ms=5.0),
       # Policy lag is what the pipeline holds once the learner is the bottleneck (cheap
       # actors make it so): this queue, the batch read ahead, a quarter batch in flight
       # from Reverb and the actors' requests, about 3 updates. Lag spikes of 6-8 updates
       # (a 64-row queue read 4 batches ahead, under load) collapsed seed 1 at Adam 2e-4.
-      # At a constant 2e-4 every seed drifted away late, with rewards near 1 and a peaked
-      # policy (0.97 -> 0.82, 0.87, 0.89), hence the decay to 0; 3e-4, constant or
-      # decaying, collapsed one seed in three (benchmarks/RESULTS.md).
+      # Adam 3e-4 decaying to 0: seeds 0-2 reach 0.95 in 37-39 CPU-s and end at
+      # 0.974-0.982; 2e-4 took 44-56 and 4e-4 was no faster. At a constant rate one seed
+      # drifted late (0.97 -> 0.89), hence the decay. The seeds that fell at 2e-4 and
+      # 3e-4 before 2026-11-30 had learned to run into the completion cap, which then
+      # bootstrapped (docs/algorithms.md, "How a row ends"; benchmarks/RESULTS.md).
       replay=ReplayConfig(kind='queue', max_size=32),
-      learner=LearnerConfig(batch_size=32, learning_rate=2e-4, learning_rate_decay=True,
+      learner=LearnerConfig(batch_size=32, learning_rate=3e-4, learning_rate_decay=True,
                             max_steps=600),
       evaluation=EvalConfig(every_s=10.0),
       # Actor loops are threads of one process: one TensorFlow start-up (about 4 CPU-s)

@@ -29,9 +29,9 @@ class InferenceServerConfig:
       done, on one parameter version. 'continuous': `max_batch_size` decoding slots;
       between decode steps finished rows leave and waiting rows are prefilled into free
       slots (inference_server/scheduler.py); a push mid-completion switches the row's
-      remaining tokens to the new version. Cheaper per token, but text_vtrace learned
-      less with it (0.83 against 0.96 held-out reward, benchmarks/RESULTS.md), so it is
-      opt-in until that is understood.
+      remaining tokens to the new version. Cheaper per token when many rows of mixed
+      lengths are in flight; with the 16 rows of the default run one dynamic batch
+      holds them all for less CPU (benchmarks/RESULTS.md).
     max_batch_size: most rows decoding at once: the continuous scheduler's slots, the
       dynamic batcher's largest batch (and, for both, the most rows in one request:
       prompts times samples per prompt). A guided row runs two decoder rows
