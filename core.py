@@ -165,7 +165,7 @@ class Task(Protocol):
     name: recorded in every episode.
     tokenizer: encodes prompts and completions (the policy's tokenizer).
     ends_at_length_cap: True when reaching the completion length cap ends the episode: the
-      reward scores a completion cut there as it is (every task of Chorus's: text
+      reward scores a completion cut there as it is (every built-in task: the text
       rewards read the cut text, a music clip has a fixed number of frames). False only
       for a task whose episode goes on past the cap and whose reward does not score
       the cut completion; the value learners then bootstrap from V(s_T), which no real

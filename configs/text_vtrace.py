@@ -30,9 +30,9 @@ def get_config() -> ExperimentConfig:
       # (a 64-row queue read 4 batches ahead, under load) collapsed seed 1 at Adam 2e-4.
       # Adam 3e-4 decaying to 0: seeds 0-2 reach 0.95 in 37-39 CPU-s and end at
       # 0.974-0.982; 2e-4 took 44-56 and 4e-4 was no faster. At a constant rate one seed
-      # drifted late (0.97 -> 0.89), hence the decay. The seeds that fell at 2e-4 and
-      # 3e-4 before 2026-11-30 had learned to run into the completion cap, which then
-      # bootstrapped (docs/algorithms.md, "How a row ends"; benchmarks/RESULTS.md).
+      # drifted late (0.97 -> 0.89), hence the decay. Most runs that fell before
+      # 2026-11-30 (9 of 12 on record) had learned to run into the completion cap, which
+      # then bootstrapped (docs/algorithms.md, "How a row ends"; benchmarks/RESULTS.md).
       replay=ReplayConfig(kind='queue', max_size=32),
       learner=LearnerConfig(batch_size=32, learning_rate=3e-4, learning_rate_decay=True,
                             max_steps=600),
