@@ -56,6 +56,9 @@ def evaluate_extra_tokens(decoder_config: models.DecoderConfig, params,
 
 
 def batch_metrics(batch: core.TrajectoryBatch) -> dict[str, jax.Array]:
-  """What every learner reports of its batch: mean task reward and completion length."""
-  return dict(task_reward=batch.reward.mean(),
-              completion_length=batch.completion_mask.sum(axis=1).mean())
+  """What every learner reports of its batch: mean task reward, completion length, and the
+  share of completions as long as the cap (`at_length_cap`), where a policy that learns to
+  run into the cap shows first (docs/algorithms.md, "How a row ends")."""
+  lengths = batch.completion_mask.sum(axis=1)
+  return dict(task_reward=batch.reward.mean(), completion_length=lengths.mean(),
+              at_length_cap=(lengths == batch.completion_mask.shape[1]).mean())

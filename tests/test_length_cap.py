@@ -16,6 +16,7 @@ from chorus.actors.actor import Actor
 from chorus.actors.actor import ActorConfig
 from chorus.actors.rollouts import Sample
 from chorus.inference_server.client import Completion
+from chorus.learners import policy
 from chorus.learners import token_mdp
 from chorus.learners import vtrace
 
@@ -72,3 +73,17 @@ def test_a_completion_cut_at_the_cap_ends_its_episode_and_is_not_bootstrapped(
                                   mask)
   # The return of every step is the task's reward of the cut completion, nothing of V(s_T).
   np.testing.assert_allclose(targets.vs[0], _REWARD, rtol=1e-6)
+
+
+def test_learners_report_the_share_of_completions_at_the_cap():
+  trajectories = [
+      core.Trajectory(prompt_tokens=np.asarray([1, 5], np.int32),
+                      completion_tokens=np.full(length, 7, np.int32),
+                      behaviour_logprobs=np.zeros(length, np.float32), reward=0.0,
+                      terminated=True, param_version=0)
+      for length in (_CAP, 2, _CAP, 1)]
+  batch = schema.CORE_SCHEMA.batch_trajectories(
+      trajectories, core.SequenceSpec(prompt_len=2, completion_len=_CAP))
+  metrics = policy.batch_metrics(batch)
+  assert float(metrics['at_length_cap']) == 0.5
+  assert float(metrics['completion_length']) == (2 * _CAP + 3) / 4
