@@ -56,12 +56,15 @@ class ServedModelSpec:
     model: its architecture; None: the policy's.
     published: the learner pushes new versions of it (an EMA anchor, say); otherwise it
       never changes after set-up.
+    pooling: how a 'reward' or 'preference' model reads its value head ('last' or
+      'mean', `models.reward_models.POOLINGS`); decoders ignore it.
   """
   name: str
   kind: str = 'decoder'
   checkpoint: str | None = None
   model: models.DecoderConfig | None = None
   published: bool = False
+  pooling: str = 'last'
 
   def __post_init__(self):
     if self.kind not in MODEL_KINDS:

@@ -1,12 +1,12 @@
 """A learned reward or pairwise preference model, for agents that judge with one.
 
 Trained by a setup step on the task's noisy preference pairs (`task.preference_pair`,
-see learners/preference.py), saved as an orbax checkpoint in the run directory, then
+see learners/preference.py), after a warm start on the task's demonstrations, saved as an orbax checkpoint in the run directory, then
 served read-only by the inference servers under its name, where actors score
 completions with it. BOND judges with a reward model, Nash-MD with a preference model.
 
 With `num_models` M > 1 the step does WARM (arXiv 2401.12187): M models fine-tuned from
-one initialisation, each on its own stream of pairs, whose weight average is served. It
+one initialisation (the warm start), each on its own stream of pairs, whose weight average is served. It
 logs the held-out accuracy of each model, of their prediction ensemble (the mean of
 their scores, M forward passes) and of the weight average (one), and keeps the M models
 in checkpoints/reward_model_members/<m> for later comparisons.
@@ -21,8 +21,10 @@ import numpy as np
 
 from chorus import core
 from chorus import models
+from chorus.actors import demonstrations
 from chorus.agents import builder as builder_lib
 from chorus.learners import preference
+from chorus.learners import supervised
 from chorus.learners import weight_averaging
 from chorus.learners.preference import RewardModelConfig
 from chorus.models.checkpoints import Checkpointer
@@ -61,6 +63,9 @@ class LearnedModel:
       raise ValueError(f'A learned {self.kind} model trains on the task\'s preference pairs, '
                        f'and task {task.name!r} has no `preference_pair`; use '
                        'reward_model.kind=programmatic.')
+    if self.config.warm_start_steps and not getattr(task, 'has_demonstrations', True):
+      raise ValueError(f'The learned {self.kind} model warm-starts on demonstrations, and task '
+                       f'{task.name!r} has none; set its warm_start_steps=0.')
 
   def architecture(self, policy_model: models.DecoderConfig) -> models.DecoderConfig:
     """`config.model` with the policy's vocabulary (the task tokenizer's, or a pretrained
@@ -72,7 +77,8 @@ class LearnedModel:
     if not self.learned:
       return ()
     return (builder_lib.ServedModelSpec(self.kind, kind=self.kind, checkpoint=CHECKPOINT_DIR,
-                                        model=self.architecture(policy_model)),)
+                                        model=self.architecture(policy_model),
+                                        pooling=self.config.pooling),)
 
   def setup_steps(self) -> tuple[builder_lib.SetupStep, ...]:
     if not self.learned:
@@ -80,7 +86,8 @@ class LearnedModel:
     return (builder_lib.SetupStep('reward_model', self.train, accelerator=True),)
 
   def train(self, context: builder_lib.SetupContext) -> None:
-    """Trains the model(s) on noisy task pairs, logs held-out accuracy, saves the checkpoint."""
+    """Warm-starts, trains the model(s) on noisy task pairs, logs held-out accuracy, saves
+    the checkpoint."""
     config = dataclasses.replace(self.config, model=self.architecture(context.model))
     task, spec = context.task, context.sequence
     train, margins = ((preference.train_preference_model, preference.preference_margins)
@@ -88,6 +95,13 @@ class LearnedModel:
                       (preference.train_reward_model, preference.reward_margins))
     start = time.monotonic()
     init = models.init_params(config.model, jax.random.PRNGKey(config.seed))
+    if config.warm_start_steps:
+      warm_start = supervised.WarmStartConfig(steps=config.warm_start_steps)
+      init, history = supervised.warm_start(
+          config.model, warm_start, demonstrations.demonstration_batches(
+              task, config.seed, warm_start.batch_size, spec), init)
+      for record in history[::max(1, len(history) // 10)] + history[-1:]:
+        context.metrics.write(kind='reward_model_warm_start', model=self.kind, **record)
     members = []
     for member in range(config.num_models):
       # Fresh pairs (num_pairs=0) differ from member to member; a fixed labelled set
@@ -104,7 +118,7 @@ class LearnedModel:
 
     def held_out(params_list):
       return preference.held_out_accuracy(
-          lambda batch: margins(config.model, params_list, batch), task,
+          lambda batch: margins(config.model, params_list, batch, config.pooling), task,
           np.random.default_rng([context.seed, 12]), spec.prompt_len, spec.completion_len)
 
     served = weight_averaging.average(members)

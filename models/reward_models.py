@@ -1,12 +1,13 @@
 """Learned reward and pairwise preference models.
 
 Both are the ordinary `Decoder`; the score is its value head, read after the last real
-token. No new network: a reward model is a decoder whose value head was trained with a
-Bradley-Terry loss, a preference model is one trained with a pairwise cross-entropy, and
-both are served, checkpointed and shipped exactly like a policy.
+token or averaged over the completion's positions (`POOLINGS`). No new network: a reward
+model is a decoder whose value head was trained with a Bradley-Terry loss, a preference
+model is one trained with a pairwise cross-entropy, and both are served, checkpointed and
+shipped exactly like a policy.
 
-* Reward model: r(x, y) = values after prompt x and completion y
-  (`reward_scores`).
+* Reward model: r(x, y) = the value after prompt x and completion y ('last'), or the
+  mean of the values after each token of y ('mean') (`reward_scores`).
 * Preference model: the two completions are packed back to back after the prompt,
   f(x, y, y') = value after x, y, y' (`pack_pair`), and the logit of P(y > y') is
   f(x, y, y') - f(x, y', y) (`preference_logits`). The difference makes the model
@@ -24,10 +25,24 @@ from chorus.models.decoder import DecoderConfig
 from chorus.models.decoder import Params
 
 
+# How a score is read from the value head. 'last': after the whole completion, as
+# sequence-classification reward models do. 'mean': the mean over the completion's tokens
+# of the value after each; a per-token judgement then needs no aggregation at the end,
+# and a reward that sums per-token terms (digit reversal's positional accuracy) is learned
+# several times sooner (benchmarks/RESULTS.md, "Reward models").
+POOLINGS = ('last', 'mean')
+
+
+def check_pooling(pooling: str) -> None:
+  if pooling not in POOLINGS:
+    raise ValueError(f'Unknown reward pooling {pooling!r}; use one of {POOLINGS}.')
+
+
 def reward_scores(config: DecoderConfig, params: Params,
                   prompt_tokens: jax.Array, prompt_mask: jax.Array,
-                  completion_tokens: jax.Array, completion_mask: jax.Array) -> jax.Array:
-  """Scalar scores r(x, y): the value head after each whole completion.
+                  completion_tokens: jax.Array, completion_mask: jax.Array,
+                  pooling: str = 'last') -> jax.Array:
+  """Scalar scores r(x, y) read from the value head (see `POOLINGS`).
 
   Args:
     config: the reward model's config.
@@ -36,18 +51,27 @@ def reward_scores(config: DecoderConfig, params: Params,
     prompt_mask: [B, P] bool.
     completion_tokens: [B, T] int32, right padded (real tokens first).
     completion_mask: [B, T] bool, a prefix of True per row.
+    pooling: 'last' or 'mean'.
 
   Returns:
-    [B] float32: values[b, n_b] of `forward_completions`, n_b = sum(completion_mask[b]);
-    a row with an empty completion gets the value after its prompt.
+    [B] float32. With `values` [B, T + 1] of `forward_completions` and n_b =
+    sum(completion_mask[b]): 'last' gives values[b, n_b], 'mean' gives
+    mean(values[b, 1:n_b + 1]). A row with an empty completion gets the value after its
+    prompt, values[b, 0].
   """
+  check_pooling(pooling)
   if prompt_tokens.ndim != 2 or completion_tokens.ndim != 2:
     raise ValueError(f'prompt_tokens {prompt_tokens.shape} and completion_tokens '
                      f'{completion_tokens.shape} must both be [B, length].')
   _, values = decoder.forward_completions(config, params, prompt_tokens, prompt_mask,
                                           completion_tokens, completion_mask)
+  values = values.astype(jnp.float32)
   lengths = completion_mask.astype(jnp.int32).sum(axis=-1)
-  return jnp.take_along_axis(values, lengths[:, None], axis=1)[:, 0].astype(jnp.float32)
+  last = jnp.take_along_axis(values, lengths[:, None], axis=1)[:, 0]
+  if pooling == 'last':
+    return last
+  after_tokens = jnp.where(completion_mask, values[:, 1:], 0.0).sum(axis=-1)
+  return jnp.where(lengths > 0, after_tokens / jnp.maximum(lengths, 1), values[:, 0])
 
 
 def pack_pair(first_tokens: jax.Array, first_mask: jax.Array, second_tokens: jax.Array,
@@ -106,11 +130,13 @@ def _check_pair_fits(config: DecoderConfig, prompt_len: int, completion_len: int
 def preference_logits(config: DecoderConfig, params: Params,
                       prompt_tokens: jax.Array, prompt_mask: jax.Array,
                       first_tokens: jax.Array, first_mask: jax.Array,
-                      second_tokens: jax.Array, second_mask: jax.Array) -> jax.Array:
+                      second_tokens: jax.Array, second_mask: jax.Array,
+                      pooling: str = 'last') -> jax.Array:
   """Antisymmetric logits of P(first > second | prompt).
 
   logit = f(x, y, y') - f(x, y', y), f = `reward_scores` of the packed pair
-  (`pack_pair`). Both orders run in one forward pass of batch 2B.
+  (`pack_pair`) with `pooling` (a 'mean' runs over both completions' tokens). Both orders
+  run in one forward pass of batch 2B.
 
   Args:
     config: the preference model's config; max_seq_len >= P + 2T.
@@ -121,6 +147,7 @@ def preference_logits(config: DecoderConfig, params: Params,
     first_mask: [B, T] bool.
     second_tokens: [B, T] int32, right padded.
     second_mask: [B, T] bool.
+    pooling: 'last' or 'mean' (`POOLINGS`).
 
   Returns:
     [B] float32 logits; sigmoid(logit) = P(first preferred), and swapping the two
@@ -136,7 +163,7 @@ def preference_logits(config: DecoderConfig, params: Params,
       jnp.concatenate([prompt_tokens, prompt_tokens], axis=0),
       jnp.concatenate([prompt_mask, prompt_mask], axis=0),
       jnp.concatenate([forward_tokens, reverse_tokens], axis=0),
-      jnp.concatenate([forward_mask, reverse_mask], axis=0))
+      jnp.concatenate([forward_mask, reverse_mask], axis=0), pooling)
   forward_scores, reverse_scores = jnp.split(scores, 2, axis=0)
   return forward_scores - reverse_scores
 
@@ -144,8 +171,9 @@ def preference_logits(config: DecoderConfig, params: Params,
 def preference_probabilities(config: DecoderConfig, params: Params,
                              prompt_tokens: jax.Array, prompt_mask: jax.Array,
                              first_tokens: jax.Array, first_mask: jax.Array,
-                             second_tokens: jax.Array, second_mask: jax.Array) -> jax.Array:
+                             second_tokens: jax.Array, second_mask: jax.Array,
+                             pooling: str = 'last') -> jax.Array:
   """P(first > second | prompt) [B] float32: sigmoid of `preference_logits`."""
   return jax.nn.sigmoid(preference_logits(config, params, prompt_tokens, prompt_mask,
                                           first_tokens, first_mask, second_tokens,
-                                          second_mask))
+                                          second_mask, pooling))

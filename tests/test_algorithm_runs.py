@@ -27,9 +27,11 @@ _SMALL = [
     '--set', 'inference.max_batch_size=8', '--set', 'task.num_eval_prompts=16',
     '--set', 'evaluation.every_s=0', '--set', 'replay.min_size_to_sample=8',
 ]
-_SHORT_REWARD_MODEL = ('--set', 'agent.reward_model.steps=20',
+_SHORT_REWARD_MODEL = ('--set', 'agent.reward_model.warm_start_steps=5',
+                       '--set', 'agent.reward_model.steps=20',
                        '--set', 'agent.reward_model.batch_size=16')
 _LEARNED_PREFERENCE_MODEL = ('--set', 'agent.preference_model.kind=learned',
+                             '--set', 'agent.preference_model.warm_start_steps=5',
                              '--set', 'agent.preference_model.steps=20',
                              '--set', 'agent.preference_model.batch_size=16')
 
@@ -81,11 +83,13 @@ def test_online_algorithm_runs_and_logs_its_fields(name, extra, tmp_path):
     assert 0 <= episode.extras[win] <= 1
   if name == 'text_bond':
     # Two anchor samples: p-hat<= is 0, 1/2 or 1; the anchor follows the learner; the
-    # samples were judged by the learned reward model trained in the setup node.
+    # samples were judged by the learned reward model warm-started and trained in the
+    # setup node.
     assert {e.extras[win] for e in episodes} <= {0.0, 0.5, 1.0}
     assert _served_versions(run_dir)['anchor'] == _STEPS
     reward_model = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='reward_model')
     assert any(r.get('kind') == 'reward_model_eval' for r in reward_model)
+    assert any(r.get('kind') == 'reward_model_warm_start' for r in reward_model)
   else:
     # Nash-MD: the opponent came from the policy/reference mixture, judged by the task
     # reward (the default, no model trained) or by the learned preference model.

@@ -42,11 +42,12 @@ def test_decoder_scores_are_tempered_log_softmax_of_forward_completions(setup):
   assert np.all(logprobs[completion_mask] < 0)
 
 
-def test_reward_scores_equal_the_reward_model_function(setup):
+@pytest.mark.parametrize('pooling', reward_models.POOLINGS)
+def test_reward_scores_equal_the_reward_model_function(setup, pooling):
   config, params, batch = setup
-  score = scoring.make_scorer('reward', config, PROMPT_LEN, COMPLETION_LEN)
+  score = scoring.make_scorer('reward', config, PROMPT_LEN, COMPLETION_LEN, pooling)
   rewards = np.asarray(score(params, *batch, np.ones(len(PROMPTS), np.float32)))
-  expected = reward_models.reward_scores(config, params, *batch[:4])
+  expected = reward_models.reward_scores(config, params, *batch[:4], pooling)
   assert rewards.shape == (len(PROMPTS),)
   np.testing.assert_allclose(rewards, expected, atol=1e-5)
 

@@ -25,8 +25,9 @@ _TINY = models.DecoderConfig.tiny(models.CharTokenizer().vocab_size)
 def _config(num_models: int):
   config = experiment.apply_overrides(configs.get_config('text_bond'), [
       'warm_start.steps=1', 'inference.max_batch_size=8', 'task.num_eval_prompts=16'])
-  reward_model = dataclasses.replace(config.agent.reward_model, model=_TINY, steps=6,
-                                     batch_size=8, num_models=num_models)
+  reward_model = dataclasses.replace(config.agent.reward_model, model=_TINY,
+                                     warm_start_steps=3, steps=6, batch_size=8,
+                                     num_models=num_models)
   return dataclasses.replace(config, agent=dataclasses.replace(config.agent,
                                                                reward_model=reward_model))
 
@@ -46,6 +47,8 @@ def test_setup_step_serves_the_weight_average_of_its_members(tmp_path):
 
   served = nodes._served_models(config, run_dir)  # pylint: disable=protected-access
   assert served['reward'].kind == 'reward' and served['reward'].decoder_config == _TINY
+  pooling = config.agent.reward_model.pooling
+  assert served['reward'].pooling == pooling == 'mean'
   jax.tree_util.tree_map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6,
                                                                       atol=1e-7),
                          served['reward'].params_and_version()[0], numpy_mean)
@@ -61,21 +64,27 @@ def test_setup_step_serves_the_weight_average_of_its_members(tmp_path):
       model.close()
   expected = reward_models.reward_scores(
       _TINY, numpy_mean, *models.left_pad_prompts(prompts, config.sequence.prompt_len),
-      *models.right_pad_completions(completions, config.sequence.completion_len))
+      *models.right_pad_completions(completions, config.sequence.completion_len), pooling)
   np.testing.assert_allclose(rewards, expected, atol=1e-5)
 
   evals = [r for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='reward_model')
            if r['kind'] == 'reward_model_eval']
   assert [r.get('member') for r in evals] == [0, 1, 2, 'ensemble', None]
   assert all(0 <= r['accuracy'] <= 1 for r in evals)
+  # One warm start on demonstrations, shared by the members.
+  warm_start = [r for r in read_metrics(os.path.join(run_dir, 'metrics.jsonl'),
+                                        node='reward_model')
+                if r['kind'] == 'reward_model_warm_start']
+  assert [r['step'] for r in warm_start] == [0, 1, 2, 2]
+  assert all(np.isfinite(r['nll']) for r in warm_start)
 
 
 def test_an_ensembles_margin_is_the_mean_of_its_members():
   task = configs.get_config('text_bond').make_task()
   batch = next(preference.preference_batches(task, np.random.default_rng(0), 4, 16, 12))
   members = [models.init_params(_TINY, jax.random.PRNGKey(seed)) for seed in (0, 1)]
-  single = [preference.reward_margins(_TINY, [m], batch) for m in members]
-  np.testing.assert_allclose(preference.reward_margins(_TINY, members, batch),
+  single = [preference.reward_margins(_TINY, [m], batch, 'mean') for m in members]
+  np.testing.assert_allclose(preference.reward_margins(_TINY, members, batch, 'mean'),
                              np.mean(single, axis=0), rtol=1e-5, atol=1e-6)
 
 
