@@ -61,45 +61,41 @@ def test_preference_model_names_max_seq_len_when_the_pair_does_not_fit(tiny):
                                     first, first_mask)
 
 
-def test_reward_scores_read_the_value_after_each_last_real_token(tiny):
-  config, params = tiny
+def _scored_rows(config, params, lengths, seed):
+  """Three prompts and random completions of `lengths` (junk in the padding, which must not
+  matter), and the model's values [3, 7] over them."""
   prompt, prompt_mask = models.left_pad_prompts([[1, 10, 11], [1, 12], [1, 13, 14, 15]], 5)
-  lengths = [1, 4, 6]
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   completion, completion_mask = models.right_pad_completions(
       [list(rng.integers(3, VOCAB, n)) for n in lengths], 6)
-  # Junk in the padding must not matter.
   completion = jnp.where(completion_mask, completion, 7)
-  scores = reward_models.reward_scores(config, params, prompt, prompt_mask, completion,
-                                       completion_mask)
   _, values = models.forward_completions(config, params, prompt, prompt_mask, completion,
                                          completion_mask)
+  return (prompt, prompt_mask, completion, completion_mask), np.asarray(values, np.float64)
+
+
+def test_reward_scores_read_the_value_after_each_last_real_token(tiny):
+  config, params = tiny
+  lengths = [1, 4, 6]
+  rows, values = _scored_rows(config, params, lengths, seed=0)
+  scores = reward_models.reward_scores(config, params, *rows)
   assert scores.shape == (3,) and scores.dtype == jnp.float32
   np.testing.assert_allclose(scores, [values[b, n] for b, n in enumerate(lengths)], atol=1e-6)
-  assert len(set(np.round(np.asarray(values[0]), 5))) > 1  # The index really matters.
+  assert len(set(np.round(values[0], 5))) > 1  # The index really matters.
 
 
 def test_mean_pooled_scores_average_the_values_after_each_completion_token(tiny):
   config, params = tiny
-  prompt, prompt_mask = models.left_pad_prompts([[1, 10, 11], [1, 12], [1, 13, 14, 15]], 5)
-  lengths = [0, 3, 6]
-  rng = np.random.default_rng(1)
-  completion, completion_mask = models.right_pad_completions(
-      [list(rng.integers(3, VOCAB, n)) for n in lengths], 6)
-  completion = jnp.where(completion_mask, completion, 7)
-  scores = reward_models.reward_scores(config, params, prompt, prompt_mask, completion,
-                                       completion_mask, pooling='mean')
-  _, values = models.forward_completions(config, params, prompt, prompt_mask, completion,
-                                         completion_mask)
-  values = np.asarray(values, np.float64)
+  rows, values = _scored_rows(config, params, [0, 3, 6], seed=1)
+  scores = reward_models.reward_scores(config, params, *rows, pooling='mean')
   # values[b, t] comes before completion token t, so the values after tokens 0..n-1 are
   # values[b, 1..n]; an empty completion has only the value after its prompt.
   expected = [values[0, 0], values[1, 1:4].mean(), values[2, 1:7].mean()]
   np.testing.assert_allclose(scores, expected, atol=1e-6)
-  last = reward_models.reward_scores(config, params, prompt, prompt_mask, completion,
-                                     completion_mask, pooling='last')
+  last = reward_models.reward_scores(config, params, *rows, pooling='last')
   assert np.abs(np.asarray(scores)[1:] - np.asarray(last)[1:]).min() > 1e-4
 
+  prompt, prompt_mask, completion, completion_mask = rows
   forward = reward_models.preference_probabilities(
       config, params, prompt, prompt_mask, completion, completion_mask, completion[::-1],
       completion_mask[::-1], pooling='mean')
@@ -108,8 +104,7 @@ def test_mean_pooled_scores_average_the_values_after_each_completion_token(tiny)
       completion, completion_mask, pooling='mean')
   np.testing.assert_allclose(forward + backward, 1.0, atol=1e-6)
   with pytest.raises(ValueError, match=r"pooling 'max'.*\('last', 'mean'\)"):
-    reward_models.reward_scores(config, params, prompt, prompt_mask, completion,
-                                completion_mask, pooling='max')
+    reward_models.reward_scores(config, params, *rows, pooling='max')
 
 
 def test_bradley_terry_and_pairwise_losses_on_literal_arrays():
