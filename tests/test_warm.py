@@ -97,3 +97,14 @@ def test_the_reward_model_reads_the_policys_token_ids():
   assert spec.model.num_layers == judge.config.model.num_layers
 
 
+
+
+def test_a_warm_started_judge_needs_the_tasks_demonstrations():
+  task = configs.get_config('text_bond').make_task()
+  task.has_demonstrations = False  # An instance attribute: a task whose demonstrations are off.
+  judge = learned_rewards.LearnedModel(_config(num_models=1).agent.reward_model,
+                                       learned_rewards.REWARD)
+  with pytest.raises(ValueError, match='warm_start_steps=0'):
+    judge.check(task)
+  dataclasses.replace(judge, config=dataclasses.replace(judge.config,
+                                                        warm_start_steps=0)).check(task)
