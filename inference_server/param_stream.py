@@ -1,10 +1,12 @@
 """Parameters as a stream of bounded chunks: the learner's pushes to the inference servers.
 
 A push is one client-streaming call (`StreamParams`): a header naming the model, the
-version and every tensor (path, dtype, shape), then each tensor's bytes in order, in
-chunks of at most `chunk_bytes`, the chunk that completes a tensor carrying the CRC-32 of
-all its bytes. No message holds the whole tree, so no message-size cap limits the model
-size, and the sender holds one tensor on the host at a time.
+version and every tensor (path, dtype, shape), then the tensors' bytes in order, packed
+into chunks of `chunk_bytes` (the last one shorter), each chunk carrying the CRC-32 of
+every tensor it completes. Small tensors share a message: gRPC's cost is mostly per
+message, and a model's norms and biases are many small tensors. No message holds more
+than `chunk_bytes`, so no message-size cap limits the model size, and the sender holds on
+the host one chunk's tensors at a time.
 
 The server assembles the new version beside the one it serves (`Assembly`): as soon as a
 tensor's bytes are in, they are checked (size, checksum, finite values) and moved to the
@@ -68,18 +70,27 @@ def push_chunks(params, *, model: str, version: int, resume: bool = False,
               path=path, dtype=_wire_dtype(np.dtype(leaf.dtype), wire_dtype).name,
               shape=list(np.shape(leaf)))
           for path, leaf in leaves]))
+  pieces, size, crcs = [], 0, []  # The chunk being filled.
   for _, leaf in leaves:
     host = np.asarray(jax.device_get(leaf))
     wire = np.ascontiguousarray(host.astype(_wire_dtype(host.dtype, wire_dtype), copy=False))
     data = memoryview(wire.reshape(-1).view(np.uint8))  # Bytes, whatever the dtype.
-    crc = zlib.crc32(data)
-    starts = range(0, len(data), chunk_bytes) if len(data) else [0]
-    for start in starts:
-      last = start + chunk_bytes >= len(data)
-      chunk = inference_pb2.ParamChunk(data=bytes(data[start:start + chunk_bytes]))
-      if last:
-        chunk.tensor_crc32 = crc
-      yield chunk
+    start = 0
+    while True:
+      piece = data[start:start + chunk_bytes - size]
+      pieces.append(piece)
+      size += len(piece)
+      start += len(piece)
+      if start == len(data):  # The tensor ends in this chunk.
+        crcs.append(zlib.crc32(data))
+        break
+      yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
+      pieces, size, crcs = [], 0, []
+    if size == chunk_bytes:
+      yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
+      pieces, size, crcs = [], 0, []
+  if crcs:
+    yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,23 +163,30 @@ class Assembly:
     """Takes the next chunk; raises PushError on anything but the expected bytes."""
     if chunk.HasField('header'):
       raise PushError('A second header in one push; send one header, then the bytes.')
-    if self.complete:
-      raise PushError('Bytes after the last tensor; the push sent more than its header said.')
-    served, wire, size = self._tensors[self._index]
-    data = chunk.data
-    if self._filled + len(data) > size:
-      raise PushError(f'Tensor {served.path} got {self._filled + len(data)} bytes, more than '
-                      f'its {size}.')
-    self._buffer[self._filled:self._filled + len(data)] = np.frombuffer(data, np.uint8)
-    self._filled += len(data)
-    self._crc = zlib.crc32(data, self._crc)
-    finishes = self._filled == size
-    if chunk.HasField('tensor_crc32') != finishes:
-      raise PushError(f'Tensor {served.path}: a checksum must come with, and only with, the '
-                      'chunk that completes the tensor.')
-    if not finishes:
-      return
-    if self._crc != chunk.tensor_crc32:
+    data, crcs, offset = memoryview(chunk.data), list(chunk.tensor_crc32), 0
+    while True:
+      if self.complete:  # Reached on entry, or with bytes or checksums left over.
+        raise PushError('Bytes after the last tensor; the push sent more than its header '
+                        'said.')
+      served, _, size = self._tensors[self._index]
+      piece = data[offset:offset + size - self._filled]
+      self._buffer[self._filled:self._filled + len(piece)] = np.frombuffer(piece, np.uint8)
+      self._filled += len(piece)
+      offset += len(piece)
+      self._crc = zlib.crc32(piece, self._crc)
+      if (self._filled == size) != bool(crcs):
+        raise PushError(f'Tensor {served.path}: a checksum must come with, and only with, '
+                        'the chunk that completes the tensor.')
+      if self._filled < size:
+        return  # The chunk ended inside this tensor.
+      self._finish_tensor(crcs.pop(0))
+      if offset == len(data) and not crcs:
+        return
+
+  def _finish_tensor(self, crc: int) -> None:
+    """Checks the completed tensor against `crc` and its values, then places it."""
+    served, wire, _ = self._tensors[self._index]
+    if self._crc != crc:
       raise PushError(f'Tensor {served.path} arrived with a checksum that does not match '
                       'its bytes; it was damaged on the way.')
     host = self._buffer.view(wire).reshape(served.shape).astype(served.dtype, copy=False)

@@ -47,6 +47,9 @@ def test_a_push_reassembles_every_tensor_exactly_in_bounded_chunks(chunk_bytes):
   chunks = list(param_stream.push_chunks(params, model='policy', version=3,
                                          chunk_bytes=chunk_bytes))
   assert all(len(chunk.data) <= chunk_bytes for chunk in chunks)
+  # Packed: every chunk but the last is full, small tensors sharing one.
+  assert all(len(chunk.data) == chunk_bytes for chunk in chunks[1:-1])
+  assert sum(len(chunk.tensor_crc32) for chunk in chunks) == len(param_stream.tensors(params))
   assert chunks[0].header.version == 3 and not chunks[0].data
   arrays = _assemble(chunks, _layout(params))
   for got, (_, expected) in zip(arrays, param_stream.tensors(params), strict=True):
@@ -82,7 +85,9 @@ def _corrupted(kind: str):
   elif kind == 'extra_bytes':
     chunks.append(inference_pb2.ParamChunk(data=b'more'))
   elif kind == 'missing_checksum':
-    next(c for c in chunks[1:] if c.HasField('tensor_crc32')).ClearField('tensor_crc32')
+    next(c for c in chunks[1:] if c.tensor_crc32).tensor_crc32.pop()
+  elif kind == 'misplaced_checksum':
+    next(c for c in chunks[1:] if not c.tensor_crc32).tensor_crc32.append(0)
   elif kind == 'wrong_shape':
     chunks[0].header.tensors[0].shape[0] += 1
   return chunks, _layout(params)
@@ -94,6 +99,7 @@ def _corrupted(kind: str):
     ('cut', r'ended after \d+ of 22 tensors'),
     ('extra_bytes', 'Bytes after the last tensor'),
     ('missing_checksum', 'checksum must come with'),
+    ('misplaced_checksum', 'and only with'),
     ('wrong_shape', 'is sent with shape'),
 ])
 def test_a_damaged_push_is_refused_with_the_reason(kind, message):
@@ -149,7 +155,7 @@ def test_a_refused_push_never_echoes_its_bytes(server):
   with grpc.insecure_channel(address) as channel:
     with pytest.raises(grpc.RpcError) as raised:
       inference_pb2_grpc.InferenceServiceStub(channel).StreamParams(
-          iter([header, inference_pb2.ParamChunk(data=secret, tensor_crc32=zlib.crc32(secret))]),
+          iter([header, inference_pb2.ParamChunk(data=secret, tensor_crc32=[zlib.crc32(secret)])]),
           timeout=30)
   assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
   assert b'SECRET' not in raised.value.details().encode()
