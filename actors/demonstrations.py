@@ -11,28 +11,30 @@ from chorus import schema
 _MAX_PROMPTS_WITHOUT_DEMONSTRATION = 10_000
 
 
-def demonstrations(task: core.Task, seed: int, *, seed_offset: int = 7
-                   ) -> Iterator[core.Trajectory]:
+def demonstrations(task: core.Task, seed: int, *, seed_offset: int = 7,
+                   min_reward: float = -np.inf) -> Iterator[core.Trajectory]:
   """Endless Trajectory of the task's demonstrations (behaviour log-probs unknown: 0).
 
   Deterministic given (seed, seed_offset). Prompts without a demonstration
-  (`task.demonstration` returns None) are skipped.
+  (`task.demonstration` returns None) are skipped, and so are demonstrations whose task
+  reward is below `min_reward` (rejection sampling of the demonstrator).
   """
   rng = np.random.default_rng([seed, seed_offset])
   episode_id, misses = 0, 0
   while True:
     prompt = task.train_prompt(rng)
     completion = task.demonstration(prompt, rng)
-    if completion is None:
+    components = None if completion is None else task.reward_components(prompt, completion)
+    if components is None or sum(components.values()) < min_reward:
       misses += 1
       if misses >= _MAX_PROMPTS_WITHOUT_DEMONSTRATION:
         raise ValueError(
-            f'Task {task.name!r} gave no demonstration for {misses} prompts in a row; give '
-            'it `has_demonstrations = False` (the warm start is then skipped) or set '
+            f'Task {task.name!r} gave no demonstration with reward >= {min_reward} for '
+            f'{misses} prompts in a row; lower that threshold, or give the task '
+            '`has_demonstrations = False` (the warm start is then skipped) or set '
             'warm_start.steps=0.')
       continue
     misses = 0
-    components = task.reward_components(prompt, completion)
     yield core.Trajectory(
         prompt_tokens=np.asarray(task.demonstration_prompt_tokens(prompt, rng), np.int32),
         completion_tokens=np.asarray(completion, np.int32),
@@ -44,9 +46,11 @@ def demonstrations(task: core.Task, seed: int, *, seed_offset: int = 7
 
 
 def demonstration_batches(task: core.Task, seed: int, batch_size: int,
-                          spec: core.SequenceSpec) -> Iterator[core.TrajectoryBatch]:
-  """Endless TrajectoryBatch of the task's demonstrations (core fields only)."""
-  source = demonstrations(task, seed)
+                          spec: core.SequenceSpec, *, min_reward: float = -np.inf
+                          ) -> Iterator[core.TrajectoryBatch]:
+  """Endless TrajectoryBatch of the task's demonstrations with reward >= `min_reward`
+  (core fields only)."""
+  source = demonstrations(task, seed, min_reward=min_reward)
   while True:
     yield schema.CORE_SCHEMA.batch_trajectories([next(source) for _ in range(batch_size)], spec)
 

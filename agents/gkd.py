@@ -59,11 +59,15 @@ class GKDConfig(builder_lib.AgentConfig, tag='gkd'):
       demonstrations (`steps`, `batch_size`, `learning_rate`), starting from `init` (an
       orbax directory of `teacher_model` parameters, e.g. an RL-tuned policy) when set;
       `steps=0` with `init` serves that checkpoint as it is. `dataset` is not supported.
+    teacher_min_reward: the teacher trains only on demonstrations whose task reward is
+      at least this (rejection sampling, so that it can be better than the student,
+      which imitates them all); None uses every demonstration.
   """
   beta: float = 0.5
   on_policy_fraction: float = 1.0
   teacher_model: models.DecoderConfig = DEFAULT_TEACHER
   teacher: supervised.WarmStartConfig = supervised.WarmStartConfig(steps=600)
+  teacher_min_reward: float | None = None
 
   def __post_init__(self):
     if not 0 <= self.beta <= 1:
@@ -125,8 +129,9 @@ def train_teacher(config: GKDConfig, context: builder_lib.SetupContext) -> None:
     params = builder_lib.restore_params(teacher.init, model)
   else:
     params = models.init_params(model, jax.random.PRNGKey(context.seed + 1))
-  batches = demonstrations.demonstration_batches(context.task, context.seed + 1,
-                                                 teacher.batch_size, context.sequence)
+  batches = demonstrations.demonstration_batches(
+      context.task, context.seed + 1, teacher.batch_size, context.sequence,
+      min_reward=-math.inf if config.teacher_min_reward is None else config.teacher_min_reward)
   params, history = supervised.warm_start(model, teacher, batches, params)
   for record in history[::max(1, len(history) // 20)] + history[-1:]:
     context.metrics.write(kind='teacher', **record)

@@ -1,4 +1,5 @@
 """The GKD agent (agents/gkd.py): its rollout's on-policy share, its teacher constant, its loss."""
+import itertools
 import os
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 from chorus import agents
 from chorus import core
 from chorus import models
+from chorus.actors import demonstrations
 from chorus.actors import reverse_digits
 from chorus.actors.actor import ActorConfig
 from chorus.agents import gkd as gkd_agent
@@ -111,3 +113,16 @@ def test_config_refuses_what_cannot_make_a_teacher():
   assert teacher.model.vocab_size == 22
   assert teacher.model.num_layers == agents.GKDConfig().teacher_model.num_layers
   assert [step.name for step in builder.setup_steps(None)] == [gkd_agent.TEACHER]
+
+
+def test_a_teacher_with_a_reward_floor_sees_only_the_demonstrations_that_reach_it():
+  task = reverse_digits.ReverseDigitsTask()  # Half its demonstrations swap two digits.
+  rewards = [t.reward for t in itertools.islice(demonstrations.demonstrations(task, 0), 200)]
+  assert 0.3 < np.mean(np.array(rewards) < 1.0) < 0.7
+  kept = itertools.islice(demonstrations.demonstrations(task, 0, min_reward=1.0), 200)
+  assert all(t.reward == 1.0 for t in kept)
+  batch = next(demonstrations.demonstration_batches(task, 0, 16, _SPEC, min_reward=1.0))
+  for prompt, completion, mask in zip(batch.prompt_tokens, batch.completion_tokens,
+                                      batch.completion_mask):
+    digits = task.tokenizer.decode(prompt).split(' ')[1].rstrip('>')
+    assert task.tokenizer.decode(completion[mask]) == digits[::-1]
