@@ -1,15 +1,16 @@
 """A learned reward or pairwise preference model, for agents that judge with one.
 
-Trained by a setup step on the task's noisy preference pairs (`task.preference_pair`,
-see learners/preference.py), after a warm start on the task's demonstrations, saved as an orbax checkpoint in the run directory, then
-served read-only by the inference servers under its name, where actors score
-completions with it. BOND judges with a reward model, Nash-MD with a preference model.
+Trained by a setup step, after a warm start on the task's demonstrations, on the task's
+noisy preference pairs (`task.preference_pair`, see learners/preference.py), saved as an
+orbax checkpoint in the run directory, then served read-only by the inference servers
+under its name, where actors score completions with it. BOND judges with a reward model,
+Nash-MD with a preference model.
 
 With `num_models` M > 1 the step does WARM (arXiv 2401.12187): M models fine-tuned from
-one initialisation (the warm start), each on its own stream of pairs, whose weight average is served. It
-logs the held-out accuracy of each model, of their prediction ensemble (the mean of
-their scores, M forward passes) and of the weight average (one), and keeps the M models
-in checkpoints/reward_model_members/<m> for later comparisons.
+one initialisation (the warm start), each on its own stream of pairs, whose weight
+average is served. It logs the held-out accuracy of each model, of their prediction
+ensemble (the mean of their scores, M forward passes) and of the weight average (one),
+and keeps the M models in checkpoints/reward_model_members/<m> for later comparisons.
 """
 import dataclasses
 import logging

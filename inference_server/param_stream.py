@@ -6,7 +6,7 @@ into chunks of `chunk_bytes` (the last one shorter), each chunk carrying the CRC
 every tensor it completes. Small tensors share a message: gRPC's cost is mostly per
 message, and a model's norms and biases are many small tensors. No message holds more
 than `chunk_bytes`, so no message-size cap limits the model size, and the sender holds on
-the host one chunk's tensors at a time.
+the host the tensors of one chunk at a time (or one tensor larger than a chunk).
 
 The server assembles the new version beside the one it serves (`Assembly`): as soon as a
 tensor's bytes are in, they are checked (size, checksum, finite values) and moved to the
@@ -81,14 +81,14 @@ def push_chunks(params, *, model: str, version: int, resume: bool = False,
       pieces.append(piece)
       size += len(piece)
       start += len(piece)
-      if start == len(data):  # The tensor ends in this chunk.
+      ends = start == len(data)
+      if ends:
         crcs.append(zlib.crc32(data))
+      if size == chunk_bytes:
+        yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
+        pieces, size, crcs = [], 0, []
+      if ends:
         break
-      yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
-      pieces, size, crcs = [], 0, []
-    if size == chunk_bytes:
-      yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
-      pieces, size, crcs = [], 0, []
   if crcs:
     yield inference_pb2.ParamChunk(data=b''.join(pieces), tensor_crc32=crcs)
 

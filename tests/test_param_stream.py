@@ -56,6 +56,19 @@ def test_a_push_reassembles_every_tensor_exactly_in_bounded_chunks(chunk_bytes):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
+def test_empty_and_boundary_sized_tensors_pack_and_come_back():
+  # Bytes: 0, 8 (ends a chunk exactly), 0, 12 (spans two chunks), 4.
+  tree = {'a': np.zeros(0, np.float32), 'b': np.arange(2, dtype=np.float32),
+          'c': np.zeros((0, 3), np.int32), 'd': np.arange(3, dtype=np.float32) + 5,
+          'e': np.array([7], np.int32)}
+  chunks = list(param_stream.push_chunks(tree, model='p', version=1, chunk_bytes=8))
+  assert [len(c.data) for c in chunks[1:]] == [8, 8, 8]
+  assert [len(c.tensor_crc32) for c in chunks[1:]] == [2, 1, 2]
+  for got, (_, expected) in zip(_assemble(chunks, _layout(tree)), param_stream.tensors(tree),
+                                strict=True):
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
 def test_bfloat16_on_the_wire_halves_the_bytes_and_comes_back_as_float32():
   params = _params(0)
   full = sum(len(c.data) for c in param_stream.push_chunks(params, model='p', version=1))
