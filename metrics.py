@@ -30,6 +30,12 @@ class MetricsWriter:
     record.update({key: _plain(value) for key, value in values.items()})
     os.write(self._fd, (json.dumps(record) + '\n').encode())
 
+  def write_history(self, history: list[dict], count: int = 20, **values):
+    """About `count` evenly spaced records of a training history and its last one, each
+    with `values` added (a training run's curve, without a line per step)."""
+    for record in history[::max(1, len(history) // count)] + history[-1:]:
+      self.write(**values, **record)
+
   def close(self):
     os.close(self._fd)
 

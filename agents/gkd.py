@@ -133,8 +133,7 @@ def train_teacher(config: GKDConfig, context: builder_lib.SetupContext) -> None:
       context.task, context.seed + 1, teacher.batch_size, context.sequence,
       min_reward=-math.inf if config.teacher_min_reward is None else config.teacher_min_reward)
   params, history = supervised.warm_start(model, teacher, batches, params)
-  for record in history[::max(1, len(history) // 20)] + history[-1:]:
-    context.metrics.write(kind='teacher', **record)
+  context.metrics.write_history(history, kind='teacher')
   Checkpointer(context.path(TEACHER_CHECKPOINT)).save(0, params)
   logging.info('Teacher: %d steps in %.1f s', teacher.steps, time.monotonic() - start)
 

@@ -101,8 +101,8 @@ class LearnedModel:
       init, history = supervised.warm_start(
           config.model, warm_start, demonstrations.demonstration_batches(
               task, config.seed, warm_start.batch_size, spec), init)
-      for record in history[::max(1, len(history) // 10)] + history[-1:]:
-        context.metrics.write(kind='reward_model_warm_start', model=self.kind, **record)
+      context.metrics.write_history(history, count=10, kind='reward_model_warm_start',
+                                    model=self.kind)
     members = []
     for member in range(config.num_models):
       # Fresh pairs (num_pairs=0) differ from member to member; a fixed labelled set
@@ -113,8 +113,8 @@ class LearnedModel:
           else member_rng, config.batch_size, spec.prompt_len, spec.completion_len,
           num_pairs=config.num_pairs, order_rng=member_rng)
       params, history = train(config.model, config, pairs, params=init)
-      for record in history[::max(1, len(history) // 20)] + history[-1:]:
-        context.metrics.write(kind='reward_model', model=self.kind, member=member, **record)
+      context.metrics.write_history(history, kind='reward_model', model=self.kind,
+                                    member=member)
       members.append(params)
 
     def held_out(params_list):

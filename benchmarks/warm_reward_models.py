@@ -22,14 +22,10 @@ import resource
 import time
 
 import jax
-import numpy as np
 
 from chorus import configs
 from chorus import models
 from chorus.agents import learned_rewards
-from chorus.inference_server.client import InferenceClient
-from chorus.inference_server.served_model import ServedModel
-from chorus.inference_server.service import start_server
 from chorus.launch import evaluate
 from chorus.launch import experiment
 from chorus.launch import nodes
@@ -42,27 +38,20 @@ def policy_pairs(run_dir: str, task, samples: int) -> tuple[list, int]:
   """(pairs, learner step): `(prompt, a, b, a_better)` from a run's final policy."""
   config = evaluate.load_config(run_dir)
   params, step = evaluate.load_policy(run_dir, config)
-  served = ServedModel('policy', config.model.base_decoder_config(), params, version=step,
-                       config=config.inference, sequence=config.sequence)
-  server, port = start_server({'policy': served}, '127.0.0.1:0')
   prompts, pairs = task.eval_prompts(), []
   per_call = max(1, config.inference.max_batch_size // samples)
-  try:
-    with InferenceClient(f'127.0.0.1:{port}') as client:
-      for start in range(0, len(prompts), per_call):
-        chunk = prompts[start:start + per_call]
-        result = client.generate([task.encode_prompt(p) for p in chunk], num_samples=samples,
-                                 seed=start)
-        for index, prompt in enumerate(chunk):
-          drawn = result.completions[index * samples:(index + 1) * samples]
-          texts = sorted({task.tokenizer.decode(c.tokens) for c in drawn if c.terminated})
-          for first, second in itertools.combinations(texts, 2):
-            margin = task.text_reward(prompt, first) - task.text_reward(prompt, second)
-            if margin:
-              pairs.append((prompt, first, second, margin > 0))
-  finally:
-    server.stop(grace=1).wait()
-    served.close()
+  with evaluate.served_policy(config, params, step) as client:
+    for start in range(0, len(prompts), per_call):
+      chunk = prompts[start:start + per_call]
+      result = client.generate([task.encode_prompt(p) for p in chunk], num_samples=samples,
+                               seed=start)
+      for index, prompt in enumerate(chunk):
+        drawn = result.completions[index * samples:(index + 1) * samples]
+        texts = sorted({task.tokenizer.decode(c.tokens) for c in drawn if c.terminated})
+        for first, second in itertools.combinations(texts, 2):
+          margin = task.text_reward(prompt, first) - task.text_reward(prompt, second)
+          if margin:
+            pairs.append((prompt, first, second, margin > 0))
   return pairs, step
 
 

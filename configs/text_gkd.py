@@ -2,9 +2,9 @@
 
 A setup node trains the teacher (4 blocks of width 64) on the task's demonstrations that
 earned full reward (`teacher_min_reward=1`: the sloppy annotator's swaps left out, so the
-teacher is better than its student); the inference server serves the student (2 blocks of
-width 32, warm-started on all the demonstrations, swaps included) and the teacher; the actors sample the student (on-policy,
-`agent.on_policy_fraction=1`); the learner minimises the token-level generalized JSD
+teacher is better than its student); the inference server serves the student (2 blocks
+of width 32, warm-started on all the demonstrations, swaps included) and the teacher; the
+actors sample the student (on-policy, `agent.on_policy_fraction=1`); the learner minimises the token-level generalized JSD
 (beta = 0.5) between the two over the vocabulary. Supervised KD, for comparison:
 `--set agent.on_policy_fraction=0 --set agent.beta=0` (forward KL on teacher samples).
 """

@@ -4,6 +4,8 @@
 `chorus interpolate`: linear interpolations of two runs' final weights (say, a quality-only
 and a diversity-rewarded CFG distillation), each evaluated on the task's held-out prompts.
 """
+from collections.abc import Iterator
+import contextlib
 import json
 import os
 
@@ -65,18 +67,26 @@ def load_policy(run_dir: str, config: experiment.ExperimentConfig, step: int | N
   return load_params(run_dir, config, step)
 
 
-def _evaluate_served(config: experiment.ExperimentConfig, params, version: int, **options) -> dict:
-  """`evaluate` of `params` served as 'policy' by an in-process server on loopback."""
+@contextlib.contextmanager
+def served_policy(config: experiment.ExperimentConfig, params,
+                  version: int) -> Iterator[InferenceClient]:
+  """A client of `params` served as 'policy' by an in-process server on loopback."""
   served = ServedModel('policy', config.model.base_decoder_config(), params, version=version,
                        config=config.inference, sequence=config.sequence)
   server, port = start_server({'policy': served}, '127.0.0.1:0')
   try:
     with InferenceClient(f'127.0.0.1:{port}') as client:
-      return evaluate(client.generate, config.make_task(),
-                      batch_size=config.inference.max_batch_size, **options)
+      yield client
   finally:
     server.stop(grace=1).wait()
     served.close()
+
+
+def _evaluate_served(config: experiment.ExperimentConfig, params, version: int, **options) -> dict:
+  """`evaluate` of `params` served as 'policy' by an in-process server on loopback."""
+  with served_policy(config, params, version) as client:
+    return evaluate(client.generate, config.make_task(),
+                    batch_size=config.inference.max_batch_size, **options)
 
 
 def evaluate_on_dataset(run_dir: str, dataset: str, *, step: int | None = None,

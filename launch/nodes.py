@@ -83,8 +83,7 @@ def warm_start(config: ExperimentConfig, run_dir: str, should_stop: StopFn):
     initial_params = config.model.initial_params(jax.random.PRNGKey(config.seed))
   params, history = supervised.warm_start(config.model.base_decoder_config(), config.warm_start,
                                           batches, initial_params)
-  for record in history[::max(1, len(history) // 20)] + history[-1:]:
-    metrics.write(kind='warm_start', **record)
+  metrics.write_history(history, kind='warm_start')
   Checkpointer(layout.warm_start_dir(run_dir)).save(0, params)
   logging.info('Warm start: %d steps in %.1f s, final nll %.3f', config.warm_start.steps,
                time.monotonic() - start, history[-1]['nll'] if history else float('nan'))

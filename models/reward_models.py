@@ -67,9 +67,8 @@ def reward_scores(config: DecoderConfig, params: Params,
                                           completion_tokens, completion_mask)
   values = values.astype(jnp.float32)
   lengths = completion_mask.astype(jnp.int32).sum(axis=-1)
-  last = jnp.take_along_axis(values, lengths[:, None], axis=1)[:, 0]
   if pooling == 'last':
-    return last
+    return jnp.take_along_axis(values, lengths[:, None], axis=1)[:, 0]
   after_tokens = jnp.where(completion_mask, values[:, 1:], 0.0).sum(axis=-1)
   return jnp.where(lengths > 0, after_tokens / jnp.maximum(lengths, 1), values[:, 0])
 
