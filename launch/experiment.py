@@ -150,6 +150,10 @@ class ExperimentConfig:
       raise ValueError(f'The longest prompt of task {task.name!r} is {longest} tokens (BOS '
                        f'included), longer than sequence.prompt_len={self.sequence.prompt_len}; '
                        f'--set sequence.prompt_len={longest}.')
+    if self.learner.batch_size % self.learner.processes:
+      raise ValueError(f'learner.batch_size={self.learner.batch_size} must be a multiple of '
+                       f'learner.processes={self.learner.processes}: each process samples an '
+                       'equal share of every batch.')
     builder.data(self.replay_dataset)
     for dataset in filter(None, (self.replay_dataset, self.warm_start.dataset)):
       datasets.episode_sources(dataset, skip_corrupt=self.skip_corrupt)

@@ -165,16 +165,18 @@ class LocalLauncher(LauncherBase):
   def poll(self) -> bool:
     """Supervises once: restarts crashed restartable nodes, fails on the others.
 
-    Returns True while the main node runs (or there is none) and False once it exits 0.
+    Returns True while a main node runs (or there is none) and False once every main node
+    (each process of the learner) has exited 0.
     """
     now = time.monotonic()
-    main_running = True
+    mains, mains_done = 0, 0
     for name, running in list(self._running.items()):
+      mains += running.node.kind == program_lib.MAIN
       code = running.process.poll()
       if code is None:
         continue
       if running.node.kind == program_lib.MAIN and code == 0:
-        main_running = False
+        mains_done += 1
         continue
       if not running.node.restart:
         self._fail(name)
@@ -190,7 +192,7 @@ class LocalLauncher(LauncherBase):
         running.restarts += 1
         running.restart_at = None
         self.restarts[name] = running.restarts
-    return main_running
+    return mains == 0 or mains_done < mains
 
   def stop(self, kinds: tuple[str, ...] = program_lib.KINDS):
     """SIGTERM to the nodes of `kinds`, SIGKILL to those still alive after the grace period."""

@@ -29,6 +29,7 @@ from chorus.launch import program as program_names
 from chorus.launch import run_dir as layout
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners import background
+from chorus.learners import distributed
 from chorus.learners import learner as learner_lib
 from chorus.learners import loop
 from chorus.learners import supervised
@@ -36,6 +37,7 @@ from chorus.metrics import MetricsWriter
 from chorus.models import lora
 from chorus.models import sharding
 from chorus.models.checkpoints import Checkpointer
+from chorus.models.checkpoints import SubprocessCheckpointer
 from chorus.replay import dataset
 from chorus.replay import tables
 from chorus.replay.writer import TrajectoryWriter
@@ -266,31 +268,69 @@ def make_learner(config: ExperimentConfig, params, run_dir: str = '') -> learner
       mesh=sharding.make_mesh(config.mesh), run_dir=run_dir))
 
 
-def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: list[str]):
+def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: list[str],
+                      process_index: int = 0):
+  """This learner process's batches: its share of each batch's rows (all of them for one
+  process), from replay or read from the dataset itself."""
   builder = config.builder()
   data = builder.data(config.replay_dataset)
+  rows = config.learner.batch_size // config.learner.processes
   if data.source == agents.DataSource.DATASET:
-    return datasets.trajectory_batches(data.dataset_path(run_dir), config.learner.batch_size,
-                                       config.sequence, schema=builder.schema(),
-                                       seed=config.seed, skip_corrupt=config.skip_corrupt)
-  return dataset.batch_iterator(replay_addresses, config.replay.table, config.learner.batch_size,
-                                builder.schema(), config.sequence)
+    return datasets.trajectory_batches(data.dataset_path(run_dir), rows, config.sequence,
+                                       schema=builder.schema(), seed=config.seed + process_index,
+                                       skip_corrupt=config.skip_corrupt)
+  return dataset.batch_iterator(replay_addresses, config.replay.table, rows, builder.schema(),
+                                config.sequence)
 
 
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
-            inference_addresses: list[str], replay_addresses: list[str]):
+            inference_addresses: list[str], replay_addresses: list[str], process_index: int = 0,
+            coordinator: str | None = None, port: int | None = None, host: str = '127.0.0.1'):
+  """One process of the learner (learners/distributed.py when there are several).
+
+  Every process updates on its share of the rows and takes part in gathering what is
+  published and checkpointed; process 0 alone pushes to the servers, logs and writes the
+  checkpoints. Process 0 of several serves the coordination service at host:port.
+  """
+  group = distributed.ProcessGroup(process_index, config.learner.processes,
+                                   coordinator or (f'{host}:{port}' if port else ''))
+  distributed.initialize(group, bind_address=f'{host}:{port}' if port else '')
   learner_obj = make_learner(config, warm_start_params(config, run_dir), run_dir)
-  checkpointer = Checkpointer(layout.learner_checkpoint_dir(run_dir))
+  checkpoint_dir = layout.learner_checkpoint_dir(run_dir)
+  # Resume after a crash or restart, from the newest checkpoint that restores.
+  with contextlib.closing(Checkpointer(checkpoint_dir)) as reader:
+    restored = reader.restore_newest(learner_obj.state)
+  if restored is not None:
+    learner_obj.restore(restored[1])
+    logging.info('Learner resumed at step %d', learner_obj.step)
+  # What a restarted learner pushes first (gathered by every process, like each push).
+  resumed = learner_obj.published_params()
+  if group.count > 1:
+    resumed = distributed.gather_to_host(resumed)
+  def stop_together() -> bool:  # Every process stops after the same step.
+    return distributed.any_process(should_stop())
+
+  if group.is_primary:
+    _lead_learner(config, run_dir, stop_together, learner_obj, resumed, inference_addresses,
+                  replay_addresses)
+  else:
+    loop.run_learner(learner_obj, _training_batches(config, run_dir, replay_addresses,
+                                                    process_index),
+                     config.learner, publish=lambda models, _: distributed.gather_to_host(models),
+                     checkpoint=lambda _, state: distributed.gather_to_host(state), metrics=None,
+                     should_stop=stop_together)
+  distributed.shutdown()
+
+
+def _lead_learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn,
+                  learner_obj: learner_lib.Learner, resumed: dict,
+                  inference_addresses: list[str], replay_addresses: list[str]):
+  """Process 0 of the learner (the only one of one): its loop, pushes and checkpoints."""
   publishers = {(address, name): ParameterPublisher(address, model=name,
                                                      tls_dir=config.inference.tls_dir)
                 for address in inference_addresses for name in learner_obj.published_params()}
   for connection in publishers.values():
     connection.wait_until_ready()
-  # Resume after a crash or restart, from the newest checkpoint that restores.
-  restored = checkpointer.restore_newest(learner_obj.state)
-  if restored is not None:
-    learner_obj.restore(restored[1])
-    logging.info('Learner resumed at step %d', learner_obj.step)
 
   def push_to(address: str) -> Callable[[dict, int], None]:
     def push(models_to_publish: dict, version: int, resume: bool = False):
@@ -301,11 +341,23 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   # A restarted learner may be behind what the servers serve (steps after its checkpoint,
   # or every step if it crashed before the first one): put its own version back.
   for address in inference_addresses:
-    push_to(address)(learner_obj.published_params(), learner_obj.step, resume=True)
+    push_to(address)(resumed, learner_obj.step, resume=True)
   publisher = background.BackgroundPublisher(
       {address: push_to(address) for address in inference_addresses})
+  checkpoint_dir = layout.learner_checkpoint_dir(run_dir)
+  if config.learner.processes == 1:
+    # Device arrays go to the background publisher as they are: its thread reads them.
+    publish = publisher.submit
+    checkpointer = Checkpointer(checkpoint_dir)
+  else:
+    def publish(models: dict, version: int):
+      publisher.submit(distributed.gather_to_host(models), version)
+
+    checkpointer = SubprocessCheckpointer(checkpoint_dir)
   loop.run_learner(learner_obj, _training_batches(config, run_dir, replay_addresses),
-                   config.learner, publish=publisher.submit, checkpoint=checkpointer.save,
+                   config.learner, publish=publish,
+                   checkpoint=lambda step, state: checkpointer.save(
+                       step, distributed.gather_to_host(state)),
                    metrics=MetricsWriter(layout.metrics_path(run_dir), 'learner'),
                    tensorboard_dir=layout.tensorboard_dir(run_dir), should_stop=should_stop)
   publisher.flush()  # The servers serve the last version before the run's final evaluation.

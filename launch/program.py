@@ -89,7 +89,8 @@ def make_program(config: ExperimentConfig) -> list[Node]:
   `config.actors_per_process` actor loops, spread round-robin over the inference servers
   and the replay servers), or a dataset replayer fills replay once, or the learner reads
   a dataset itself (no replay servers). The learner publishes to every inference server
-  and samples from every replay server; it restarts from its latest checkpoint, a
+  and samples from every replay server (one process, or several: `learner_nodes`); a
+  learner of one process restarts from its latest checkpoint, a
   restarted inference server serves the warm-start parameters until its next push, and a
   restarted replay server its tables' latest checkpoint.
   """
@@ -124,7 +125,28 @@ def make_program(config: ExperimentConfig) -> list[Node]:
   if config.evaluation.every_s > 0:
     nodes.append(Node('evaluator', 'evaluator', WORKER, restart=True,
                       kwargs=dict(inference_address=Address(servers[0]))))
-  nodes.append(Node('learner', 'learner', MAIN, restart=True, accelerator=True,
-                    kwargs=dict(inference_addresses=[Address(name) for name in servers],
-                                replay_addresses=[Address(name) for name in replays])))
+  nodes += learner_nodes(config, servers, replays)
   return nodes
+
+
+def learner_process_name(index: int) -> str:
+  return 'learner' if index == 0 else f'learner_process_{index}'
+
+
+def learner_nodes(config: ExperimentConfig, servers: list[str], replays: list[str]) -> list[Node]:
+  """The learner: one node per process (`learner.processes`).
+
+  With several, process 0 ('learner') serves JAX's coordination service on its port and
+  the others join it; all are main nodes (the run ends when every one has exited 0), and
+  none restarts (a process cannot rejoin a running `jax.distributed` group).
+  """
+  count = config.learner.processes
+  handles = dict(inference_addresses=[Address(name) for name in servers],
+                 replay_addresses=[Address(name) for name in replays])
+  if count == 1:
+    return [Node('learner', 'learner', MAIN, restart=True, accelerator=True, kwargs=handles)]
+  return [Node(learner_process_name(index), 'learner', MAIN, accelerator=True,
+               serves=index == 0,
+               kwargs=dict(handles, process_index=index,
+                           coordinator=Address(learner_process_name(0)) if index else None))
+          for index in range(count)]

@@ -265,11 +265,13 @@ class RayLauncher(local_lib.LauncherBase):
   def poll(self) -> bool:
     """Supervises once: restarts crashed restartable nodes, fails on the others.
 
-    Returns True while the main node runs (or there is none) and False once it exits 0.
+    Returns True while a main node runs (or there is none) and False once every main node
+    (each process of the learner) has exited 0.
     """
     now = time.monotonic()
-    main_running = True
+    mains, mains_done = 0, 0
     for name, running in list(self._running.items()):
+      mains += running.node.kind == program_lib.MAIN
       if running.restart_at is not None:
         if now >= running.restart_at:
           running.restart_at = None
@@ -283,7 +285,7 @@ class RayLauncher(local_lib.LauncherBase):
         continue
       failure = self._failure(running)
       if running.node.kind == program_lib.MAIN and not failure:
-        main_running = False
+        mains_done += 1
         continue
       failure = failure or 'exited with code 0 before the run ended'
       log = self.log_path(name)
@@ -296,7 +298,7 @@ class RayLauncher(local_lib.LauncherBase):
       running.exit_ref = None
       running.last_failure = failure
       running.restart_at = now + self.restart_backoff_s * 2**running.restarts
-    return main_running
+    return mains == 0 or mains_done < mains
 
   def _rerun(self, running: _Running):
     """Runs a failed node again once its host answers (Ray may have restarted it)."""

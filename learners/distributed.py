@@ -36,10 +36,12 @@ class ProcessGroup:
     return self.index == 0
 
 
-def initialize(group: ProcessGroup) -> None:
+def initialize(group: ProcessGroup, bind_address: str = '') -> None:
   """Joins the learner's processes into one JAX runtime (before any device is used).
 
   A single process needs nothing. CPU devices need Gloo for cross-process collectives.
+  Process 0 serves the coordination service on `bind_address` (default: every interface
+  at the coordinator's port, JAX's default).
   """
   if group.count == 1:
     return
@@ -49,7 +51,23 @@ def initialize(group: ProcessGroup) -> None:
   # Only the CPU backend reads this; GPUs and TPUs keep NCCL and ICI.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=group.coordinator,
-                             num_processes=group.count, process_id=group.index)
+                             num_processes=group.count, process_id=group.index,
+                             coordinator_bind_address=bind_address or None)
+
+
+def shutdown() -> None:
+  """Leaves the learner's JAX runtime: a barrier of every process (they end together)."""
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (a collective: all must call it). Processes that
+  stop together stay in step: one that stopped alone would leave the others waiting in
+  their next update's collectives."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
 def global_batch(local: core.TrajectoryBatch, mesh) -> core.TrajectoryBatch:

@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 import optax
 
 from chorus import core
+from chorus.learners import distributed
 from chorus.learners import optimization
 from chorus.models import lora
 from chorus.models import sharding
@@ -241,5 +242,9 @@ class Learner:
     return self._update.lower(self.state, self._constants, batch).compile().memory_analysis()
 
   def update(self, batch: core.TrajectoryBatch) -> dict[str, float]:
+    """One step on `batch`: the whole batch, or this process's rows of it when the mesh
+    spans several processes (learners/distributed.py)."""
+    if self.mesh is not None:
+      batch = distributed.global_batch(batch, self.mesh)
     self.state, metrics = self._update(self.state, self._constants, batch)
     return {name: float(value) for name, value in jax.device_get(metrics).items()}

@@ -32,6 +32,10 @@ class LearnerConfig:
     checkpoint_every: updates between checkpoints (one is also written at the end).
     max_consecutive_skips: updates in a row skipped for a non-finite loss or gradient
       (see learner.py) after which the learner stops with DivergenceError.
+    processes: processes of the one learner (JAX's multi-controller model, one per
+      accelerator host; learners/distributed.py). Each samples batch_size / processes rows
+      of every batch; process 0 publishes, logs and checkpoints. A learner of several
+      processes is not restarted: a crash of one ends the run.
   """
   batch_size: int = 32
   learning_rate: float = 1e-4
@@ -42,17 +46,19 @@ class LearnerConfig:
   log_every: int = 10
   checkpoint_every: int = 100
   max_consecutive_skips: int = 20
+  processes: int = 1
 
   def __post_init__(self):
     core.check_ranges(self, 'learner', batch_size=(1, None), learning_rate=(0, 10.0),
                       max_grad_norm=(1e-8, None), max_steps=(1, None),
                       publish_every=(1, None), log_every=(1, None),
-                      checkpoint_every=(1, None), max_consecutive_skips=(1, None))
+                      checkpoint_every=(1, None), max_consecutive_skips=(1, None),
+                      processes=(1, None))
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
                 publish: Callable[[dict[str, object], int], None],
-                checkpoint: Callable[[int, object], None], metrics: MetricsWriter,
+                checkpoint: Callable[[int, object], None], metrics: MetricsWriter | None,
                 tensorboard_dir: str | None = None,
                 should_stop: Callable[[], bool] = lambda: False) -> int:
   """Runs `learner.update` on `batches` until `config.max_steps`; returns the last step.
@@ -71,7 +77,8 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   gradient, reward or result, see learner.py) changes nothing: it is logged with the rows
   whose rewards were not finite, counted (`skipped_updates` in the metrics), and neither
   published nor checkpointed. `config.max_consecutive_skips` in a row raise
-  DivergenceError.
+  DivergenceError. With `metrics` None (a learner process other than the first) nothing is
+  logged.
   """
   summary_writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir else None
   window: dict[str, list[float]] = {}
@@ -120,7 +127,8 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
       # publishing raise.
       means['duty_cycle'] = float(np.sum(window['update_seconds'])) / elapsed
       means['window_seconds'] = elapsed
-      metrics.write(kind='learner', step=step, **means)
+      if metrics:
+        metrics.write(kind='learner', step=step, **means)
       if summary_writer:
         with summary_writer.as_default(step=step):
           for name, value in means.items():
@@ -135,7 +143,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
 
 
 def _log_skip(batch: core.TrajectoryBatch, step: int, consecutive: int,
-              metrics: MetricsWriter) -> None:
+              metrics: MetricsWriter | None) -> None:
   """Logs a skipped update with the batch rows whose rewards were not finite."""
   reward = np.asarray(batch.reward)
   rows = np.flatnonzero(~np.isfinite(reward))
@@ -144,5 +152,6 @@ def _log_skip(batch: core.TrajectoryBatch, step: int, consecutive: int,
                   'reward or parameters; rows with non-finite rewards %s (param versions %s) '
                   'of %d.', step, consecutive, rows.tolist()[:16], versions.tolist()[:16],
                   len(reward))
-  metrics.write(kind='learner_skip', step=step, consecutive_skips=consecutive,
-                nonfinite_reward_rows=rows.tolist()[:16])
+  if metrics:
+    metrics.write(kind='learner_skip', step=step, consecutive_skips=consecutive,
+                  nonfinite_reward_rows=rows.tolist()[:16])

@@ -1,5 +1,6 @@
 """Orbax checkpoints of any parameter or train-state pytree, one directory per step."""
 import logging
+import multiprocessing
 import os
 import shutil
 
@@ -36,9 +37,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}; train or warm-start first.')
-    abstract = jax.tree_util.tree_map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-        else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+    abstract = jax.tree_util.tree_map(_abstract, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def restore_newest(self, template) -> tuple[int, object] | None:
@@ -84,3 +83,64 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  """x's shape and dtype; an array spread over several processes is not read for them."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype)
+
+
+class SubprocessCheckpointer:
+  """Saves like Checkpointer, from a child process: for one process of a learner that spans
+  several (learners/distributed.py).
+
+  Why a child: once `jax.distributed` is initialized, orbax 0.11.5 cannot save at all (its
+  commit asks the distributed client for `key_value_try_get`, which jaxlib 0.4.34's client
+  lacks), while restoring works. The child is spawned, so it has no distributed client; it
+  is sent whole host trees (process 0 gathers them) and writes them with Checkpointer.
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3):
+    context = multiprocessing.get_context('spawn')
+    self._connection, child_end = context.Pipe()
+    self._process = context.Process(target=_save_what_arrives,
+                                    args=(child_end, os.fspath(directory), max_to_keep),
+                                    name='checkpoint-writer', daemon=True)
+    self._process.start()
+    child_end.close()
+
+  def save(self, step: int, tree) -> None:
+    try:
+      self._connection.send((step, jax.device_get(tree)))
+      error = self._connection.recv()
+    except (EOFError, OSError) as lost:  # Its end of the pipe closed: it died.
+      self._process.join(timeout=10)
+      raise RuntimeError(f'The checkpoint writer process ended (exit code '
+                         f'{self._process.exitcode}) before saving step {step}; its error is '
+                         'in this node\'s log.') from lost
+    if error:
+      raise RuntimeError(f'The checkpoint writer could not save step {step}: {error}')
+
+  def close(self):
+    if self._process.is_alive():
+      self._connection.send(None)
+    self._process.join(timeout=60)
+
+
+def _save_what_arrives(connection, directory: str, max_to_keep: int | None) -> None:
+  """The child's loop: saves each (step, tree) received until None (or the parent's end)."""
+  jax.config.update('jax_platforms', 'cpu')  # Host trees only: leave the accelerators alone.
+  checkpointer = Checkpointer(directory, max_to_keep)
+  try:
+    while (message := connection.recv()) is not None:
+      try:
+        checkpointer.save(*message)
+        connection.send('')
+      except Exception as error:  # pylint: disable=broad-except  (reported to the parent)
+        connection.send(f'{type(error).__name__}: {error}')
+  except EOFError:  # The parent ended.
+    pass
+  finally:
+    checkpointer.close()

@@ -10,6 +10,7 @@ import pytest
 from chorus import models
 from chorus.learners import learner as learner_lib
 from chorus.models.checkpoints import Checkpointer
+from chorus.models.checkpoints import SubprocessCheckpointer
 
 
 def _truncate_every_file(directory: str) -> int:
@@ -77,3 +78,33 @@ def test_no_checkpoint_is_a_fresh_start_and_none_restoring_is_an_error(tmp_path)
   with pytest.raises(RuntimeError, match=r'None of the checkpoints \[5\]'):
     checkpointer.restore_newest(learner.state)
   checkpointer.close()
+
+
+def test_a_checkpoint_saved_from_a_child_process_restores_as_one_saved_here(tmp_path):
+  learner = _learner()
+  directory = str(tmp_path / 'child')
+  writer = SubprocessCheckpointer(directory, max_to_keep=2)
+  for step in (1, 2, 3):
+    writer.save(step, _state_at(learner.state, step))
+  with pytest.raises(RuntimeError, match="could not save step 4: ValueError: Unsupported type"):
+    writer.save(4, {'not_an_array': {1, 2}})  # The child reports the error and goes on.
+  writer.save(4, learner.state)
+  writer.close()
+  assert not writer._process.is_alive()  # pylint: disable=protected-access
+  reader = Checkpointer(directory)
+  assert reader._manager.all_steps() == [3, 4]  # pylint: disable=protected-access
+  restored = reader.restore(learner.state, step=3)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored, _state_at(learner.state, 3))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, reader.restore(learner.state, step=4),
+                         jax.device_get(learner.state))
+  reader.close()
+
+
+def test_a_child_writer_that_cannot_start_fails_the_save_with_its_exit_code(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  writer = SubprocessCheckpointer(str(blocker / 'checkpoints'))
+  with pytest.raises(RuntimeError, match=r'checkpoint writer process ended \(exit code 1\) '
+                                         r'before saving step 7'):
+    writer.save(7, {'x': np.zeros(3)})
+  writer.close()

@@ -1,5 +1,6 @@
 """One learner in two processes, joined by jax.distributed on loopback: its updates equal
-those of one process with the same devices.
+those of one process with the same devices, and the launcher runs a whole experiment with
+such a learner (the Ray launcher's test runs one too: tests/test_ray_launcher.py).
 
 Each process has one CPU device: with several local CPU devices per process, jax 0.4.34's
 Gloo collectives abort (`op.preamble.length <= op.nbytes`, concurrent collectives of the
@@ -8,15 +9,20 @@ local devices mixing on one connection). GPU and TPU hosts use NCCL or ICI inste
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+from chorus.metrics import read_metrics
+from chorus.tests import test_local_run
 
+pytestmark = pytest.mark.slow
 
 
 def _run(args, devices: int, output: pathlib.Path) -> subprocess.Popen:
@@ -54,6 +60,88 @@ def test_two_processes_train_as_one_with_their_devices_together(mesh, tmp_path):
   assert float(np.max(np.abs(np.asarray(single['params']) - single['initial']))) > 2e-4
 
 
+def _cli_run(run_dir: str, *args: str, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir,
+       *test_local_run._SMALL_RUN, '--set', 'learner.processes=2', *args],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_a_run_whose_learner_is_two_processes_trains_publishes_and_checkpoints(tmp_path):
+  # pylint: disable=g-import-not-at-top  (JAX in this process only after the workers')
+  from chorus.launch import experiment
+  from chorus.launch import nodes
+  from chorus.models.checkpoints import Checkpointer
+  run_dir = str(tmp_path / 'run')
+  output, _ = _cli_run(run_dir).communicate(timeout=900)
+  assert 'final eval' in output, output[-3000:]
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    summary = json.load(file)
+  assert summary['learner_steps'] == 12
+  assert summary['final_eval']['param_versions'] == [12]  # Process 0 pushed the last update.
+  logs = {name: pathlib.Path(run_dir, 'logs', f'{name}.log').read_text()
+          for name in ('learner', 'learner_process_1')}
+  port = re.search(r'Starting JAX distributed service on 127\.0\.0\.1:(\d+)',
+                   logs['learner']).group(1)
+  assert f'Connecting to JAX distributed service on 127.0.0.1:{port}' in logs['learner_process_1']
+  records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  learner_lines = [r for r in records if r.get('kind') == 'learner']
+  assert [(r['node'], r['step']) for r in learner_lines] == [('learner', 4), ('learner', 8),
+                                                            ('learner', 12)]
+  assert any(r.get('process') == 'learner_process_1' and r['cpu_seconds'] > 0 for r in records
+             if r.get('kind') == 'cpu')  # Its cost is counted with the run's.
+  # Process 0 checkpointed what both processes trained, through its writer child.
+  checkpoints = Checkpointer(os.path.join(run_dir, 'checkpoints', 'learner'))
+  assert checkpoints._manager.all_steps() == [6, 12]  # pylint: disable=protected-access
+  with open(os.path.join(run_dir, 'config.json')) as file:
+    config = experiment.load_experiment(json.load(file))
+  warm = nodes.warm_start_params(config, run_dir)
+  state = checkpoints.restore(nodes.make_learner(config, warm).state)
+  checkpoints.close()
+  assert int(state.step) == 12
+  moved = [float(np.max(np.abs(a - b))) for a, b in zip(
+      _leaves(state.params), _leaves(warm))]
+  assert max(moved) > 1e-4
+  assert test_local_run._processes_mentioning(run_dir) == []
+
+
+def test_a_learner_process_that_dies_ends_the_run_which_then_resumes_in_both(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  launcher = _cli_run(run_dir, '--max-learner-steps', '2000',
+                      '--set', 'launcher.stop_timeout_s=10')
+  first_checkpoint = os.path.join(run_dir, 'checkpoints', 'learner', '6')
+  deadline = time.monotonic() + 600
+  while not os.path.exists(first_checkpoint):
+    assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+    time.sleep(0.5)
+  with open(os.path.join(run_dir, 'nodes', 'processes.jsonl')) as file:
+    pids = {r['node']: r['pid'] for r in map(json.loads, file)}
+  os.kill(pids['learner_process_1'], signal.SIGKILL)
+  output, _ = launcher.communicate(timeout=300)
+  assert launcher.returncode != 0
+  # Not restarted: it could not rejoin its group.
+  assert 'Node learner_process_1 exited with code -9' in output, output[-3000:]
+  assert 'restarting learner_process_1' not in pathlib.Path(
+      run_dir, 'logs', 'learner_process_1.log').read_text()
+  assert test_local_run._processes_mentioning(run_dir) == []
+  # Both processes restore the checkpoint that process 0's writer saved, and go on.
+  resumed = subprocess.run([sys.executable, '-m', 'chorus.launch.cli', 'run', '--resume',
+                            run_dir, '--max-learner-steps', '12'],
+                           capture_output=True, text=True, timeout=900, check=False)
+  assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+  steps = sorted(map(int, os.listdir(os.path.join(run_dir, 'checkpoints', 'learner'))))
+  for name in ('learner', 'learner_process_1'):
+    log = pathlib.Path(run_dir, 'logs', f'{name}.log').read_text()
+    assert int(re.search(r'Learner resumed at step (\d+)', log).group(1)) in steps, name
+  with open(os.path.join(run_dir, 'summary.json')) as file:
+    assert json.load(file)['final_eval']['param_versions'] == [max(steps)]
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
 def _worker(index: int, count: int, coordinator: str, mesh_shape: tuple[int, ...]):
   """Three V-trace updates on a global (data, fsdp, tensor) mesh; prints gathered params."""
   # pylint: disable=g-import-not-at-top
@@ -82,7 +170,7 @@ def _worker(index: int, count: int, coordinator: str, mesh_shape: tuple[int, ...
     batch = demonstrations.off_policy_batch(task, rng, 16, spec)
     share = 16 // jax.process_count()
     local = jax.tree_util.tree_map(lambda x: x[index * share:(index + 1) * share], batch)
-    learner.update(distributed.global_batch(local, mesh))
+    learner.update(local)  # This process's rows: the learner makes the global batch.
   gathered = distributed.gather_to_host(learner.state.params)
   print(json.dumps({
       'process_count': jax.process_count(), 'device_count': jax.device_count(),

@@ -32,6 +32,25 @@ def test_program_spreads_actor_processes_over_inference_and_replay_servers():
   assert not any(a.accelerator for a in actors)
 
 
+def test_a_learner_of_several_processes_is_one_main_node_per_process_joined_to_the_first():
+  config = experiment.apply_overrides(_config(), ['learner.processes=3', 'learner.batch_size=12'])
+  learners = [n for n in program.make_program(config) if n.role == 'learner']
+  assert [n.name for n in learners] == ['learner', 'learner_process_1', 'learner_process_2']
+  assert all(n.kind == program.MAIN and n.accelerator and not n.restart for n in learners)
+  assert [n.serves for n in learners] == [True, False, False]  # The coordination service.
+  assert [n.kwargs['process_index'] for n in learners] == [0, 1, 2]
+  assert [n.kwargs['coordinator'] for n in learners] == [None] + [program.Address('learner')] * 2
+  single = [n for n in program.make_program(_config()) if n.role == 'learner']
+  assert len(single) == 1 and single[0].restart and not single[0].serves
+  assert 'process_index' not in single[0].kwargs
+
+
+def test_a_batch_that_processes_cannot_share_equally_is_refused():
+  config = experiment.apply_overrides(_config(), ['learner.processes=4', 'learner.batch_size=6'])
+  with pytest.raises(ValueError, match='batch_size=6 must be a multiple of learner.processes=4'):
+    config.check()
+
+
 def test_uneven_actor_count_puts_the_rest_in_the_last_process():
   nodes = program.make_program(_config(num_actors=5, actors_per_process=2))
   assert [n.kwargs['actor_ids'] for n in nodes if n.role == 'actor'] == [[0, 1], [2, 3], [4]]

@@ -35,7 +35,7 @@ _MB = 2**20
 
 
 class _TwoNodeCluster:
-  """A head node with 2 'accelerator' and no CPUs, and a CPU node with 4 CPUs."""
+  """A head node with 3 'accelerator' and no CPUs, and a CPU node with 4 CPUs."""
 
   def __init__(self):
     # conftest.py gave this session's Ray a private RAY_TMPDIR: a short path, as Ray's
@@ -44,7 +44,7 @@ class _TwoNodeCluster:
     common = dict(node_ip_address='127.0.0.1', object_store_memory=100 * _MB)
     self._cluster = cluster_utils.Cluster(
         initialize_head=True,
-        head_node_args=dict(num_cpus=0, resources={'accelerator': 2}, include_dashboard=False,
+        head_node_args=dict(num_cpus=0, resources={'accelerator': 3}, include_dashboard=False,
                             temp_dir=self.temp_dir, **common))
     self.accelerator_node_id = self._cluster.head_node.node_id
     # Logical CPUs are placement slots: warm start (first alone), replay, two actor processes.
@@ -67,13 +67,15 @@ def fixture_cluster():
 
 @pytest.fixture(scope='module', name='ray_run')
 def fixture_ray_run(cluster, tmp_path_factory):
-  """The local run test's experiment, through the CLI on the Ray cluster."""
+  """The local run test's experiment, through the CLI on the Ray cluster, with a learner of
+  two processes (one inference server and two learner processes: 3 accelerators)."""
   run_dir = str(tmp_path_factory.mktemp('ray_run') / 'text_vtrace')
   result = subprocess.run(
       [sys.executable, '-m', 'chorus.launch.cli', 'run', '--run-dir', run_dir,
        '--launcher', 'ray', '--ray-address', cluster.address,
        '--set', f'launcher.ray_accelerator_resources={json.dumps(_ACCELERATOR)}',
-       '--set', 'launcher.ray_cpu_resources={"CPU": 1}'] + test_local_run._SMALL_RUN,
+       '--set', 'launcher.ray_cpu_resources={"CPU": 1}', '--set', 'learner.processes=2'
+      ] + test_local_run._SMALL_RUN,
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return run_dir
@@ -107,6 +109,22 @@ def test_ray_run_finishes_with_the_same_run_directory_as_a_local_run(ray_run):
   assert max(map(int, os.listdir(os.path.join(ray_run, 'checkpoints', 'learner')))) == 12
   assert sorted(os.listdir(os.path.join(ray_run, 'logs'))) == sorted(
       f'{node.name}.log' for node in _program(ray_run))
+
+
+def test_the_learner_ran_as_two_processes_joined_through_the_first(ray_run):
+  program = {node.name: node for node in _program(ray_run)}
+  assert [name for name, node in program.items() if node.role == 'learner'] == [
+      'learner', 'learner_process_1']
+  with open(os.path.join(ray_run, 'nodes', 'learner.json')) as file:
+    learner = json.load(file)['kwargs']
+  with open(os.path.join(ray_run, 'nodes', 'learner_process_1.json')) as file:
+    second = json.load(file)['kwargs']
+  assert second['coordinator'] == f'{learner["host"]}:{learner["port"]}'
+  log = open(os.path.join(ray_run, 'logs', 'learner_process_1.log')).read()
+  assert f'Connecting to JAX distributed service on {second["coordinator"]}' in log
+  learner_lines = [r for r in read_metrics(os.path.join(ray_run, 'metrics.jsonl'))
+                   if r.get('kind') == 'learner']
+  assert {r['node'] for r in learner_lines} == {'learner'}  # Process 0 alone logs.
 
 
 def test_accelerator_nodes_and_actors_run_on_different_ray_nodes(ray_run, cluster):
@@ -179,11 +197,11 @@ def test_crashing_restartable_node_is_restarted_until_its_limit(launcher):
 def test_node_asking_for_more_than_any_ray_node_has_fails_to_be_placed(cluster, tmp_path):
   launcher = ray_launcher.RayLauncher(
       str(tmp_path / 'run'),
-      LauncherConfig(ray_accelerator_resources={'accelerator': 3}, ray_placement_timeout_s=3),
+      LauncherConfig(ray_accelerator_resources={'accelerator': 4}, ray_placement_timeout_s=3),
       address=cluster.address)
   try:
     with pytest.raises(local.NodeFailed,
-                       match=r"no host for nodes \['learner'\].*'accelerator': 3"):
+                       match=r"no host for nodes \['learner'\].*'accelerator': 4"):
       launcher.start([program_lib.Node('learner', 'learner', program_lib.MAIN,
                                        accelerator=True)])
   finally:
