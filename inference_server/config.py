@@ -40,7 +40,8 @@ class InferenceServerConfig:
       generation and scoring).
     decode_steps_per_call: continuous scheduler only: most decode steps between two
       chances for rows to leave and join. More saves host round trips per token; fewer
-      frees finished rows' slots sooner.
+      frees finished rows' slots sooner. 2 gave the most tokens per CPU-second at 32
+      actors (1, 2 and 4 measured: benchmarks/RESULTS.md, "Inference batching").
     request_timeout_s: a Generate or Score call that waits longer fails with
       DEADLINE_EXCEEDED.
     num_threads: gRPC worker threads; at least the number of concurrent callers.
@@ -53,7 +54,7 @@ class InferenceServerConfig:
   scheduler: str = 'dynamic'
   max_batch_size: int = 32
   max_wait_ms: float = 5.0
-  decode_steps_per_call: int = 4
+  decode_steps_per_call: int = 2
   request_timeout_s: float = 120.0
   num_threads: int = 64
   seed: int = 0

@@ -67,51 +67,17 @@ def _cli_run(run_dir: str, *args: str, **kwargs) -> subprocess.Popen:
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_a_run_whose_learner_is_two_processes_trains_publishes_and_checkpoints(tmp_path):
+def test_a_learner_of_two_processes_dies_with_either_then_resumes_in_both_and_finishes(
+    tmp_path):
   # pylint: disable=g-import-not-at-top  (JAX in this process only after the workers')
   from chorus.launch import experiment
   from chorus.launch import nodes
   from chorus.models.checkpoints import Checkpointer
   run_dir = str(tmp_path / 'run')
-  output, _ = _cli_run(run_dir).communicate(timeout=900)
-  assert 'final eval' in output, output[-3000:]
-  with open(os.path.join(run_dir, 'summary.json')) as file:
-    summary = json.load(file)
-  assert summary['learner_steps'] == 12
-  assert summary['final_eval']['param_versions'] == [12]  # Process 0 pushed the last update.
-  logs = {name: pathlib.Path(run_dir, 'logs', f'{name}.log').read_text()
-          for name in ('learner', 'learner_process_1')}
-  port = re.search(r'Starting JAX distributed service on 127\.0\.0\.1:(\d+)',
-                   logs['learner']).group(1)
-  assert f'Connecting to JAX distributed service on 127.0.0.1:{port}' in logs['learner_process_1']
-  records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
-  learner_lines = [r for r in records if r.get('kind') == 'learner']
-  assert [(r['node'], r['step']) for r in learner_lines] == [('learner', 4), ('learner', 8),
-                                                            ('learner', 12)]
-  assert any(r.get('process') == 'learner_process_1' and r['cpu_seconds'] > 0 for r in records
-             if r.get('kind') == 'cpu')  # Its cost is counted with the run's.
-  # Process 0 checkpointed what both processes trained, through its writer child.
-  checkpoints = Checkpointer(os.path.join(run_dir, 'checkpoints', 'learner'))
-  assert checkpoints._manager.all_steps() == [6, 12]  # pylint: disable=protected-access
-  with open(os.path.join(run_dir, 'config.json')) as file:
-    config = experiment.load_experiment(json.load(file))
-  warm = nodes.warm_start_params(config, run_dir)
-  state = checkpoints.restore(nodes.make_learner(config, warm).state)
-  checkpoints.close()
-  assert int(state.step) == 12
-  moved = [float(np.max(np.abs(a - b))) for a, b in zip(
-      _leaves(state.params), _leaves(warm))]
-  assert max(moved) > 1e-4
-  assert test_local_run._processes_mentioning(run_dir) == []
-
-
-def test_a_learner_process_that_dies_ends_the_run_which_then_resumes_in_both(tmp_path):
-  run_dir = str(tmp_path / 'run')
   launcher = _cli_run(run_dir, '--max-learner-steps', '2000',
                       '--set', 'launcher.stop_timeout_s=10')
-  first_checkpoint = os.path.join(run_dir, 'checkpoints', 'learner', '6')
   deadline = time.monotonic() + 600
-  while not os.path.exists(first_checkpoint):
+  while not os.path.exists(os.path.join(run_dir, 'checkpoints', 'learner', '6')):
     assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
     time.sleep(0.5)
   with open(os.path.join(run_dir, 'nodes', 'processes.jsonl')) as file:
@@ -124,17 +90,41 @@ def test_a_learner_process_that_dies_ends_the_run_which_then_resumes_in_both(tmp
   assert 'restarting learner_process_1' not in pathlib.Path(
       run_dir, 'logs', 'learner_process_1.log').read_text()
   assert test_local_run._processes_mentioning(run_dir) == []
-  # Both processes restore the checkpoint that process 0's writer saved, and go on.
+
+  # Both processes restore the checkpoint that process 0's writer child saved, and go on.
   resumed = subprocess.run([sys.executable, '-m', 'chorus.launch.cli', 'run', '--resume',
-                            run_dir, '--max-learner-steps', '12'],
+                            run_dir, '--max-learner-steps', '18'],
                            capture_output=True, text=True, timeout=900, check=False)
   assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-  steps = sorted(map(int, os.listdir(os.path.join(run_dir, 'checkpoints', 'learner'))))
-  for name in ('learner', 'learner_process_1'):
-    log = pathlib.Path(run_dir, 'logs', f'{name}.log').read_text()
-    assert int(re.search(r'Learner resumed at step (\d+)', log).group(1)) in steps, name
+  logs = {name: pathlib.Path(run_dir, 'logs', f'{name}.log').read_text()
+          for name in ('learner', 'learner_process_1')}
+  resumed_at = {int(re.search(r'Learner resumed at step (\d+)', log).group(1))
+                for log in logs.values()}
+  assert len(resumed_at) == 1 and 6 <= min(resumed_at) < 18
+  port = re.search(r'Starting JAX distributed service on 127\.0\.0\.1:(\d+)',
+                   logs['learner']).group(1)
+  assert f'Connecting to JAX distributed service on 127.0.0.1:{port}' in logs['learner_process_1']
   with open(os.path.join(run_dir, 'summary.json')) as file:
-    assert json.load(file)['final_eval']['param_versions'] == [max(steps)]
+    summary = json.load(file)
+  assert summary['learner_steps'] == 18
+  assert summary['final_eval']['param_versions'] == [18]  # Process 0 pushed the last update.
+  records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  learner_lines = [r for r in records if r.get('kind') == 'learner']
+  assert {r['node'] for r in learner_lines} == {'learner'} and learner_lines[-1]['step'] == 18
+  assert any(r.get('process') == 'learner_process_1' and r['cpu_seconds'] > 0 for r in records
+             if r.get('kind') == 'cpu')  # Its cost is counted with the run's.
+  # The last checkpoint holds what both processes trained.
+  checkpoints = Checkpointer(os.path.join(run_dir, 'checkpoints', 'learner'))
+  assert checkpoints.latest_step() == 18
+  with open(os.path.join(run_dir, 'config.json')) as file:
+    config = experiment.load_experiment(json.load(file))
+  warm = nodes.warm_start_params(config, run_dir)
+  state = checkpoints.restore(nodes.make_learner(config, warm).state)
+  checkpoints.close()
+  assert int(state.step) == 18
+  assert max(float(np.max(np.abs(a - b)))
+             for a, b in zip(_leaves(state.params), _leaves(warm))) > 1e-4
+  assert test_local_run._processes_mentioning(run_dir) == []
 
 
 def _leaves(tree):

@@ -41,6 +41,9 @@ class _TwoNodeCluster:
     # conftest.py gave this session's Ray a private RAY_TMPDIR: a short path, as Ray's
     # socket paths under it must fit in 107 bytes.
     self.temp_dir = os.environ['RAY_TMPDIR']
+    # Children this test process had before Ray (a multiprocessing resource tracker of an
+    # earlier test lives as long as the process): not Ray's.
+    self.processes_before = set(_descendants(os.getpid()))
     common = dict(node_ip_address='127.0.0.1', object_store_memory=100 * _MB)
     self._cluster = cluster_utils.Cluster(
         initialize_head=True,
@@ -323,7 +326,8 @@ def _descendants(pid: int) -> list[int]:
 
 def test_no_ray_process_outlives_the_cluster(cluster):
   # Ray renames its workers (ray::...), so they are found as this process's descendants.
-  ray_processes = _descendants(os.getpid())
+  ray_processes = [pid for pid in _descendants(os.getpid())
+                   if pid not in cluster.processes_before]
   assert ray_processes
   cluster.shutdown()
   deadline = time.monotonic() + 30
