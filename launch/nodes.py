@@ -292,9 +292,10 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   published and checkpointed; process 0 alone pushes to the servers, logs and writes the
   checkpoints. Process 0 of several serves the coordination service at host:port.
   """
+  own_address = f'{host}:{port}' if port else ''  # Process 0's service, with several.
   group = distributed.ProcessGroup(process_index, config.learner.processes,
-                                   coordinator or (f'{host}:{port}' if port else ''))
-  distributed.initialize(group, bind_address=f'{host}:{port}' if port else '')
+                                   coordinator or own_address)
+  distributed.initialize(group, bind_address=own_address)
   learner_obj = make_learner(config, warm_start_params(config, run_dir), run_dir)
   checkpoint_dir = layout.learner_checkpoint_dir(run_dir)
   # Resume after a crash or restart, from the newest checkpoint that restores.
@@ -307,12 +308,13 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
   resumed = learner_obj.published_params()
   if group.count > 1:
     resumed = distributed.gather_to_host(resumed)
+
   def stop_together() -> bool:  # Every process stops after the same step.
     return distributed.any_process(should_stop())
 
   if group.is_primary:
-    _lead_learner(config, run_dir, stop_together, learner_obj, resumed, inference_addresses,
-                  replay_addresses)
+    _lead_learner(config, run_dir, stop_together, learner_obj, resumed, checkpoint_dir,
+                  inference_addresses, replay_addresses)
   else:
     loop.run_learner(learner_obj, _training_batches(config, run_dir, replay_addresses,
                                                     process_index),
@@ -323,7 +325,7 @@ def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
 
 
 def _lead_learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn,
-                  learner_obj: learner_lib.Learner, resumed: dict,
+                  learner_obj: learner_lib.Learner, resumed: dict, checkpoint_dir: str,
                   inference_addresses: list[str], replay_addresses: list[str]):
   """Process 0 of the learner (the only one of one): its loop, pushes and checkpoints."""
   publishers = {(address, name): ParameterPublisher(address, model=name,
@@ -344,7 +346,6 @@ def _lead_learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn,
     push_to(address)(resumed, learner_obj.step, resume=True)
   publisher = background.BackgroundPublisher(
       {address: push_to(address) for address in inference_addresses})
-  checkpoint_dir = layout.learner_checkpoint_dir(run_dir)
   if config.learner.processes == 1:
     # Device arrays go to the background publisher as they are: its thread reads them.
     publish = publisher.submit
