@@ -2,15 +2,19 @@
 
 For each tree size and number of servers, N server processes each serve one model of
 that size (a one-layer decoder whose embedding holds nearly all of it), and this process
-pushes a new version to all of them at once, one thread per server, as the learner's
-background publisher does. Reported per push: wall seconds, GB/s (bytes of one tree x
-servers / wall), the CPU-seconds of this process and of the servers, and the servers'
-peak RSS against the tree size (the server assembles beside the served copy).
+pushes `--pushes` new versions to all of them, each to all servers at once, one thread
+per server, as the learner's background publisher does. Reported per push after the
+first two (which allocate the servers' buffers for two versions; later pushes reuse
+them, as a learner's do once running): wall seconds, GB/s (bytes of one tree x servers /
+wall), the CPU-seconds of this process and of the servers; then the first push's GB/s,
+and the servers' peak RSS against the tree size (the server assembles beside the served
+copy).
 
 Usage (from the repository root):
 
   .venv/bin/python benchmarks/weight_push.py [--sizes-gb 0.1 1 4] [--servers 1 4]
-      [--wire-dtype float32|bfloat16] [--max-total-gb 12] [--output benchmarks/RESULTS.md]
+      [--pushes 5] [--wire-dtype float32|bfloat16] [--max-total-gb 12]
+      [--output benchmarks/RESULTS.md]
 
 Combinations whose memory (tree x (servers x 2 + 1)) exceeds --max-total-gb are skipped
 and listed. Results go into the "Weight push" section of the output file, with a second
@@ -29,6 +33,9 @@ import time
 from chorus.benchmarks import results
 
 _EMBED = 8192
+# A server's first two pushes allocate its buffers for two versions (param_stream's
+# HostBuffers); later pushes reuse them. The mean per push leaves these two out.
+_FILLING_PUSHES = 2
 SECTION_TITLE = 'Weight push'
 
 
@@ -74,7 +81,8 @@ def _peak_rss_bytes(pid: int) -> int:
   return 0
 
 
-def _measure(size_gb: float, num_servers: int, wire_dtype: str, workdir: str) -> dict:
+def _measure(size_gb: float, num_servers: int, wire_dtype: str, pushes: int,
+             workdir: str) -> dict:
   # pylint: disable=g-import-not-at-top
   import subprocess
   import jax
@@ -97,20 +105,24 @@ def _measure(size_gb: float, num_servers: int, wire_dtype: str, workdir: str) ->
                   for address in addresses]
     for publisher in publishers:
       publisher.wait_until_ready(600)
-    server_cpu = [results.process_cpu_seconds(server.pid) for server in servers]
-    self_cpu = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.monotonic()
+    def cpu_seconds():  # (this process, the servers together)
+      self_usage = resource.getrusage(resource.RUSAGE_SELF)
+      return (self_usage.ru_utime + self_usage.ru_stime,
+              sum(results.process_cpu_seconds(server.pid) for server in servers))
+
+    measured = []  # (wall, client CPU-s, servers CPU-s) per push
     with concurrent.futures.ThreadPoolExecutor(num_servers) as pool:
-      list(pool.map(lambda publisher: publisher.publish(params, 1), publishers))
-    wall = time.monotonic() - start
-    self_after = resource.getrusage(resource.RUSAGE_SELF)
+      for version in range(1, pushes + 1):
+        cpu_before, start = cpu_seconds(), time.monotonic()
+        list(pool.map(lambda publisher: publisher.publish(params, version), publishers))
+        wall, cpu_after = time.monotonic() - start, cpu_seconds()
+        measured.append((wall, cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
+    wall, client_cpu, server_cpu = np.mean(measured[_FILLING_PUSHES:] or measured, axis=0)
     return dict(
         size_gb=tree_bytes / 1e9, servers=num_servers, wire_dtype=wire_dtype or 'float32',
         wall_s=wall, gb_per_s=tree_bytes * num_servers / wall / 1e9,
-        client_cpu_s=(self_after.ru_utime + self_after.ru_stime
-                      - self_cpu.ru_utime - self_cpu.ru_stime),
-        server_cpu_s=sum(results.process_cpu_seconds(server.pid) - before
-                         for server, before in zip(servers, server_cpu)),
+        client_cpu_s=client_cpu, server_cpu_s=server_cpu,
+        first_gb_per_s=tree_bytes * num_servers / measured[0][0] / 1e9,
         server_peak_rss_x=max(_peak_rss_bytes(s.pid) for s in servers) / tree_bytes)
   finally:
     for server in servers:
@@ -120,11 +132,13 @@ def _measure(size_gb: float, num_servers: int, wire_dtype: str, workdir: str) ->
 
 def _table(rows: list[dict]) -> str:
   lines = ['| tree GB | servers | on the wire | wall s | GB/s | client CPU-s | servers CPU-s | '
-           'server peak RSS / tree |', '|---:|---:|:---|---:|---:|---:|---:|---:|']
+           'first push GB/s | server peak RSS / tree |',
+           '|---:|---:|:---|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     lines.append(f"| {r['size_gb']:.2f} | {r['servers']} | {r['wire_dtype']} | "
-                 f"{r['wall_s']:.2f} | {r['gb_per_s']:.2f} | {r['client_cpu_s']:.1f} | "
-                 f"{r['server_cpu_s']:.1f} | {r['server_peak_rss_x']:.2f} |")
+                 f"{r['wall_s']:.2f} | {r['gb_per_s']:.2f} | {r['client_cpu_s']:.2f} | "
+                 f"{r['server_cpu_s']:.2f} | {r['first_gb_per_s']:.2f} | "
+                 f"{r['server_peak_rss_x']:.2f} |")
   return '\n'.join(lines)
 
 
@@ -198,6 +212,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--sizes-gb', type=float, nargs='+', default=[0.1, 1.0, 4.0])
   parser.add_argument('--servers', type=int, nargs='+', default=[1, 4])
+  parser.add_argument('--pushes', type=int, default=5,
+                      help='versions pushed per combination; the first is reported apart')
   parser.add_argument('--wire-dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--max-total-gb', type=float, default=12.0,
                       help='skip combinations needing more memory than this in all')
@@ -218,7 +234,8 @@ def main(argv=None) -> int:
           skipped.append(f'{size} GB x {servers} servers')
           continue
         rows.append(_measure(size, servers,
-                             '' if args.wire_dtype == 'float32' else args.wire_dtype, workdir))
+                             '' if args.wire_dtype == 'float32' else args.wire_dtype,
+                             args.pushes, workdir))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
   text = '\n'.join([
       f'## {SECTION_TITLE}', '',
@@ -226,7 +243,10 @@ def main(argv=None) -> int:
       results.date_machine_load(load, results.load_average()),
       '- Each server process serves a one-layer decoder holding the tree; pushes go to all '
       'servers at once, one thread each (as the learner\'s background publisher), in 4 MiB '
-      'chunks; GB/s counts the bytes of one tree times the servers.',
+      f'chunks; GB/s counts the bytes of one tree times the servers. {args.pushes} pushes '
+      f'per row: wall, GB/s and CPU-s are the mean per push after the first '
+      f'{_FILLING_PUSHES} (which allocate the servers\' buffers for two versions); the first '
+      'push\'s GB/s has a column of its own.',
       '', _table(rows), ''] + ([f'Skipped for memory: {", ".join(skipped)}.', '']
                                if skipped else []) + [
       'LoRA pushes carry only the adapters (attention and MLP projections):', '',

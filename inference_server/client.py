@@ -126,8 +126,8 @@ class _Connection:
     self.timeout_s = timeout_s
     self._channel = tls.channel(address, tls_dir, GRPC_OPTIONS)
     secret = auth.run_secret() if secret is None else secret
-    self._stub = inference_pb2_grpc.InferenceServiceStub(
-        auth.secure_channel(self._channel, secret))
+    self._authenticated_channel = auth.secure_channel(self._channel, secret)
+    self._stub = inference_pb2_grpc.InferenceServiceStub(self._authenticated_channel)
 
   def status(self) -> dict[str, dict[str, int | str]]:
     """Per model: its kind, param_version, traffic counters (generated_tokens /
@@ -278,10 +278,19 @@ class ParameterPublisher(_Connection):
   def __init__(self, address: str, model: str = 'policy', timeout_s: float = 60.0, *,
                chunk_bytes: int = 4 << 20, wire_dtype: str = '',
                secret: str | None = None, tls_dir: str = ''):
+    # Only learners publish, and they hold JAX already: importing param_stream at the top
+    # would load JAX into every actor that imports this module for InferenceClient.
+    from chorus.inference_server import param_stream  # pylint: disable=g-import-not-at-top
+    param_stream.keep_freed_memory_for_chunks()
     super().__init__(address, timeout_s, secret, tls_dir)
     self.model = model
     self.chunk_bytes = chunk_bytes
     self.wire_dtype = wire_dtype
+    # push_chunks serializes its messages itself (param_stream.py), so they go as bytes.
+    self._stream_params = self._authenticated_channel.stream_unary(
+        f"/{inference_pb2.DESCRIPTOR.services_by_name['InferenceService'].full_name}"
+        '/StreamParams',
+        response_deserializer=inference_pb2.UpdateParamsResponse.FromString)
 
   def publish(self, params: Any, version: int, resume: bool = False) -> float:
     """Streams `params` as `version` (param_stream.py); returns the seconds it took.
@@ -292,11 +301,9 @@ class ParameterPublisher(_Connection):
       InferenceError: the server refused the push (a stale version, another architecture,
         non-finite values) or did not take it in time; it serves what it served before.
     """
-    # Only learners publish, and they hold JAX already: importing param_stream at the top
-    # would load JAX into every actor that imports this module for InferenceClient.
     from chorus.inference_server import param_stream  # pylint: disable=g-import-not-at-top
     start = time.monotonic()
-    _call('StreamParams', self._stub.StreamParams,
+    _call('StreamParams', self._stream_params,
           lambda: param_stream.push_chunks(params, model=self.model, version=version,
                                            resume=resume, chunk_bytes=self.chunk_bytes,
                                            wire_dtype=self.wire_dtype),

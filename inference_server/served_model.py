@@ -116,6 +116,7 @@ class ServedModel:
     self.tensor_layout = tuple(
         param_stream.TensorLayout(path, tuple(leaf.shape), np.dtype(leaf.dtype))
         for path, leaf in param_stream.tensors(pushed))
+    self.push_buffers = param_stream.HostBuffers()
     self._lock = threading.Lock()
     self.counters = dict(requests=0, sequences=0, generated_tokens=0, batches=0, param_updates=0,
                          score_requests=0, scored_sequences=0, score_batches=0,

@@ -273,14 +273,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
   def StreamParams(self, request_iterator, context):
     """Assembles a pushed version from its chunks (param_stream.py), then swaps it in."""
     first = next(request_iterator, None)
-    if first is None or not first.HasField('header'):
+    if first is None or first.header is None:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     'A parameter push starts with a header (param_stream.push_chunks).')
     header = first.header
     model = self._model(header.model, context)
     try:
       model.check_version(header.version, header.resume)  # Before any bytes arrive.
-      assembly = param_stream.Assembly(header, model.tensor_layout)
+      assembly = param_stream.Assembly(header, model.tensor_layout,
+                                       buffers=model.push_buffers)
       for chunk in request_iterator:
         assembly.add(chunk)
       model.update_params(model.unflatten(assembly.arrays()), header.version, header.resume)
@@ -352,6 +353,7 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
       raise ValueError(f'Guided model {name!r} is not among the served models '
                        f'{sorted(served_models)}.')
     served_models[name].add_guidance().warm_up()
+  param_stream.keep_freed_memory_for_chunks()
   limits = request_limits.RequestLimitInterceptor(request_limits.method_limits(
       (model.config, model.sequence) for model in served_models.values()))
   # The secret first: a stranger's call is refused before its size is even looked at.
@@ -359,8 +361,13 @@ def start_server(served_models: Mapping[str, ServedModel], address: str = '127.0
                        options=GRPC_OPTIONS,
                        interceptors=[auth.ServerInterceptor(secret), limits] if secret
                        else [limits])
-  inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served_models),
-                                                            server)
+  servicer = InferenceServicer(served_models)
+  # Registered first, so it takes StreamParams: chunks parsed in place (param_stream.py).
+  server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+      'StreamParams': grpc.stream_unary_rpc_method_handler(
+          servicer.StreamParams, request_deserializer=param_stream.decode_chunk,
+          response_serializer=inference_pb2.UpdateParamsResponse.SerializeToString)}),))
+  inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
   health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
   reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME,
                                        reflection.SERVICE_NAME), server)

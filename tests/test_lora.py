@@ -112,7 +112,8 @@ def test_a_learner_trains_checkpoints_and_pushes_only_adapters(make):
 
 
 def _push_bytes(tree) -> int:
-  return sum(len(chunk.data) for chunk in param_stream.push_chunks(tree, model='p', version=1))
+  return sum(len(param_stream.decode_chunk(message).data)
+             for message in param_stream.push_chunks(tree, model='p', version=1))
 
 
 def test_a_lora_push_is_the_adapters_bytes_only():

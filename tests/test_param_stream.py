@@ -1,6 +1,9 @@
 """Streamed parameter pushes: chunks, checks, and a swap only when everything arrived whole."""
+import struct
+import tracemalloc
 import zlib
 
+from google.protobuf import message as message_module
 import grpc
 import jax
 import jax.numpy as jnp
@@ -33,8 +36,15 @@ def _layout(params):
           for path, leaf in param_stream.tensors(params)]
 
 
+def _push(params, **kwargs) -> list[inference_pb2.ParamChunk]:
+  """The messages of a push as protobuf's own parser reads them (easy to damage)."""
+  return [inference_pb2.ParamChunk.FromString(message)
+          for message in param_stream.push_chunks(params, **kwargs)]
+
+
 def _assemble(chunks, layout):
-  chunks = iter(chunks)
+  """Assembles protobuf messages as the server does: serialized, then decode_chunk."""
+  chunks = (param_stream.decode_chunk(chunk.SerializeToString()) for chunk in chunks)
   assembly = param_stream.Assembly(next(chunks).header, layout)
   for chunk in chunks:
     assembly.add(chunk)
@@ -44,8 +54,7 @@ def _assemble(chunks, layout):
 @pytest.mark.parametrize('chunk_bytes', [1000, 64, 1 << 20])
 def test_a_push_reassembles_every_tensor_exactly_in_bounded_chunks(chunk_bytes):
   params = _params(0)
-  chunks = list(param_stream.push_chunks(params, model='policy', version=3,
-                                         chunk_bytes=chunk_bytes))
+  chunks = _push(params, model='policy', version=3, chunk_bytes=chunk_bytes)
   assert all(len(chunk.data) <= chunk_bytes for chunk in chunks)
   # Packed: every chunk but the last is full, small tensors sharing one.
   assert all(len(chunk.data) == chunk_bytes for chunk in chunks[1:-1])
@@ -61,7 +70,7 @@ def test_empty_and_boundary_sized_tensors_pack_and_come_back():
   tree = {'a': np.zeros(0, np.float32), 'b': np.arange(2, dtype=np.float32),
           'c': np.zeros((0, 3), np.int32), 'd': np.arange(3, dtype=np.float32) + 5,
           'e': np.array([7], np.int32)}
-  chunks = list(param_stream.push_chunks(tree, model='p', version=1, chunk_bytes=8))
+  chunks = _push(tree, model='p', version=1, chunk_bytes=8)
   assert [len(c.data) for c in chunks[1:]] == [8, 8, 8]
   assert [len(c.tensor_crc32) for c in chunks[1:]] == [2, 1, 2]
   for got, (_, expected) in zip(_assemble(chunks, _layout(tree)), param_stream.tensors(tree),
@@ -71,8 +80,8 @@ def test_empty_and_boundary_sized_tensors_pack_and_come_back():
 
 def test_bfloat16_on_the_wire_halves_the_bytes_and_comes_back_as_float32():
   params = _params(0)
-  full = sum(len(c.data) for c in param_stream.push_chunks(params, model='p', version=1))
-  chunks = list(param_stream.push_chunks(params, model='p', version=1, wire_dtype='bfloat16'))
+  full = sum(len(c.data) for c in _push(params, model='p', version=1))
+  chunks = _push(params, model='p', version=1, wire_dtype='bfloat16')
   assert sum(len(c.data) for c in chunks) == full // 2
   arrays = _assemble(chunks, _layout(params))
   for got, (_, expected) in zip(arrays, param_stream.tensors(params)):
@@ -81,10 +90,50 @@ def test_bfloat16_on_the_wire_halves_the_bytes_and_comes_back_as_float32():
         np.asarray(got), np.asarray(expected).astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+def test_finite_values_whose_sum_overflows_are_served():
+  tree = {'w': np.array([3e38, 3e38, -1.0], np.float32)}
+  got = _assemble(_push(tree, model='p', version=1), _layout(tree))
+  np.testing.assert_array_equal(np.asarray(got[0]), tree['w'])
+
+
+def test_the_wire_format_is_protobufs_own_both_ways():
+  # What push_chunks writes is what protobuf writes for the same message, and decode_chunk
+  # reads it as protobuf does.
+  messages = list(param_stream.push_chunks(_params(0), model='p', version=2, chunk_bytes=1000))
+  for message in messages:
+    parsed = inference_pb2.ParamChunk.FromString(message)
+    assert parsed.SerializeToString() == message
+    decoded = param_stream.decode_chunk(message)
+    assert bytes(decoded.data) == parsed.data
+    assert decoded.crcs == tuple(parsed.tensor_crc32)
+    assert decoded.header == (parsed.header if parsed.HasField('header') else None)
+  assert param_stream.decode_chunk(messages[0]).header.version == 2
+
+
+def test_decode_chunk_reads_what_other_protobuf_writers_may_send():
+  # Checksums unpacked (a fixed32 field each), a field this version does not know, and
+  # `data` twice (the last one counts): all valid protobuf.
+  message = (b'\x12\x01z\x12\x03abc' + b'\x1d' + struct.pack('<I', 7) + b'\x1d'
+             + struct.pack('<I', 9) + b'\x20\x05')
+  parsed = inference_pb2.ParamChunk.FromString(message)
+  decoded = param_stream.decode_chunk(message)
+  assert bytes(decoded.data) == parsed.data == b'abc'
+  assert decoded.crcs == tuple(parsed.tensor_crc32) == (7, 9)
+
+
+@pytest.mark.parametrize('message', [b'\x12\x05abc', b'\x12', b'\x1a\x03abc', b'\x0f',
+                                     b'\xff' * 11])
+def test_decode_chunk_refuses_what_protobuf_refuses(message):
+  with pytest.raises(param_stream.PushError, match='not a'):
+    param_stream.decode_chunk(message)
+  with pytest.raises(message_module.DecodeError):
+    inference_pb2.ParamChunk.FromString(message)
+
+
 def _corrupted(kind: str):
   """The chunks of a push damaged one way."""
   params = _params(0)
-  chunks = list(param_stream.push_chunks(params, model='p', version=1, chunk_bytes=4096))
+  chunks = _push(params, model='p', version=1, chunk_bytes=4096)
   if kind == 'flipped_byte':
     data = bytearray(chunks[1].data)
     data[0] ^= 0xFF
@@ -92,7 +141,7 @@ def _corrupted(kind: str):
   elif kind == 'nan':
     bad = jax.tree_util.tree_map(lambda x: x, params)
     bad['final_norm']['scale'] = bad['final_norm']['scale'].at[0].set(jnp.nan)
-    chunks = list(param_stream.push_chunks(bad, model='p', version=1, chunk_bytes=4096))
+    chunks = _push(bad, model='p', version=1, chunk_bytes=4096)
   elif kind == 'cut':
     chunks = chunks[:len(chunks) // 2]
   elif kind == 'extra_bytes':
@@ -134,8 +183,7 @@ def fixture_server():
 def test_a_stream_cut_half_way_leaves_the_old_version_served_and_answering(server):
   address, served = server
   before = served.param_version
-  chunks = list(param_stream.push_chunks(_params(1), model='policy', version=before + 1,
-                                         chunk_bytes=4096))
+  chunks = _push(_params(1), model='policy', version=before + 1, chunk_bytes=4096)
 
   def cut_short():
     yield from chunks[:len(chunks) // 2]
@@ -172,6 +220,47 @@ def test_a_refused_push_never_echoes_its_bytes(server):
           timeout=30)
   assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
   assert b'SECRET' not in raised.value.details().encode()
+
+
+def test_pushes_in_a_row_reuse_buffers_and_never_write_over_a_version_still_read():
+  # numpy reports its buffers to tracemalloc: here the host memory of the versions (on CPU,
+  # device_put serves the assembly's buffers without a copy).
+  config = models.DecoderConfig(vocab_size=512, num_layers=1, embed_dim=8192, num_heads=1,
+                                num_kv_heads=1, head_dim=8, mlp_dim=8, max_seq_len=16)
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
+  versions = [jax.tree_util.tree_map(lambda s, v=v: np.full(s.shape, v, s.dtype), shapes)
+              for v in range(8)]
+  tree_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(versions[0]))
+  served = ServedModel('policy', config, versions[0], version=0,
+                       config=InferenceServerConfig(max_batch_size=1), sequence=_SPEC)
+  grpc_server, port = start_server({'policy': served}, '127.0.0.1:0')
+  embedding = lambda params: np.asarray(params['embedder']['embedding'])
+  tracemalloc.start()
+  try:
+    with ParameterPublisher(f'127.0.0.1:{port}', timeout_s=60, chunk_bytes=1 << 20) as pub:
+      before = tracemalloc.get_traced_memory()[0]
+      for version in range(1, 5):
+        tracemalloc.reset_peak()
+        pub.publish(versions[version], version)
+        held, peak = (size - before for size in tracemalloc.get_traced_memory())
+        # At most one copy beside the served one, in the buffers of the next push.
+        assert held < 2.1 * tree_bytes, (version, held / tree_bytes)
+        assert peak < 2.3 * tree_bytes, (version, peak / tree_bytes)
+      assert served.push_buffers.nbytes == 2 * tree_bytes
+      # A batch still reading version 4: its buffers are not reused while it does.
+      read = served.params_and_version()[0]
+      for version in (5, 6):
+        pub.publish(versions[version], version)
+      assert (embedding(read) == 4).all()
+      assert served.push_buffers.nbytes == 3 * tree_bytes
+      del read
+      pub.publish(versions[7], 7)
+      assert served.push_buffers.nbytes == 3 * tree_bytes
+    assert (embedding(served.params_and_version()[0]) == 7).all()
+  finally:
+    tracemalloc.stop()
+    grpc_server.stop(grace=1).wait()
+    served.close()
 
 
 @pytest.mark.slow
