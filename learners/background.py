@@ -1,6 +1,6 @@
-"""Off the learner's critical path: reading the next batch, and pushing parameters.
+"""Off the learner's critical path: pushing parameters (the next batch is read ahead by
+chorus.prefetch.Prefetcher).
 
-`Prefetcher` reads the next batch in a thread while the learner updates on this one.
 `BackgroundPublisher` pushes the newest parameters to every inference server from one
 thread per server: a version due while a push to that server is in flight waits in a
 slot of one, and a newer version replaces it there (newest wins; versions are never
@@ -8,63 +8,11 @@ queued), so a slow server costs the learner nothing and receives fewer versions.
 publisher knows nothing of the transport: it is given one `push(models, version)` per
 server.
 """
-from collections.abc import Callable, Iterator, Mapping
-import queue
+from collections.abc import Callable, Mapping
 import threading
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-T = TypeVar('T')
 PushFn = Callable[[dict[str, Any], int], None]
-_END = object()
-
-
-class Prefetcher(Generic[T]):
-  """Iterates `items` up to `buffer_size` items ahead, in a daemon thread; same items, same order.
-
-  It reads an item only when a slot is free, so no more than `buffer_size` items are ever
-  taken from `items` before the caller asks for them (from a queue table, every row read
-  early waits, and its policy lag grows). An error raised by `items` is raised by the
-  `next` call that would have returned the item it failed on.
-
-  Args:
-    items: the iterator to read ahead of the caller (e.g. replay batches).
-    buffer_size: items read ahead; 1 reads the next batch during the current update.
-  """
-
-  def __init__(self, items: Iterator[T], buffer_size: int = 1):
-    if buffer_size < 1:
-      raise ValueError(f'buffer_size must be >= 1, got {buffer_size}.')
-    self._items = items
-    self._free_slots = threading.Semaphore(buffer_size)
-    self._buffer: queue.Queue = queue.Queue()
-    self._done = False
-    self._thread = threading.Thread(target=self._fill, name='prefetcher', daemon=True)
-    self._thread.start()
-
-  def _fill(self):
-    try:
-      while True:
-        self._free_slots.acquire()
-        self._buffer.put((next(self._items), None))
-    except StopIteration:
-      self._buffer.put((_END, None))
-    except Exception as error:  # pylint: disable=broad-except
-      self._buffer.put((_END, error))
-
-  def __iter__(self) -> 'Prefetcher[T]':
-    return self
-
-  def __next__(self) -> T:
-    if self._done:
-      raise StopIteration
-    item, error = self._buffer.get()
-    if item is _END:
-      self._done = True
-      if error is not None:
-        raise error
-      raise StopIteration
-    self._free_slots.release()
-    return item
 
 
 class _Lane:

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from chorus import core
-from chorus.learners import background
+from chorus import prefetch
 from chorus.metrics import MetricsWriter
 
 
@@ -66,7 +66,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   `publish(models, version)` pushes or schedules `learner.published_params()` (served
   model name -> parameters); its time is logged as `publish_seconds`, so a publisher that
   pushes in the background (background.BackgroundPublisher.submit) keeps it near 0.
-  The next batch is read while an update runs (background.Prefetcher).
+  The next batch is read while an update runs (prefetch.Prefetcher).
 
   Parameter version = learner step: the version pushed after k updates is k, so the policy
   lag of a batch is exactly (updates done so far) - (version that sampled it). After a
@@ -85,7 +85,7 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   window_start, trajectories_seen = time.monotonic(), 0
   step = learner.step
   skipped_updates = consecutive_skips = 0
-  batches = background.Prefetcher(batches)
+  batches = prefetch.Prefetcher(batches)
   while step < config.max_steps and not should_stop():
     wait_start = time.monotonic()
     batch = next(batches)

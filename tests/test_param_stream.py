@@ -237,15 +237,17 @@ def test_pushes_in_a_row_reuse_buffers_and_never_write_over_a_version_still_read
   embedding = lambda params: np.asarray(params['embedder']['embedding'])
   tracemalloc.start()
   try:
-    with ParameterPublisher(f'127.0.0.1:{port}', timeout_s=60, chunk_bytes=1 << 20) as pub:
+    chunk_bytes = 1 << 20
+    with ParameterPublisher(f'127.0.0.1:{port}', timeout_s=60, chunk_bytes=chunk_bytes) as pub:
       before = tracemalloc.get_traced_memory()[0]
       for version in range(1, 5):
         tracemalloc.reset_peak()
         pub.publish(versions[version], version)
         held, peak = (size - before for size in tracemalloc.get_traced_memory())
-        # At most one copy beside the served one, in the buffers of the next push.
+        # At most one copy beside the served one, in the buffers of the next push; while
+        # pushing, also the chunks in flight (the learner's, the server's read ahead).
         assert held < 2.1 * tree_bytes, (version, held / tree_bytes)
-        assert peak < 2.3 * tree_bytes, (version, peak / tree_bytes)
+        assert peak < 2 * tree_bytes + 8 * chunk_bytes, (version, peak / tree_bytes)
       assert served.push_buffers.nbytes == 2 * tree_bytes
       # A batch still reading version 4: its buffers are not reused while it does.
       read = served.params_and_version()[0]
