@@ -114,6 +114,11 @@ def paired_bind(shared, row: PairedRow) -> sampler_lib.PairedInputs:
                                   row.second_prompt_mask)
 
 
+def _cached_cpu_executables() -> bool:
+  """Whether JAX loads CPU executables from its persistent compilation cache."""
+  return bool(jax.config.jax_compilation_cache_dir) and jax.default_backend() == 'cpu'
+
+
 class SlotDecoder:
   """The jitted insert and decode functions over `num_slots` slots.
 
@@ -141,8 +146,12 @@ class SlotDecoder:
     self.eos_id = eos_id
     self._traces = 0
     self._lock = threading.Lock()
-    self.insert = self._counted_jit(self._insert, donate_argnums=1)
-    self.decode = self._counted_jit(self._decode, donate_argnums=1, static_argnums=2)
+    # The slots' state is updated in place (donated), except where JAX's persistent
+    # compilation cache is on with the CPU backend: executables loaded from it there gave
+    # wrong log-probs with donated state (jax 0.4.34; tests/test_scheduler.py).
+    donate = () if _cached_cpu_executables() else (1,)
+    self.insert = self._counted_jit(self._insert, donate_argnums=donate)
+    self.decode = self._counted_jit(self._decode, donate_argnums=donate, static_argnums=2)
 
   @property
   def compilations(self) -> int:
