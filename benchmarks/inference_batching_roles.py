@@ -123,8 +123,9 @@ def prepare(name, events, settings: Settings):
 
 
 def serve(name, events, settings: Settings, server_settings: ServerSettings, stop_event):
-  """The inference server: one ServedModel behind real gRPC on loopback."""
-  _import_jax(settings)
+  """The inference server: one ServedModel behind real gRPC on loopback. It compiles for
+  itself: with the persistent cache on, the scheduler would not donate its slots
+  (inference_server/slots.py), and the server would not be the one measured."""
   # pylint: disable=g-import-not-at-top
   from chorus import core
   from chorus.inference_server.config import InferenceServerConfig
