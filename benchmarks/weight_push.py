@@ -213,7 +213,8 @@ def main(argv=None) -> int:
   parser.add_argument('--sizes-gb', type=float, nargs='+', default=[0.1, 1.0, 4.0])
   parser.add_argument('--servers', type=int, nargs='+', default=[1, 4])
   parser.add_argument('--pushes', type=int, default=5,
-                      help='versions pushed per combination; the first is reported apart')
+                      help='versions pushed per combination; the mean leaves out the first '
+                      'two, and the first is reported apart')
   parser.add_argument('--wire-dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--max-total-gb', type=float, default=12.0,
                       help='skip combinations needing more memory than this in all')

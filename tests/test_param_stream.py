@@ -222,14 +222,21 @@ def test_a_refused_push_never_echoes_its_bytes(server):
   assert b'SECRET' not in raised.value.details().encode()
 
 
+def _embedding_decoder(vocab_size: int, values):
+  """A one-layer decoder whose embedding (vocab_size x 8192) holds nearly all its bytes,
+  and one parameter tree of it per value, every entry that value."""
+  config = models.DecoderConfig(vocab_size=vocab_size, num_layers=1, embed_dim=8192,
+                                num_heads=1, num_kv_heads=1, head_dim=8, mlp_dim=8,
+                                max_seq_len=16)
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
+  return config, [jax.tree_util.tree_map(lambda s, v=v: np.full(s.shape, v, s.dtype), shapes)
+                  for v in values]
+
+
 def test_pushes_in_a_row_reuse_buffers_and_never_write_over_a_version_still_read():
   # numpy reports its buffers to tracemalloc: here the host memory of the versions (on CPU,
   # device_put serves the assembly's buffers without a copy).
-  config = models.DecoderConfig(vocab_size=512, num_layers=1, embed_dim=8192, num_heads=1,
-                                num_kv_heads=1, head_dim=8, mlp_dim=8, max_seq_len=16)
-  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
-  versions = [jax.tree_util.tree_map(lambda s, v=v: np.full(s.shape, v, s.dtype), shapes)
-              for v in range(8)]
+  config, versions = _embedding_decoder(vocab_size=512, values=range(8))
   tree_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(versions[0]))
   served = ServedModel('policy', config, versions[0], version=0,
                        config=InferenceServerConfig(max_batch_size=1), sequence=_SPEC)
@@ -268,10 +275,7 @@ def test_pushes_in_a_row_reuse_buffers_and_never_write_over_a_version_still_read
 @pytest.mark.slow
 def test_a_push_of_a_tree_over_one_gib_is_served():
   # One big embedding (33k x 8192 float32 = 1.08 GB) in a one-layer decoder.
-  config = models.DecoderConfig(vocab_size=33_000, num_layers=1, embed_dim=8192, num_heads=1,
-                                num_kv_heads=1, head_dim=8, mlp_dim=8, max_seq_len=16)
-  params = jax.eval_shape(lambda: models.init_params(config, jax.random.PRNGKey(0)))
-  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), params)
+  config, (zeros,) = _embedding_decoder(vocab_size=33_000, values=[0])
   assert sum(x.nbytes for x in jax.tree_util.tree_leaves(zeros)) > 2**30
   served = ServedModel('policy', config, zeros, version=0, config=InferenceServerConfig(),
                        sequence=_SPEC)
