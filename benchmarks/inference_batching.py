@@ -84,7 +84,7 @@ def _run_scaling(args, children: processes.Children, settings: roles.Settings,
     for index, server_setting in enumerate(server_settings):
       name = f'server-{index}'
       children.start(name, roles.serve, not settings.server_multi_thread, settings,
-                     server_setting, stop_servers)
+                     server_setting, stop_servers, one_core=not settings.server_multi_thread)
       # One at a time: two servers compiling at once would each take twice as long.
       port = children.wait_for('ready', [name], args.ready_timeout_s)[name]['port']
       status_client = client_lib.InferenceClient(f'127.0.0.1:{port}')
@@ -149,7 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--decode-steps-per-call', type=int, nargs='+', default=[1],
                       help='one continuous server (and measurement) per value')
   parser.add_argument('--single-thread-server', action='store_true',
-                      help='give the servers the actors\' one-thread XLA flag too')
+                      help='run each server on one core (which bounds XLA\'s threads) with '
+                      'the actors\' one-thread XLA flag')
   parser.add_argument('--mixture-models', nargs='+', choices=['tiny', 'small'],
                       default=['tiny', 'small'])
   parser.add_argument('--mixture-new-tokens', type=int, nargs='+', default=[32, 128, 256])

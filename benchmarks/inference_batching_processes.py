@@ -16,8 +16,10 @@ from typing import Any
 
 from chorus.launch.processes import die_with_parent
 
-# XLA:CPU's only thread knob here: without it every JAX process starts an Eigen pool of
-# one thread per core, so 32 processes on 2 cores would run 64 compute threads.
+# Without it every JAX process starts an Eigen pool of one thread per core, so 32
+# processes on 2 cores would run 64 compute threads. It leaves XLA:CPU's own threads
+# (loop fusions split over cores, the thunk executor): a process that must compute on one
+# thread also gets one core (`one_core`), since XLA sizes its pool from the affinity mask.
 # (`intra_op_parallelism_threads` is a TensorFlow session option, not an XLA flag: XLA
 # ignores it in XLA_FLAGS, so it is not set.)
 SINGLE_THREAD_XLA_FLAGS = '--xla_cpu_multi_thread_eigen=false'
@@ -25,17 +27,20 @@ SINGLE_THREAD_ENV = {'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1',
                      'MKL_NUM_THREADS': '1', 'TF_CPP_MIN_LOG_LEVEL': '2'}
 
 
-def _limit_threads(single_thread_xla: bool):
+def _limit_threads(single_thread_xla: bool, one_core: bool):
   os.environ.update(SINGLE_THREAD_ENV)
   if single_thread_xla:
     flags = os.environ.get('XLA_FLAGS', '')
     os.environ['XLA_FLAGS'] = f'{flags} {SINGLE_THREAD_XLA_FLAGS}'.strip()
+  if one_core:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-def _child(target, name: str, parent_pid: int, single_thread_xla: bool, events, *args):
+def _child(target, name: str, parent_pid: int, single_thread_xla: bool, one_core: bool,
+           events, *args):
   """Entry of every child: thread limits first, then `target`; errors go to the parent."""
   die_with_parent(parent_pid)
-  _limit_threads(single_thread_xla)
+  _limit_threads(single_thread_xla, one_core)
   try:
     target(name, events, *args)
   except Exception:  # pylint: disable=broad-except
@@ -56,15 +61,16 @@ class Children:
   def Value(self, *args):  # pylint: disable=invalid-name
     return self._context.Value(*args)
 
-  def start(self, name: str, target, single_thread_xla: bool, *args):
-    """Starts `target(name, events, *args)` in a new process called `name`.
+  def start(self, name: str, target, single_thread_xla: bool, *args, one_core: bool = False):
+    """Starts `target(name, events, *args)` in a new process called `name`; `one_core`
+    keeps it on the first core this process may use.
 
     `target` must be a module-level function of a module that imports nothing heavy
     (see inference_batching_roles), so that the thread limits come before JAX loads.
     """
     process = self._context.Process(
         target=_child, name=name, daemon=True,
-        args=(target, name, os.getpid(), single_thread_xla, self.events) + args)
+        args=(target, name, os.getpid(), single_thread_xla, one_core, self.events) + args)
     process.start()
     self.processes[name] = process
 

@@ -58,7 +58,7 @@ def scaling_section(command: str, info: dict[str, Any], settings: roles.Settings
       + '; '.join(server.label for server in servers)
       + '; every batch and insert bucket compiled in warm-up; XLA '
       + ('multi-threaded (its default: one Eigen thread per core)' if settings.server_multi_thread
-         else f'single-threaded (`{processes.SINGLE_THREAD_XLA_FLAGS}`)'),
+         else f'single-threaded (one core, and `{processes.SINGLE_THREAD_XLA_FLAGS}`)'),
       f'- Actors (all set-ups): `XLA_FLAGS={processes.SINGLE_THREAD_XLA_FLAGS}`, '
       + ', '.join(f'{k}={v}' for k, v in processes.SINGLE_THREAD_ENV.items() if 'THREADS' in k)
       + '; processes started with multiprocessing "spawn"',
