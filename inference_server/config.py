@@ -45,6 +45,13 @@ class InferenceServerConfig:
     request_timeout_s: a Generate or Score call that waits longer fails with
       DEADLINE_EXCEEDED.
     num_threads: gRPC worker threads; at least the number of concurrent callers.
+    cpu_cores: 0 (the default): the server process runs on every core it may use. N > 0:
+      on the first N of them (its CPU affinity, set before it computes; Linux). XLA:CPU
+      sizes its thread pool from that, so on a CPU host that the server shares with its
+      actors 1 gives the most tokens per CPU-second: 20-26 % more than the default with
+      the continuous scheduler at 32 actors, for 16-20 % fewer tokens per second
+      (benchmarks/RESULTS.md, "A server on one core"). No effect on the device of a
+      GPU or TPU server beyond its host threads.
     seed: seeds the sampling random stream.
     tls_dir: '' (the default) serves plaintext, which is enough on one machine's loopback.
       For a cluster: a directory holding server.crt, server.key and ca.crt (PEM). The
@@ -57,6 +64,7 @@ class InferenceServerConfig:
   decode_steps_per_call: int = 2
   request_timeout_s: float = 120.0
   num_threads: int = 64
+  cpu_cores: int = 0
   seed: int = 0
   tls_dir: str = ''
 
@@ -69,7 +77,7 @@ class InferenceServerConfig:
                        f'inference.decode_steps_per_call ({self.decode_steps_per_call}) must be '
                        'at least 1.')
     core.check_ranges(self, 'inference', max_wait_ms=(0, None), request_timeout_s=(1e-3, None),
-                      num_threads=(1, None))
+                      num_threads=(1, None), cpu_cores=(0, None))
     missing = tls.missing_files(self.tls_dir) if self.tls_dir else []
     if missing:
       raise ValueError(f'inference.tls_dir={self.tls_dir!r} lacks {", ".join(missing)}; it '

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -25,6 +26,7 @@ from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
 from chorus.inference_server.served_model import ServedModel
 from chorus.inference_server.service import start_server
+from chorus.launch import processes
 from chorus.launch import program as program_names
 from chorus.launch import run_dir as layout
 from chorus.launch.experiment import ExperimentConfig
@@ -152,6 +154,10 @@ def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedMo
 def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
                      server_index: int, port: int, host: str = '127.0.0.1',
                      status_every_s: float = 5.0):
+  # Before the first computation: XLA:CPU sizes its thread pool from the affinity mask.
+  processes.use_first_cores(config.inference.cpu_cores, 'inference.cpu_cores')
+  metrics = MetricsWriter(layout.metrics_path(run_dir), f'inference_server_{server_index}')
+  metrics.write(kind='inference_server', cpu_cores=sorted(os.sched_getaffinity(0)))
   builder = config.builder()
   served = _served_models(config, run_dir)
   scored = builder.scored_models()
@@ -165,7 +171,6 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
                                 secret=auth.run_secret(), tls_dir=config.inference.tls_dir)
   logging.info('Inference server on %s:%d (%s) serving %s', host, port,
                'TLS' if config.inference.tls_dir else 'plaintext', sorted(served))
-  metrics = MetricsWriter(layout.metrics_path(run_dir), f'inference_server_{server_index}')
   while not should_stop():
     time.sleep(status_every_s)
     for name, model in served.items():

@@ -29,3 +29,22 @@ def is_alive(pid: int) -> bool:
       return file.read().rsplit(')', 1)[1].split()[0] != 'Z'
   except OSError:
     return False
+
+
+def use_first_cores(count: int, setting: str):
+  """Keeps this process on the first `count` cores it may use; 0 leaves it on all of them.
+
+  XLA:CPU sizes its thread pool from this affinity mask when JAX first computes, so call
+  it before that: then `count` bounds XLA's threads too.
+
+  Args:
+    count: cores to keep, 0 for all.
+    setting: the config field `count` came from, for the error message.
+  """
+  if not count:
+    return
+  allowed = sorted(os.sched_getaffinity(0))
+  if count > len(allowed):
+    raise ValueError(f'{setting}={count}, but this process may use {len(allowed)} core(s) '
+                     f'({allowed}); lower it, or set 0 for all of them.')
+  os.sched_setaffinity(0, allowed[:count])

@@ -19,6 +19,7 @@ _BAD_RUNS = {
     'unknown_config': ['--config', 'no_such_config'],
     'no_actors': ['--set', 'num_actors=0'],
     'no_batch_slots': ['--set', 'inference.max_batch_size=0'],
+    'negative_server_cores': ['--set', 'inference.cpu_cores=-1'],
     'nan_learning_rate': ['--set', 'learner.learning_rate=nan'],
     'near_zero_temperature': ['--set', 'actor.temperature=1e-40'],
     'infinite_agent_coefficient': ['--set', 'agent.kl_coef=inf'],

@@ -20,7 +20,7 @@ _SMALL_RUN = [
     '--set', 'learner.log_every=4', '--set', 'learner.checkpoint_every=6',
     '--set', 'replay.max_size=32', '--set', 'inference.max_batch_size=8',
     '--set', 'task.num_eval_prompts=16', '--set', 'rlds_episodes_per_file=10',
-    '--set', 'evaluation.every_s=0',
+    '--set', 'evaluation.every_s=0', '--set', 'inference.cpu_cores=1',
 ]
 
 
@@ -80,6 +80,12 @@ def test_run_directory_has_summary_curves_checkpoints_tensorboard_and_rlds(run_d
   assert any(name.startswith('events') for name in os.listdir(os.path.join(run_dir, 'tensorboard')))
   learner_records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='learner')
   assert [r['step'] for r in learner_records] == [4, 8, 12]
+
+
+def test_the_server_runs_on_the_one_core_it_was_given(run_dir):
+  records = read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='inference_server_0')
+  started = [r for r in records if r['kind'] == 'inference_server']
+  assert [r['cpu_cores'] for r in started] == [sorted(os.sched_getaffinity(0))[:1]]
 
 
 def test_cost_accounting_sums_to_what_proc_reports_for_the_process_tree(run):

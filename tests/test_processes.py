@@ -1,8 +1,12 @@
-"""launch/processes.die_with_parent on real processes: a node never outlives its parent."""
+"""launch/processes on real processes: a node never outlives its parent, and keeps to the
+cores it is given."""
+import os
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from chorus.launch import processes
 
@@ -42,3 +46,28 @@ def test_a_child_gets_sigterm_when_its_parent_is_sigkilled():
   while processes.is_alive(child_pid) and time.monotonic() < deadline:
     time.sleep(0.05)
   assert not processes.is_alive(child_pid)
+
+
+_CORES_HELPER = """
+import os, sys
+from chorus.launch.processes import use_first_cores
+use_first_cores(int(sys.argv[1]), 'inference.cpu_cores')
+print(sorted(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.parametrize('count', [0, 1])
+def test_a_process_keeps_to_its_first_cores_and_zero_means_all(count):
+  allowed = sorted(os.sched_getaffinity(0))
+  result = subprocess.run([sys.executable, '-c', _CORES_HELPER, str(count)],
+                          capture_output=True, text=True, timeout=60, check=True)
+  assert result.stdout.strip() == str(allowed[:count] if count else allowed)
+
+
+def test_more_cores_than_the_process_may_use_is_an_error_naming_the_setting():
+  too_many = len(os.sched_getaffinity(0)) + 1
+  before = os.sched_getaffinity(0)
+  with pytest.raises(ValueError, match=f'inference.cpu_cores={too_many}, but this process may '
+                                       'use'):
+    processes.use_first_cores(too_many, 'inference.cpu_cores')
+  assert os.sched_getaffinity(0) == before
