@@ -15,7 +15,7 @@ import traceback
 from typing import Any
 
 from chorus.launch.processes import die_with_parent
-from chorus.launch.processes import use_first_cores
+from chorus.launch.processes import use_cores
 
 # Without it every JAX process starts an Eigen pool of one thread per core, so 32
 # processes on 2 cores would run 64 compute threads. It leaves XLA:CPU's own threads
@@ -34,7 +34,7 @@ def _limit_threads(single_thread_xla: bool, one_core: bool):
     flags = os.environ.get('XLA_FLAGS', '')
     os.environ['XLA_FLAGS'] = f'{flags} {SINGLE_THREAD_XLA_FLAGS}'.strip()
   if one_core:
-    use_first_cores(1, 'one_core')
+    use_cores(1, 'one_core')
 
 
 def _child(target, name: str, parent_pid: int, single_thread_xla: bool, one_core: bool,

@@ -31,15 +31,18 @@ def is_alive(pid: int) -> bool:
     return False
 
 
-def use_first_cores(count: int, setting: str):
-  """Keeps this process on the first `count` cores it may use; 0 leaves it on all of them.
+def use_cores(count: int, setting: str, index: int = 0):
+  """Keeps this process on `count` of the cores it may use; 0 leaves it on all of them.
 
+  Process `index` of several alike (the servers of one machine) takes the `index`-th run
+  of `count` cores, wrapping around, so that they do not all crowd onto the first ones.
   XLA:CPU sizes its thread pool from this affinity mask when JAX first computes, so call
   it before that: then `count` bounds XLA's threads too.
 
   Args:
     count: cores to keep, 0 for all.
     setting: the config field `count` came from, for the error message.
+    index: which of several alike processes this is.
   """
   if not count:
     return
@@ -47,4 +50,5 @@ def use_first_cores(count: int, setting: str):
   if count > len(allowed):
     raise ValueError(f'{setting}={count}, but this process may use {len(allowed)} core(s) '
                      f'({allowed}); lower it, or set 0 for all of them.')
-  os.sched_setaffinity(0, allowed[:count])
+  start = index * count
+  os.sched_setaffinity(0, {allowed[(start + offset) % len(allowed)] for offset in range(count)})

@@ -50,18 +50,24 @@ def test_a_child_gets_sigterm_when_its_parent_is_sigkilled():
 
 _CORES_HELPER = """
 import os, sys
-from chorus.launch.processes import use_first_cores
-use_first_cores(int(sys.argv[1]), 'inference.cpu_cores')
+from chorus.launch.processes import use_cores
+use_cores(int(sys.argv[1]), 'inference.cpu_cores', int(sys.argv[2]))
 print(sorted(os.sched_getaffinity(0)))
 """
 
 
-@pytest.mark.parametrize('count', [0, 1])
-def test_a_process_keeps_to_its_first_cores_and_zero_means_all(count):
+def _cores_of_a_process_given(count: int, index: int) -> str:
+  return subprocess.run([sys.executable, '-c', _CORES_HELPER, str(count), str(index)],
+                        capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+
+def test_processes_keep_to_their_run_of_cores_and_zero_means_all():
   allowed = sorted(os.sched_getaffinity(0))
-  result = subprocess.run([sys.executable, '-c', _CORES_HELPER, str(count)],
-                          capture_output=True, text=True, timeout=60, check=True)
-  assert result.stdout.strip() == str(allowed[:count] if count else allowed)
+  assert _cores_of_a_process_given(0, 0) == str(allowed)
+  assert _cores_of_a_process_given(1, 0) == str(allowed[:1])
+  # The second of several one-core processes takes the next core, wrapping around.
+  assert _cores_of_a_process_given(1, 1) == str([allowed[1 % len(allowed)]])
+  assert _cores_of_a_process_given(1, len(allowed)) == str(allowed[:1])
 
 
 def test_more_cores_than_the_process_may_use_is_an_error_naming_the_setting():
@@ -69,5 +75,5 @@ def test_more_cores_than_the_process_may_use_is_an_error_naming_the_setting():
   before = os.sched_getaffinity(0)
   with pytest.raises(ValueError, match=f'inference.cpu_cores={too_many}, but this process may '
                                        'use'):
-    processes.use_first_cores(too_many, 'inference.cpu_cores')
+    processes.use_cores(too_many, 'inference.cpu_cores')
   assert os.sched_getaffinity(0) == before
