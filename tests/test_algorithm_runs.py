@@ -48,7 +48,8 @@ def _run(name: str, run_dir: str, *extra: str) -> dict:
 def _served_versions(run_dir: str) -> dict[str, int]:
   versions = {}
   for record in read_metrics(os.path.join(run_dir, 'metrics.jsonl'), node='inference_server_0'):
-    versions[record['model']] = record['param_version']
+    if record.get('kind') == 'inference':
+      versions[record['model']] = record['param_version']
   return versions
 
 
