@@ -47,9 +47,9 @@ class InferenceServerConfig:
     num_threads: gRPC worker threads; at least the number of concurrent callers.
     cpu_cores: 0 (the default): the server process runs on every core it may use. N > 0:
       on N of them (its CPU affinity, set before it computes; Linux), server i of a
-      machine on the i-th run of N cores, wrapping around. XLA:CPU
-      sizes its thread pool from that, so on a CPU host that the server shares with its
-      actors 1 gives the most tokens per CPU-second: 20-26 % more than the default with
+      machine on the i-th run of N cores, wrapping around. XLA:CPU sizes its thread pool
+      from that, so on a CPU host that the server shares with its actors 1 gives the
+      most tokens per CPU-second: 20-26 % more than the default with
       the continuous scheduler at 32 actors, for 16-20 % fewer tokens per second
       (benchmarks/RESULTS.md, "A server on one core"). No effect on the device of a
       GPU or TPU server beyond its host threads.

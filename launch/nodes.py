@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 import time
 
@@ -155,9 +154,9 @@ def inference_server(config: ExperimentConfig, run_dir: str, should_stop: StopFn
                      server_index: int, port: int, host: str = '127.0.0.1',
                      status_every_s: float = 5.0):
   # Before the first computation: XLA:CPU sizes its thread pool from the affinity mask.
-  processes.use_cores(config.inference.cpu_cores, 'inference.cpu_cores', server_index)
+  cores = processes.use_cores(config.inference.cpu_cores, 'inference.cpu_cores', server_index)
   metrics = MetricsWriter(layout.metrics_path(run_dir), f'inference_server_{server_index}')
-  metrics.write(kind='inference_server', cpu_cores=sorted(os.sched_getaffinity(0)))
+  metrics.write(kind='inference_server', cpu_cores=cores)
   builder = config.builder()
   served = _served_models(config, run_dir)
   scored = builder.scored_models()

@@ -31,7 +31,7 @@ def is_alive(pid: int) -> bool:
     return False
 
 
-def use_cores(count: int, setting: str, index: int = 0):
+def use_cores(count: int, setting: str, index: int = 0) -> list[int]:
   """Keeps this process on `count` of the cores it may use; 0 leaves it on all of them.
 
   Process `index` of several alike (the servers of one machine) takes the `index`-th run
@@ -43,12 +43,16 @@ def use_cores(count: int, setting: str, index: int = 0):
     count: cores to keep, 0 for all.
     setting: the config field `count` came from, for the error message.
     index: which of several alike processes this is.
+
+  Returns:
+    the cores the process runs on now, sorted.
   """
-  if not count:
-    return
   allowed = sorted(os.sched_getaffinity(0))
+  if not count:
+    return allowed
   if count > len(allowed):
     raise ValueError(f'{setting}={count}, but this process may use {len(allowed)} core(s) '
                      f'({allowed}); lower it, or set 0 for all of them.')
-  start = index * count
-  os.sched_setaffinity(0, {allowed[(start + offset) % len(allowed)] for offset in range(count)})
+  cores = {allowed[(index * count + offset) % len(allowed)] for offset in range(count)}
+  os.sched_setaffinity(0, cores)
+  return sorted(cores)

@@ -51,8 +51,9 @@ def test_a_child_gets_sigterm_when_its_parent_is_sigkilled():
 _CORES_HELPER = """
 import os, sys
 from chorus.launch.processes import use_cores
-use_cores(int(sys.argv[1]), 'inference.cpu_cores', int(sys.argv[2]))
-print(sorted(os.sched_getaffinity(0)))
+kept = use_cores(int(sys.argv[1]), 'inference.cpu_cores', int(sys.argv[2]))
+assert kept == sorted(os.sched_getaffinity(0)), kept  # It returns the cores it runs on.
+print(kept)
 """
 
 
