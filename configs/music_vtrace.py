@@ -13,7 +13,7 @@ from chorus.launch.experiment import EvalConfig
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.loop import LearnerConfig
 from chorus.learners.supervised import WarmStartConfig
-from chorus.replay.tables import ReplayConfig
+from chorus.replay.config import ReplayConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -8,7 +8,7 @@ import dataclasses
 from chorus import agents
 from chorus.configs import text_vtrace
 from chorus.launch.experiment import ExperimentConfig
-from chorus.replay.tables import ReplayConfig
+from chorus.replay.config import ReplayConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -9,7 +9,7 @@ from chorus.inference_server.config import InferenceServerConfig
 from chorus.launch.experiment import EvalConfig
 from chorus.launch.experiment import ExperimentConfig
 from chorus.learners.loop import LearnerConfig
-from chorus.replay.tables import ReplayConfig
+from chorus.replay.config import ReplayConfig
 
 
 def get_config() -> ExperimentConfig:

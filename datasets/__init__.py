@@ -1,21 +1,28 @@
 """RLDS episodes of a run: written per actor, read back as one dataset, replayed into training."""
-from chorus.datasets.foreign import ForeignDatasetMapping
-from chorus.datasets.replay import dataset_prompts
-from chorus.datasets.replay import DatasetPrompt
-from chorus.datasets.replay import fill_replay
-from chorus.datasets.replay import trajectory_batches
-from chorus.datasets.rlds_files import CorruptEpisodeFileError
-from chorus.datasets.rlds_files import Directories
-from chorus.datasets.rlds_files import episode_directories
-from chorus.datasets.rlds_files import SkippedFile
-from chorus.datasets.rlds_reader import episode_dataset
-from chorus.datasets.rlds_reader import episode_sources
-from chorus.datasets.rlds_reader import EpisodeRead
-from chorus.datasets.rlds_reader import EpisodeSources
-from chorus.datasets.rlds_reader import read_episodes
-from chorus.datasets.rlds_reader import read_trajectories
-from chorus.datasets.rlds_repair import repair_episode_directory
-from chorus.datasets.rlds_repair import RepairReport
-from chorus.datasets.rlds_schema import DEFAULT_DATASET_NAME
-from chorus.datasets.rlds_writer import DEFAULT_MAX_EPISODES_PER_FILE
-from chorus.datasets.rlds_writer import EpisodeLogger
+from chorus import lazy
+
+_MODULE_OF = {
+    'ForeignDatasetMapping': 'foreign',
+    'dataset_prompts': 'replay',
+    'DatasetPrompt': 'replay',
+    'fill_replay': 'replay',
+    'trajectory_batches': 'replay',
+    'CorruptEpisodeFileError': 'rlds_files',
+    'Directories': 'rlds_files',
+    'episode_directories': 'rlds_files',
+    'SkippedFile': 'rlds_files',
+    'episode_dataset': 'rlds_reader',
+    'episode_sources': 'rlds_reader',
+    'EpisodeRead': 'rlds_reader',
+    'EpisodeSources': 'rlds_reader',
+    'read_episodes': 'rlds_reader',
+    'read_trajectories': 'rlds_reader',
+    'repair_episode_directory': 'rlds_repair',
+    'RepairReport': 'rlds_repair',
+    'DEFAULT_DATASET_NAME': 'rlds_schema',
+    'DEFAULT_MAX_EPISODES_PER_FILE': 'rlds_writer',
+    'EpisodeLogger': 'rlds_writer',
+}
+__all__ = sorted(_MODULE_OF)
+
+__getattr__ = lazy.exports(__name__, _MODULE_OF)

@@ -25,7 +25,7 @@ from chorus.launch.launcher_config import LauncherConfig
 from chorus.models import sharding
 from chorus.learners.loop import LearnerConfig
 from chorus.learners.supervised import WarmStartConfig
-from chorus.replay.tables import ReplayConfig
+from chorus.replay.config import ReplayConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,10 @@ import jax
 from chorus import agents
 from chorus import datasets
 from chorus import models
+from chorus import replay as replay_lib
 from chorus.actors import demonstrations
 from chorus.actors.actor import Actor
 from chorus.actors.evaluation import evaluate
-from chorus.datasets import EpisodeLogger
 from chorus.inference_server import auth
 from chorus.inference_server.client import InferenceClient
 from chorus.inference_server.client import ParameterPublisher
@@ -39,9 +39,6 @@ from chorus.models import lora
 from chorus.models import sharding
 from chorus.models.checkpoints import Checkpointer
 from chorus.models.checkpoints import SubprocessCheckpointer
-from chorus.replay import dataset
-from chorus.replay import tables
-from chorus.replay.writer import TrajectoryWriter
 
 StopFn = Callable[[], bool]
 
@@ -114,9 +111,9 @@ def replay(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *, serve
     # learner for good.
     replay_config = dataclasses.replace(replay_config, samples_per_insert=0.0)
   name = program_names.replay_server_name(server_index)
-  tables.serve(replay_config, config.builder().schema(), config.sequence, port, should_stop,
-               checkpoint_dir=layout.replay_checkpoint_dir(run_dir, name),
-               metrics=MetricsWriter(layout.metrics_path(run_dir), name))
+  replay_lib.serve(replay_config, config.builder().schema(), config.sequence, port,
+                   should_stop, checkpoint_dir=layout.replay_checkpoint_dir(run_dir, name),
+                   metrics=MetricsWriter(layout.metrics_path(run_dir), name))
 
 
 def _served_models(config: ExperimentConfig, run_dir: str) -> dict[str, ServedModel]:
@@ -200,9 +197,11 @@ def actor_loop(config: ExperimentConfig, run_dir: str, actor_id: int, rollout,
                replay_address: str) -> Iterator[Actor]:
   """One actor loop with its replay writer and RLDS directory, closed on exit."""
   schema = config.builder().schema()
-  writer = TrajectoryWriter(replay_address, config.replay.table, schema, config.sequence)
-  with EpisodeLogger(layout.rlds_dir(run_dir, actor_id), schema=schema,
-                     max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
+  writer = replay_lib.TrajectoryWriter(replay_address, config.replay.table, schema,
+                                       config.sequence)
+  with datasets.EpisodeLogger(
+      layout.rlds_dir(run_dir, actor_id), schema=schema,
+      max_episodes_per_file=config.rlds_episodes_per_file) as episode_logger:
     yield Actor(actor_id, config.actor, config.make_task(), rollout=rollout,
                 write_replay=writer.write, log_episode=episode_logger.write,
                 metrics=MetricsWriter(layout.metrics_path(run_dir), f'actor_{actor_id}'),
@@ -268,7 +267,8 @@ def make_learner(config: ExperimentConfig, params, run_dir: str = '') -> learner
       params=params, reference_params=params,
       optimizer=learner_lib.make_optimizer(
           config.learner.learning_rate, config.learner.max_grad_norm,
-          decay_steps=config.learner.max_steps if config.learner.learning_rate_decay else 0),
+          decay_steps=config.learner.max_steps if config.learner.learning_rate_decay else 0,
+          warmup_steps=config.learner.learning_rate_warmup),
       mesh=sharding.make_mesh(config.mesh), run_dir=run_dir))
 
 
@@ -283,7 +283,7 @@ def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: 
     return datasets.trajectory_batches(data.dataset_path(run_dir), rows, config.sequence,
                                        schema=builder.schema(), seed=config.seed + process_index,
                                        skip_corrupt=config.skip_corrupt)
-  return dataset.batch_iterator(replay_addresses, config.replay.table, rows, builder.schema(),
+  return replay_lib.batch_iterator(replay_addresses, config.replay.table, rows, builder.schema(),
                                 config.sequence)
 
 
@@ -369,6 +369,16 @@ def _lead_learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn,
   publisher.close()
   checkpointer.close()
 
+
+# What a role imports on first use that takes seconds of CPU (TensorFlow, through Reverb
+# and the RLDS files). The worker loads these before it marks the node started, so that
+# cost accounting counts them as start-up; roles not named here run without TensorFlow.
+SLOW_IMPORTS = {
+    'replay': ('chorus.replay.tables',),
+    'dataset_replayer': ('chorus.datasets.replay',),
+    'actor': ('chorus.replay.writer', 'chorus.datasets.rlds_writer'),
+    'learner': ('chorus.replay.dataset',),
+}
 
 ENTRY_POINTS = {
     'warm_start': warm_start,

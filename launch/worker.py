@@ -5,6 +5,7 @@ kwargs). SIGTERM or SIGINT asks the node to stop; it finishes its current step, 
 its files and exits 0. The node's CPU time goes to metrics.jsonl every few seconds and
 when it ends (launch/cost.py).
 """
+import importlib
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ def main(argv: list[str]) -> int:
   with open(node_spec_path(run_dir, node)) as file:
     spec = json.load(file)
   logging.info('starting role %s with %s', spec['role'], spec['kwargs'])
+  for module in nodes.SLOW_IMPORTS.get(spec['role'], ()):
+    importlib.import_module(module)
   meter.mark_started()
   try:
     nodes.ENTRY_POINTS[spec['role']](config, run_dir, stop.is_set, **spec['kwargs'])

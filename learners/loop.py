@@ -5,7 +5,6 @@ import logging
 import time
 
 import numpy as np
-import tensorflow as tf
 
 from chorus import core
 from chorus import prefetch
@@ -25,6 +24,8 @@ class LearnerConfig:
     learning_rate: Adam learning rate (its peak with `learning_rate_decay`).
     learning_rate_decay: decay it linearly to 0 at `max_steps`: late, with a peaked policy
       and rewards near their maximum, a constant rate let the policy drift away.
+    learning_rate_warmup: updates over which the rate first rises linearly from 0. Adam's
+      first steps move every parameter by about the rate, whatever the gradient says.
     max_grad_norm: global gradient-norm clip.
     max_steps: updates before the learner stops (and with it the run).
     publish_every: updates between parameter pushes to the inference servers.
@@ -40,6 +41,7 @@ class LearnerConfig:
   batch_size: int = 32
   learning_rate: float = 1e-4
   learning_rate_decay: bool = False
+  learning_rate_warmup: int = 0
   max_grad_norm: float = 1.0
   max_steps: int = 400
   publish_every: int = 1
@@ -50,10 +52,16 @@ class LearnerConfig:
 
   def __post_init__(self):
     core.check_ranges(self, 'learner', batch_size=(1, None), learning_rate=(0, 10.0),
+                      learning_rate_warmup=(0, None),
                       max_grad_norm=(1e-8, None), max_steps=(1, None),
                       publish_every=(1, None), log_every=(1, None),
                       checkpoint_every=(1, None), max_consecutive_skips=(1, None),
                       processes=(1, None))
+    if self.learning_rate_decay and self.learning_rate_warmup >= self.max_steps:
+      raise ValueError(
+          f'learner.learning_rate_warmup ({self.learning_rate_warmup}) must be below '
+          f'learner.max_steps ({self.max_steps}) when the rate decays to 0 there; shorten '
+          'the warm-up or raise max_steps.')
 
 
 def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: LearnerConfig, *,
@@ -80,7 +88,12 @@ def run_learner(learner, batches: Iterator[core.TrajectoryBatch], config: Learne
   DivergenceError. With `metrics` None (a learner process other than the first) nothing is
   logged.
   """
-  summary_writer = tf.summary.create_file_writer(tensorboard_dir) if tensorboard_dir else None
+  summary_writer = None
+  if tensorboard_dir:
+    # Imported here: TensorFlow costs about 3 CPU-seconds to import, and the processes that
+    # only load a config (the evaluator, the servers) import this module.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    summary_writer = tf.summary.create_file_writer(tensorboard_dir)
   window: dict[str, list[float]] = {}
   window_start, trajectories_seen = time.monotonic(), 0
   step = learner.step

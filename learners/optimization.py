@@ -13,15 +13,24 @@ import optax
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def make_optimizer(learning_rate: float, max_grad_norm: float,
-                   decay_steps: int = 0) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float, max_grad_norm: float, decay_steps: int = 0,
+                   warmup_steps: int = 0) -> optax.GradientTransformation:
   """Adam on gradients clipped to a global norm of `max_grad_norm` (the RL learners').
 
-  With `decay_steps` > 0 the learning rate falls linearly from `learning_rate` to 0 at that
-  step (the step count is in the optimiser state, so a restored learner resumes it).
+  With `warmup_steps` > 0 the learning rate rises linearly from 0 to `learning_rate` over
+  those steps. With `decay_steps` > 0 it then falls linearly to 0 at step `decay_steps`.
+  The step count is in the optimiser state, so a restored learner resumes the schedule.
   """
-  schedule = (optax.linear_schedule(learning_rate, 0.0, decay_steps) if decay_steps > 0
-              else learning_rate)
+  if 0 < decay_steps <= warmup_steps:
+    raise ValueError(f'The learning-rate warm-up ({warmup_steps} steps) must end before '
+                     f'its decay does (step {decay_steps}); shorten the warm-up.')
+  after_warmup = (optax.linear_schedule(learning_rate, 0.0, decay_steps - warmup_steps)
+                  if decay_steps > 0 else optax.constant_schedule(learning_rate))
+  schedule = after_warmup
+  if warmup_steps > 0:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), after_warmup],
+        [warmup_steps])
   return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(schedule))
 
 

@@ -21,6 +21,7 @@ _BAD_RUNS = {
     'no_batch_slots': ['--set', 'inference.max_batch_size=0'],
     'negative_server_cores': ['--set', 'inference.cpu_cores=-1'],
     'nan_learning_rate': ['--set', 'learner.learning_rate=nan'],
+    'warmup_past_the_decay': ['--set', 'learner.learning_rate_warmup=600'],
     'near_zero_temperature': ['--set', 'actor.temperature=1e-40'],
     'infinite_agent_coefficient': ['--set', 'agent.kl_coef=inf'],
 }
@@ -45,7 +46,8 @@ def test_bad_config_exits_2_with_one_line_before_any_node_starts(flags, tmp_path
 
 @pytest.mark.parametrize('field, value', [
     ('batch_size', 0), ('learning_rate', float('nan')), ('learning_rate', -1e-3),
-    ('max_steps', -5), ('max_grad_norm', float('inf')), ('max_consecutive_skips', 0)])
+    ('max_steps', -5), ('max_grad_norm', float('inf')), ('max_consecutive_skips', 0),
+    ('learning_rate_warmup', -1)])
 def test_learner_config_rejects_out_of_range_fields(field, value):
   with pytest.raises(ValueError, match=f'learner.{field}'):
     LearnerConfig(**{field: value})

@@ -1,5 +1,6 @@
 """The package's import graph: no cycles, and roles that load only what they use."""
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -100,3 +101,46 @@ def test_the_inference_client_loads_neither_the_server_nor_jax():
   assert not {'chorus.inference_server.service', 'chorus.inference_server.served_model',
               'chorus.inference_server.lanes', 'chorus.inference_server.sampler'} & loaded
   assert 'jax' not in loaded and 'reverb' not in loaded
+
+
+_TENSORFLOW = ('tensorflow', 'reverb', 'tensorflow_datasets', 'rlds')
+
+
+def test_a_node_that_only_loads_a_config_imports_no_tensorflow():
+  # What the worker of every node runs before its role, and what the evaluator and the
+  # inference server add: TensorFlow's import costs each of them about 3 CPU-seconds.
+  code = ('import sys\n'
+          'from chorus import configs\n'
+          'from chorus.launch import experiment, nodes\n'
+          'for name in configs.CONFIG_NAMES:\n'
+          '  config = experiment.load_experiment(experiment.to_dict(configs.get_config(name)))\n'
+          '  config.make_task()\n'
+          '  config.builder().served_models(config.model.base_decoder_config())\n'
+          f'print(sorted(m for m in sys.modules if m.split(".")[0] in {_TENSORFLOW!r}))\n')
+  output = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True).stdout
+  assert output.strip() == '[]'
+
+
+def test_the_lazy_packages_still_export_their_names():
+  from chorus import datasets, replay  # pylint: disable=g-import-not-at-top
+  from chorus.datasets import rlds_writer  # pylint: disable=g-import-not-at-top
+  from chorus.replay import tables  # pylint: disable=g-import-not-at-top
+  assert datasets.EpisodeLogger is rlds_writer.EpisodeLogger
+  assert replay.serve is tables.serve
+  for package in (datasets, replay):
+    assert all(getattr(package, name) is not None for name in package.__all__)
+  try:
+    datasets.EpisodeLoger  # pylint: disable=pointless-statement
+  except AttributeError as error:
+    assert 'EpisodeLoger' in str(error)
+  else:
+    raise AssertionError('a misspelt name must raise AttributeError')
+
+
+def test_the_worker_loads_tensorflow_before_start_up_ends_only_for_roles_that_use_it():
+  from chorus.launch import nodes  # pylint: disable=g-import-not-at-top
+  assert set(nodes.SLOW_IMPORTS) <= set(nodes.ENTRY_POINTS)
+  assert not {'evaluator', 'inference_server'} & set(nodes.SLOW_IMPORTS)
+  for modules in nodes.SLOW_IMPORTS.values():
+    assert all(importlib.util.find_spec(module) for module in modules), modules
