@@ -213,9 +213,10 @@ class Learner:
     new_state, metrics = self._unguarded_update(state, constants, batch)
     finite = _all_finite((metrics, new_state.params, new_state.aux, batch.reward,
                           batch.behaviour_logprobs))
-    # Skipped: every leaf (params, optimiser state, aux, step) keeps its old value.
-    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
-                                       new_state, state)
+    # Skipped: every leaf (params, optimiser state, aux, step) keeps its old value. One
+    # conditional rather than a select per leaf: XLA fused the check into each select's
+    # fusion, repeating it about a hundred times (twice the program, 1.3 CPU-s more compile).
+    new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     return new_state, {**metrics, 'skipped_update': 1 - finite.astype(jnp.float32)}
 
   def _unguarded_update(self, state: TrainState, constants: dict[str, Any],
