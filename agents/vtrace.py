@@ -77,7 +77,8 @@ def make_vtrace_learner(context: builder_lib.LearnerContext,
                         config: VTraceConfig) -> learner_lib.Learner:
   """V-trace actor-critic against the frozen reference of `context`."""
   return learner_lib.Learner(vtrace_loss_fn(context.model, config, 'reference'),
-                             params=context.params, optimizer=context.optimizer,
+                             params=policy.with_zero_value_head(context.params),
+                             optimizer=context.optimizer,
                              constants={'reference': context.reference_params},
                              mesh=context.mesh)
 

@@ -19,6 +19,7 @@ import dataclasses
 from chorus.agents import builder as builder_lib
 from chorus.agents import vtrace
 from chorus.learners import learner as learner_lib
+from chorus.learners import policy
 
 ANCHOR = 'anchor'
 
@@ -45,7 +46,8 @@ class WarpBuilder(vtrace.VTraceBuilder):
   def make_learner(self, context):
     config = self.config
     return learner_lib.Learner(
-        vtrace.vtrace_loss_fn(context.model, config, ANCHOR), params=context.params,
+        vtrace.vtrace_loss_fn(context.model, config, ANCHOR),
+        params=policy.with_zero_value_head(context.params),
         optimizer=context.optimizer, aux={ANCHOR: context.params},
         update_aux=learner_lib.polyak_update(config.anchor_update_rate, ANCHOR),
         mesh=context.mesh)

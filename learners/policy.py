@@ -7,6 +7,22 @@ import jax.numpy as jnp
 from chorus import core
 from chorus import models
 from chorus import schema
+from chorus.models import lora
+
+
+def with_zero_value_head(params):
+  """`params` with the value head at 0 for every prefix (its kernel and bias zero).
+
+  Where a critic learner starts its value head: the warm start's loss (token NLL) never
+  trains the head, so it is still at its random init, values of about +-1 against rewards
+  in [0, 1], and the first updates' advantages are noise (benchmarks/RESULTS.md, "Default
+  run": the held-out reward fell by up to 0.3 in the first 30 updates). Parameters with
+  LoRA adapters are returned as they are: their value head is frozen, and at 0 it would
+  stay 0.
+  """
+  if lora.has_adapters(params):
+    return params
+  return {**params, 'value_head': jax.tree_util.tree_map(jnp.zeros_like, params['value_head'])}
 
 
 class ActionEvaluation(NamedTuple):
