@@ -28,8 +28,9 @@ def get_config() -> ExperimentConfig:
       # actors make it so): this queue, the batch read ahead, a quarter batch in flight
       # from Reverb and the actors' requests, about 3 updates. Lag spikes of 6-8 updates
       # (a 64-row queue read 4 batches ahead, under load) collapsed seed 1 at Adam 2e-4.
-      # Adam 3e-4 decaying to 0: seeds 0-2 reach 0.95 in 37-39 CPU-s and end at
-      # 0.974-0.982; 2e-4 took 44-56 and 4e-4 was no faster. At a constant rate one seed
+      # Adam 3e-4 decaying to 0: seeds 0-2 reached 0.95 in 37-39 CPU-s (read at 10-s
+      # evaluations, 2026-11-30) and ended at 0.974-0.982; 2e-4 took 44-56 and 4e-4 was no
+      # faster; a 30-update warm-up (2026-12-01) no faster either. At a constant rate one seed
       # drifted late (0.97 -> 0.89), hence the decay. Most runs that fell before
       # 2026-11-30 (9 of 12 on record) had learned to run into the completion cap, which
       # then bootstrapped (docs/algorithms.md, "How a row ends"; benchmarks/RESULTS.md).
