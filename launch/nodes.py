@@ -284,7 +284,7 @@ def _training_batches(config: ExperimentConfig, run_dir: str, replay_addresses: 
                                        schema=builder.schema(), seed=config.seed + process_index,
                                        skip_corrupt=config.skip_corrupt)
   return replay_lib.batch_iterator(replay_addresses, config.replay.table, rows, builder.schema(),
-                                config.sequence)
+                                   config.sequence)
 
 
 def learner(config: ExperimentConfig, run_dir: str, should_stop: StopFn, *,
